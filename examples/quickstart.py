@@ -1,0 +1,18 @@
+"""Quickstart: SFA as a drop-in for scaled_dot_product_attention, and the compressed key format."""
+
+import torch
+import torch.nn.functional as F
+
+from sfa_compile import flash_sfa, sparsify
+
+torch.manual_seed(0)
+q, k, v = torch.randn(1, 8, 256, 64), torch.randn(1, 2, 256, 64), torch.randn(1, 2, 256, 64)
+dense = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+for topk in (8, 16, 32, 64):
+    out = flash_sfa(q, k, v, topk=topk, is_causal=True, enable_gqa=True)
+    cos = F.cosine_similarity(out.flatten(0, -2), dense.flatten(0, -2), dim=-1).mean()
+    print(f"topk={topk:3d}  cosine to dense = {cos:.4f}")
+
+keys = sparsify(k.to(torch.bfloat16), 16)
+print(f"compressed keys: {keys.nbytes} bytes vs {k.to(torch.bfloat16).nbytes} dense "
+      f"(values {keys.values.dtype}, indices {keys.indices.dtype})")

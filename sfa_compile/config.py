@@ -1,0 +1,63 @@
+"""SFAConfig: the one place where every SFA setting and its default lives.
+
+Everything else (the op wrapper, the backend, conversion, the CLI) reads its defaults from here.
+The JSON form carries a ``version`` so checkpoints written by a newer release fail loudly instead of
+being misread.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+CONFIG_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class SFAConfig:
+    """Settings of Sparse Feature Attention.
+
+    Attributes:
+        topk: features kept per token and head, for queries and keys separately (1 <= topk <= head dim;
+            the head-dim bound is checked where the head dim is known). topk == head dim is dense attention.
+        version: format version of the serialized config; only ``CONFIG_VERSION`` is accepted.
+    """
+
+    topk: int = 16
+    version: int = CONFIG_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
+            raise ValueError(f"SFAConfig.topk must be an integer >= 1, got {self.topk!r}")
+        if self.version != CONFIG_VERSION:
+            raise ValueError(
+                f"SFAConfig.version {self.version!r} is not supported by this sfa-compile "
+                f"(supported: {CONFIG_VERSION}); upgrade sfa-compile to read this config"
+            )
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "SFAConfig":
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(
+                f"unknown SFAConfig field(s) {unknown}; valid fields: {list(cls.field_names())}"
+            )
+        return cls(**data)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "SFAConfig":
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError(f"SFAConfig JSON must be an object, got {type(data).__name__}")
+        return cls.from_dict(data)

@@ -1,0 +1,1 @@
+"""Exporters of SFA models (ONNX) and their runtime plugins."""

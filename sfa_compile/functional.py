@@ -1,0 +1,39 @@
+"""``flash_sfa``: the user-facing functional op, a drop-in for scaled_dot_product_attention."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .kernels import ops
+from .kernels.checks import check_topk
+
+
+def flash_sfa(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    *,
+    topk: int,
+    attn_mask: Optional[torch.Tensor] = None,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    dropout_p: float = 0.0,
+) -> torch.Tensor:
+    """Sparse Feature Attention with the calling convention of ``F.scaled_dot_product_attention``.
+
+    Per token and head, query and key keep their ``topk`` largest-magnitude features (ties: the lower
+    feature index wins); scores use the kept overlaps scaled by 1/sqrt(full head dim) unless ``scale`` is
+    given; softmax is exact over all keys and V stays dense. Shapes, mask broadcasting, boolean (True =
+    attend) and additive masks, top-left ``is_causal``, GQA and dropout behave as in SDPA. Rows whose keys
+    are all masked return zeros and NaN inputs propagate, as in SDPA's math backend. ``topk`` equal to the
+    head dim is dense attention.
+    """
+    # Python-level types are checked here: the dispatcher would reject e.g. a float topk less helpfully.
+    check_topk(topk, query.size(-1), "flash_sfa")
+    dropout_seed = None
+    if dropout_p > 0.0:
+        dropout_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
+    return ops.flash_sfa_op(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)

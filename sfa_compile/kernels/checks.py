@@ -1,0 +1,137 @@
+"""Argument checks and output shapes of ``sfa::flash_sfa``, shared by the fake and the real implementations.
+
+The rules mirror ``torch.nn.functional.scaled_dot_product_attention`` (SDPA): batch dims broadcast as in
+its math backend, the mask must broadcast to the (..., L, S) score shape and be bool, float32 or the query
+dtype, an explicit mask and ``is_causal`` are exclusive, and GQA groups query heads over key heads at
+dim -3. Every violation is a ValueError naming the argument and what is allowed.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+
+SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def gqa_group_size(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool) -> int:
+    """Query heads that share one key/value head (1 without GQA)."""
+    if not enable_gqa or query.dim() < 3 or query.size(-3) == key.size(-3):
+        return 1
+    return query.size(-3) // key.size(-3)
+
+
+def score_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> list:
+    """Shape of the (..., L, S) score tensor after batch-dim broadcasting and GQA head mapping."""
+    group = gqa_group_size(query, key, enable_gqa)
+    key_batch = list(key.shape[:-2])
+    value_batch = list(value.shape[:-2])
+    if group > 1:
+        key_batch[-1] = key_batch[-1] * group
+        value_batch[-1] = value_batch[-1] * group
+    batch = torch.broadcast_shapes(tuple(query.shape[:-2]), tuple(key_batch), tuple(value_batch))
+    return [*batch, query.size(-2), key.size(-2)]
+
+
+def output_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, enable_gqa: bool) -> list:
+    """Shape of the attention output: broadcast batch dims, query length, value head dim."""
+    return [*score_shape(query, key, value, enable_gqa)[:-1], value.size(-1)]
+
+
+def default_scale(query: torch.Tensor, scale: Optional[float]) -> float:
+    """1/sqrt(full head dim) unless the caller set a scale (SFA keeps the dense scale, not 1/sqrt(topk))."""
+    return scale if scale is not None else 1.0 / math.sqrt(query.size(-1))
+
+
+def check_topk(topk, head_dim: int, caller: str) -> None:
+    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= head_dim:
+        raise ValueError(f"{caller}: topk must be an integer in [1, head dim = {head_dim}], got {topk!r}")
+
+
+def check_flash_sfa_args(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    topk: int,
+    attn_mask: Optional[torch.Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    enable_gqa: bool,
+) -> None:
+    """Raise ValueError for anything SDPA would reject or SFA cannot express."""
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(
+                f"flash_sfa: {name} has dtype {t.dtype}; supported dtypes are "
+                "float16, bfloat16, float32 and float64"
+            )
+        if t.dim() < 2:
+            raise ValueError(f"flash_sfa: {name} must have at least 2 dims (..., length, features), got {t.dim()}")
+    if not (query.dtype == key.dtype == value.dtype):
+        raise ValueError(
+            "flash_sfa: query, key and value must share one dtype, got "
+            f"{query.dtype}, {key.dtype} and {value.dtype}"
+        )
+    if not (query.device == key.device == value.device):
+        raise ValueError(
+            "flash_sfa: query, key and value must be on one device, got "
+            f"{query.device}, {key.device} and {value.device}"
+        )
+    if not (query.dim() == key.dim() == value.dim()):
+        raise ValueError(
+            "flash_sfa: query, key and value must have the same number of dims, got "
+            f"{query.dim()}, {key.dim()} and {value.dim()}"
+        )
+    head_dim = query.size(-1)
+    if key.size(-1) != head_dim:
+        raise ValueError(
+            f"flash_sfa: query and key must have the same head dim (last dim), got {head_dim} and {key.size(-1)}"
+        )
+    if key.size(-2) != value.size(-2):
+        raise ValueError(
+            "flash_sfa: key and value must have the same length (dim -2), got "
+            f"{key.size(-2)} and {value.size(-2)}"
+        )
+    check_topk(topk, head_dim, "flash_sfa")
+    if not 0.0 <= dropout_p <= 1.0:
+        raise ValueError(f"flash_sfa: dropout_p must be in [0, 1], got {dropout_p}")
+    if enable_gqa and query.dim() >= 3:
+        q_heads, k_heads, v_heads = query.size(-3), key.size(-3), value.size(-3)
+        if k_heads != v_heads:
+            raise ValueError(
+                f"flash_sfa: with enable_gqa, key and value must have the same number of heads, got {k_heads} and {v_heads}"
+            )
+        if q_heads % k_heads != 0:
+            raise ValueError(
+                f"flash_sfa: with enable_gqa, key heads ({k_heads}) must divide query heads ({q_heads})"
+            )
+    try:
+        scores = score_shape(query, key, value, enable_gqa)
+    except RuntimeError as err:
+        raise ValueError(
+            "flash_sfa: the batch dims of query, key and value do not broadcast: "
+            f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)} ({err})"
+        ) from None
+    if attn_mask is None:
+        return
+    if is_causal:
+        raise ValueError("flash_sfa: pass either attn_mask or is_causal=True, not both (as in SDPA)")
+    if attn_mask.dtype not in (torch.bool, torch.float32, query.dtype):
+        raise ValueError(
+            f"flash_sfa: attn_mask must be bool, float32 or the query dtype ({query.dtype}), got {attn_mask.dtype}"
+        )
+    if attn_mask.device != query.device:
+        raise ValueError(f"flash_sfa: attn_mask is on {attn_mask.device}, query on {query.device}; move it")
+    broadcast_error = attn_mask.dim() > len(scores)
+    if not broadcast_error:
+        try:
+            broadcast_error = list(torch.broadcast_shapes(tuple(attn_mask.shape), tuple(scores))) != scores
+        except RuntimeError:
+            broadcast_error = True
+    if broadcast_error:
+        raise ValueError(
+            f"flash_sfa: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the score "
+            f"shape {tuple(scores)} (batch..., query length, key length)"
+        )

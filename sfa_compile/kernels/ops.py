@@ -1,0 +1,95 @@
+"""Registration of the ``sfa::flash_sfa`` custom op and its backward, once, for every device.
+
+The fake implementation (shapes only) is the single source of output shapes, used by torch.compile,
+torch.export and the FX passes. The real implementation is the pure-PyTorch reference; device kernels plug
+in behind it. Dropout randomness enters as an explicit seed tensor so the op stays a pure function of its
+inputs (recomputable in the backward, checkable by opcheck, traceable by export).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .checks import check_flash_sfa_args, output_shape
+from .reference import flash_sfa_backward_reference, flash_sfa_reference
+
+
+def _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed) -> None:
+    check_flash_sfa_args(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa)
+    if dropout_p > 0.0 and dropout_seed is None:
+        raise ValueError("sfa::flash_sfa: dropout_p > 0 needs a dropout_seed tensor (sfa_compile.flash_sfa makes one)")
+
+
+@torch.library.custom_op("sfa::flash_sfa", mutates_args=())
+def flash_sfa_op(
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    topk: int,
+    attn_mask: Optional[torch.Tensor] = None,
+    dropout_p: float = 0.0,
+    is_causal: bool = False,
+    scale: Optional[float] = None,
+    enable_gqa: bool = False,
+    dropout_seed: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
+    return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
+
+
+@flash_sfa_op.register_fake
+def _flash_sfa_fake(query, key, value, topk, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, dropout_seed=None):
+    _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
+    return query.new_empty(output_shape(query, key, value, enable_gqa))
+
+
+@torch.library.custom_op("sfa::flash_sfa_backward", mutates_args=())
+def flash_sfa_backward_op(
+    grad_out: torch.Tensor,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    topk: int,
+    attn_mask: Optional[torch.Tensor],
+    dropout_p: float,
+    is_causal: bool,
+    scale: Optional[float],
+    enable_gqa: bool,
+    dropout_seed: Optional[torch.Tensor],
+    mask_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv, d attn_mask); the last is an empty tensor unless mask_grad."""
+    dq, dk, dv, d_mask = flash_sfa_backward_reference(
+        grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed, mask_grad
+    )
+    return dq, dk, dv, (d_mask if d_mask is not None else query.new_empty(0))
+
+
+@flash_sfa_backward_op.register_fake
+def _flash_sfa_backward_fake(grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                             dropout_seed, mask_grad):
+    d_mask = torch.empty_like(attn_mask) if mask_grad else query.new_empty(0)
+    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), d_mask
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed = inputs
+    ctx.save_for_backward(query, key, value, attn_mask, dropout_seed)
+    ctx.settings = (topk, dropout_p, is_causal, scale, enable_gqa)
+    ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
+
+
+def _backward(ctx, grad_out):
+    query, key, value, attn_mask, dropout_seed = ctx.saved_tensors
+    topk, dropout_p, is_causal, scale, enable_gqa = ctx.settings
+    dq, dk, dv, d_mask = flash_sfa_backward_op(
+        grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed,
+        ctx.mask_grad,
+    )
+    return dq, dk, dv, None, (d_mask if ctx.mask_grad else None), None, None, None, None, None
+
+
+flash_sfa_op.register_autograd(_backward, setup_context=_setup_context)

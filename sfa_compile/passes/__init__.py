@@ -1,0 +1,1 @@
+"""FX passes that find attention in graphs and rewrite it into SFA; one pass per file."""
