@@ -11,7 +11,7 @@ def oracle_keep(x: torch.Tensor, topk: int) -> torch.Tensor:
     a = x.abs()
     d = a.size(-1)
     greater = (a.unsqueeze(-2) > a.unsqueeze(-1)).sum(-1)  # [u] = #{v : |x_v| > |x_u|}
-    lower = torch.ones(d, d, dtype=torch.bool).tril(-1)  # [u, v] = v < u
+    lower = torch.ones(d, d, dtype=torch.bool, device=x.device).tril(-1)  # [u, v] = v < u
     equal_before = ((a.unsqueeze(-2) == a.unsqueeze(-1)) & lower).sum(-1)
     return (greater + equal_before) < topk
 
@@ -31,7 +31,7 @@ def oracle_sfa(q, k, v, topk, attn_mask=None, is_causal=False, scale=None, enabl
     scores = torch.matmul(qs, ks.transpose(-1, -2)) * scale
     L, S = q.size(-2), k.size(-2)
     if is_causal:
-        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool).tril(), float("-inf"))
+        scores = scores.masked_fill(~torch.ones(L, S, dtype=torch.bool, device=q.device).tril(), float("-inf"))
     if attn_mask is not None:
         if attn_mask.dtype == torch.bool:
             scores = scores.masked_fill(~attn_mask, float("-inf"))
