@@ -3,6 +3,8 @@
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -143,3 +145,18 @@ def test_long_sequence_on_cpu():
         expected = F.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(flash_sfa(q, k, v, topk=32, is_causal=True), expected, rtol=1e-4, atol=1e-5)
     assert flash_sfa(q, k, v, topk=4, is_causal=True).isfinite().all()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.data())
+def test_ties_lower_index_wins_property(data):
+    """Small integer features tie constantly: the kept sets must follow the lower-index rule exactly."""
+    topk = data.draw(st.integers(1, 6))
+    q_len, kv_len = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 4))
+    ints = st.integers(-2, 2)
+    q = torch.tensor(data.draw(st.lists(st.lists(ints, min_size=6, max_size=6), min_size=q_len, max_size=q_len)),
+                     dtype=torch.float64)
+    k = torch.tensor(data.draw(st.lists(st.lists(ints, min_size=6, max_size=6), min_size=kv_len, max_size=kv_len)),
+                     dtype=torch.float64)
+    v = torch.randn(kv_len, 3, dtype=torch.float64)
+    torch.testing.assert_close(flash_sfa(q, k, v, topk=topk), oracle_sfa(q, k, v, topk), rtol=1e-12, atol=1e-12)
