@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any
+import re
+from typing import Any, Optional
 
 CONFIG_VERSION = 1
 
@@ -21,15 +22,23 @@ class SFAConfig:
     Attributes:
         topk: features kept per token and head, for queries and keys separately (1 <= topk <= head dim;
             the head-dim bound is checked where the head dim is known). topk == head dim is dense attention.
+        layers: regular expression over module paths (e.g. ``r"layers\.(0|1)\."``); only attention sites
+            whose path matches (re.search) become SFA, the rest stay dense. None converts every site.
         version: format version of the serialized config; only ``CONFIG_VERSION`` is accepted.
     """
 
     topk: int = 16
+    layers: Optional[str] = None
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
             raise ValueError(f"SFAConfig.topk must be an integer >= 1, got {self.topk!r}")
+        if self.layers is not None:
+            try:
+                re.compile(self.layers)
+            except (re.error, TypeError) as err:
+                raise ValueError(f"SFAConfig.layers must be a regular expression, got {self.layers!r}: {err}") from None
         if self.version != CONFIG_VERSION:
             raise ValueError(
                 f"SFAConfig.version {self.version!r} is not supported by this sfa-compile "
@@ -39,6 +48,10 @@ class SFAConfig:
     @classmethod
     def field_names(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
+
+    def converts(self, module_path: str) -> bool:
+        """Whether the attention site at ``module_path`` should become SFA."""
+        return self.layers is None or re.search(self.layers, module_path) is not None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

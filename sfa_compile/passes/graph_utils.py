@@ -1,0 +1,117 @@
+"""Small helpers over Dynamo FX graphs: argument access, op classification, shapes, constants, module paths."""
+
+from __future__ import annotations
+
+import math
+import operator
+from typing import Any, Optional
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.nn.functional as F
+
+MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
+SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
+DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
+CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
+
+
+def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
+    """Argument ``name`` of a call node, given positionally at ``index`` or by keyword."""
+    if len(node.args) > index:
+        return node.args[index]
+    return node.kwargs.get(name, default)
+
+
+def is_function(node: Any, functions) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_function" and node.target in functions
+
+
+def is_method(node: Any, *names: str) -> bool:
+    return isinstance(node, fx.Node) and node.op == "call_method" and node.target in names
+
+
+def example(node: Any) -> Optional[torch.Tensor]:
+    """The fake tensor Dynamo recorded for a node (None for non-tensors)."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return value if isinstance(value, torch.Tensor) else None
+
+
+def static_int(value: Any) -> Optional[int]:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def module_path(node: fx.Node) -> str:
+    """Dotted path of the innermost module a node came from, e.g. 'transformer.h.0.attn'."""
+    stack = node.meta.get("nn_module_stack") or {}
+    if not stack:
+        return ""
+    path = list(stack.values())[-1][0]
+    for prefix in ("L['self'].", "L['self']", "L['model'].", "L['model']"):
+        if path.startswith(prefix):
+            path = path[len(prefix):]
+            break
+    return path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "").strip(".")
+
+
+def is_cast(node: Any) -> bool:
+    """A dtype-only cast (precision change, no other effect)."""
+    if not is_method(node, *CAST_METHODS):
+        return False
+    if node.target == "to":
+        return all(isinstance(a, torch.dtype) for a in node.args[1:]) and set(node.kwargs) <= {
+            "dtype", "copy", "non_blocking"}
+    return True
+
+
+def constant_value(node: Any) -> Optional[float]:
+    """Evaluate a scalar that depends on no graph input (a Python number, torch.full/tensor of one, sqrt
+    of one, arithmetic of those); None if it is not such a constant."""
+    if isinstance(node, bool):
+        return None
+    if isinstance(node, (int, float)):
+        return float(node)
+    if not isinstance(node, fx.Node) or node.op != "call_function":
+        return None
+    target = node.target
+    if target is torch.full:
+        size = arg(node, 0, "size")
+        return constant_value(arg(node, 1, "fill_value")) if tuple(size) in ((), (1,)) else None
+    if target in (torch.tensor, torch.as_tensor, torch.scalar_tensor):
+        return constant_value(arg(node, 0, "data"))
+    unary = {torch.sqrt: math.sqrt, math.sqrt: math.sqrt, torch.rsqrt: lambda x: 1 / math.sqrt(x),
+             operator.neg: operator.neg}
+    if target in unary:
+        inner = constant_value(node.args[0])
+        return None if inner is None else float(unary[target](inner))
+    binary = {operator.mul: operator.mul, operator.truediv: operator.truediv, operator.pow: operator.pow,
+              torch.mul: operator.mul, torch.div: operator.truediv, operator.add: operator.add,
+              operator.sub: operator.sub}
+    if target in binary and len(node.args) == 2:
+        a, b = constant_value(node.args[0]), constant_value(node.args[1])
+        return None if a is None or b is None else float(binary[target](a, b))
+    return None
+
+
+def is_very_negative(value: Optional[float]) -> bool:
+    """-inf or a float dtype's minimum: masking with it is the same as -inf except for fully masked rows."""
+    if value is None:
+        return False
+    minima = {float("-inf")} | {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32,
+                                                            torch.float64)}
+    return value in minima
+
+
+def to_networkx(graph: fx.Graph) -> nx.DiGraph:
+    """Data-flow graph of FX nodes (edges from producer to consumer) for reachability questions."""
+    g = nx.DiGraph()
+    for node in graph.nodes:
+        g.add_node(node)
+        for user in node.users:
+            g.add_edge(node, user)
+    return g
+
+
+def single_user(node: fx.Node) -> Optional[fx.Node]:
+    return next(iter(node.users)) if len(node.users) == 1 else None

@@ -1,0 +1,73 @@
+"""The pass pipeline, in one ordered list: finders first, then the rewrite, then dead-code removal.
+
+``run_pipeline`` returns one SiteReport per attention site it saw (rewritten or refused, with the
+reason); it logs, never prints.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch.fx as fx
+
+from ..config import SFAConfig
+from .find_handwritten_attention import find_handwritten_attention
+from .find_sdpa_calls import find_sdpa_calls
+from .graph_utils import example
+from .gqa import peel_repeated_heads
+from .match import AttentionMatch, Refusal, SiteReport
+from .rewrite_attention import rewrite_attention
+
+log = logging.getLogger("sfa_compile")
+
+FINDERS = (find_sdpa_calls, find_handwritten_attention)
+
+
+def _shape(node) -> tuple:
+    value = example(node)
+    return tuple(value.shape) if value is not None else ()
+
+
+def _gqa_ratio(match: AttentionMatch) -> int:
+    q, k = example(match.query), example(match.key)
+    peeled = peel_repeated_heads(match.key)
+    if peeled is not None:
+        return peeled[1]
+    if q is None or k is None or q.dim() < 3 or not isinstance(k.size(-3), int) or not k.size(-3):
+        return 1
+    return q.size(-3) // k.size(-3) if isinstance(q.size(-3), int) else 1
+
+
+def _report(match, rewritten: bool, reason: str = "") -> SiteReport:
+    if isinstance(match, Refusal):
+        q = match.anchor.args[0] if match.anchor.args else None
+        return SiteReport(match.module_path, match.pattern, _shape(q), (), "?", 1, False, match.reason)
+    peeled = peel_repeated_heads(match.key)
+    key = peeled[0] if peeled else match.key
+    return SiteReport(match.module_path, match.pattern, _shape(match.query), _shape(key), match.mask_kind,
+                      _gqa_ratio(match), rewritten, reason)
+
+
+def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True) -> list:
+    """Find every attention site in ``gm`` and (if ``rewrite``) rewrite the accepted ones in place."""
+    reports = []
+    for finder in FINDERS:
+        for found in finder(gm):
+            if isinstance(found, Refusal):
+                reports.append(_report(found, False))
+            elif not config.converts(found.module_path):
+                reports.append(_report(found, False, f"module path not selected by layers={config.layers!r}"))
+            elif not rewrite:
+                reports.append(_report(found, False, "explain only"))
+            else:
+                summary = _report(found, True)  # read shapes before the rewrite erases nodes
+                reason = rewrite_attention(gm, found, config.topk)
+                reports.append(summary if reason is None else _report(found, False, reason))
+    if rewrite:
+        gm.graph.eliminate_dead_code()
+        gm.graph.lint()
+        gm.recompile()
+    for r in reports:
+        log.info("sfa: %s %s at %s (%s)", "rewrote" if r.rewritten else "left dense", r.pattern,
+                 r.module_path or "<root>", r.reason or f"mask {r.mask}, gqa {r.gqa_ratio}")
+    return reports

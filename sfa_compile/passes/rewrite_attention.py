@@ -1,0 +1,92 @@
+"""Pass: rewrite each AttentionMatch into one ``sfa::flash_sfa`` call.
+
+Emits, before the matched output: the mask in SDPA form (additive terms summed, boolean keep terms
+combined, -inf where a keep term is False), repeated K/V heads undone into ``enable_gqa``, the op call,
+and a dtype cast when the matched subgraph produced another dtype. Then erases the old subgraph. Refuses
+(returns a reason) when topk exceeds the site's head dim.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Optional
+
+import torch
+import torch.fx as fx
+
+from .graph_utils import example, static_int
+from .gqa import peel_repeated_heads
+from .match import AttentionMatch, MaskParts
+
+
+def _fake_value(node: fx.Node, fake_mode) -> None:
+    """Record the output's fake value on a new node, as Dynamo does, for passes that read it."""
+    args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value"))
+    with fake_mode:
+        if node.op == "call_method":
+            value = getattr(args[0], node.target)(*args[1:], **kwargs)
+        else:
+            value = node.target(*args, **kwargs)
+    node.meta["example_value"] = value
+
+
+def _emit(graph: fx.Graph, fake_mode, op: str, target, *args, **kwargs) -> fx.Node:
+    node = graph.create_node(op, target, args, kwargs)
+    _fake_value(node, fake_mode)
+    return node
+
+
+def _mask_node(graph, fake_mode, mask, query_dtype) -> Optional[fx.Node]:
+    if not isinstance(mask, MaskParts):
+        return mask
+    keep = None
+    for cond, negate in mask.keep:
+        term = _emit(graph, fake_mode, "call_function", operator.invert, cond) if negate else cond
+        keep = term if keep is None else _emit(graph, fake_mode, "call_function", operator.and_, keep, term)
+    additive = None
+    for term in mask.additive:
+        if example(term).dtype not in (torch.float32, query_dtype):
+            term = _emit(graph, fake_mode, "call_method", "to", term, torch.float32)
+        additive = term if additive is None else _emit(graph, fake_mode, "call_function", operator.add, additive, term)
+    if additive is None:
+        return keep
+    if keep is not None:
+        dropped = _emit(graph, fake_mode, "call_function", operator.invert, keep)
+        additive = _emit(graph, fake_mode, "call_method", "masked_fill", additive, dropped, float("-inf"))
+    return additive
+
+
+def _undo_head_repeat(match: AttentionMatch) -> tuple[fx.Node, fx.Node, bool]:
+    if match.enable_gqa:
+        return match.key, match.value, True
+    k_peeled, v_peeled = peel_repeated_heads(match.key), peel_repeated_heads(match.value)
+    if k_peeled and v_peeled and k_peeled[1] == v_peeled[1]:
+        return k_peeled[0], v_peeled[0], True
+    return match.key, match.value, False
+
+
+def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int) -> Optional[str]:
+    """Replace one site by sfa::flash_sfa; returns None on success or the reason it refused."""
+    q_value = example(match.query)
+    head_dim = static_int(q_value.size(-1))
+    if topk > head_dim:
+        return f"topk {topk} exceeds the head dim {head_dim}"
+    graph, fake_mode = gm.graph, q_value.fake_mode
+    with graph.inserting_before(match.output):
+        key, value, enable_gqa = _undo_head_repeat(match)
+        mask = _mask_node(graph, fake_mode, match.mask, q_value.dtype)
+        seed = None
+        if match.dropout_p > 0.0:
+            seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+        out = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default,
+                    match.query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale,
+                    enable_gqa, seed)
+        expected_dtype = example(match.output).dtype
+        if expected_dtype != q_value.dtype:
+            out = _emit(graph, fake_mode, "call_method", "to", out, expected_dtype)
+    out.meta["nn_module_stack"] = match.output.meta.get("nn_module_stack", {})
+    match.output.replace_all_uses_with(out)
+    for node in reversed(match.removable):
+        if not node.users:
+            graph.erase_node(node)
+    return None
