@@ -1,0 +1,79 @@
+"""Tiny random-weight Hugging Face models built from configs (no downloads), with example inputs and the
+number of attention sites each must have, plus an SFA attention function for reference runs."""
+
+import copy
+
+import torch
+import transformers
+from transformers import AttentionInterface, AttentionMaskInterface
+from transformers.masking_utils import sdpa_mask
+
+from sfa_compile import flash_sfa
+
+REFERENCE_TOPK = {"value": None}
+
+
+def sfa_reference_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
+                            **kwargs):
+    """Hugging Face attention function computing every attention with sfa_compile.flash_sfa (as SDPA would)."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
+    out = flash_sfa(query, key, value, topk=REFERENCE_TOPK["value"], attn_mask=attention_mask, scale=scaling,
+                    is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
+    return out.transpose(1, 2).contiguous(), None
+
+
+AttentionInterface.register("sfa_reference", sfa_reference_attention)
+AttentionMaskInterface.register("sfa_reference", sdpa_mask)
+
+
+def _ids(n=2, length=9, vocab=100, seed=0):
+    return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(seed))
+
+
+def build(name: str, impl: str):
+    """(model in eval mode, example kwargs, attention sites, head dim)."""
+    torch.manual_seed(0)
+    small = dict(vocab_size=100, attn_implementation=impl)
+    if name == "gpt2":
+        cfg = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, **small)
+        return transformers.GPT2LMHeadModel(cfg), {"input_ids": _ids()}, 2, 16
+    if name in ("llama", "qwen3", "mistral"):
+        cls = {"llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
+               "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
+               "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM)}[name]
+        cfg = cls[0](num_hidden_layers=2, hidden_size=64, num_attention_heads=4, num_key_value_heads=2,
+                     intermediate_size=64, head_dim=16, **small)
+        return cls[1](cfg), {"input_ids": _ids()}, 2, 16
+    if name == "bert":
+        cfg = transformers.BertConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                      intermediate_size=64, **small)
+        mask = torch.ones(2, 9, dtype=torch.long)
+        mask[1, 6:] = 0  # padding
+        return transformers.BertModel(cfg), {"input_ids": _ids(), "attention_mask": mask}, 2, 16
+    if name == "vit":
+        cfg = transformers.ViTConfig(num_hidden_layers=2, hidden_size=32, num_attention_heads=2, intermediate_size=64,
+                                     image_size=32, patch_size=8, attn_implementation=impl)
+        pixels = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+        return transformers.ViTModel(cfg), {"pixel_values": pixels}, 2, 16
+    if name == "whisper":
+        cfg = transformers.WhisperConfig(encoder_layers=1, decoder_layers=1, d_model=32, encoder_attention_heads=2,
+                                         decoder_attention_heads=2, encoder_ffn_dim=64, decoder_ffn_dim=64,
+                                         num_mel_bins=8, max_source_positions=16, max_target_positions=32,
+                                         vocab_size=100, pad_token_id=1, bos_token_id=2, eos_token_id=2,
+                                         decoder_start_token_id=3, attn_implementation=impl)
+        feats = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
+        return (transformers.WhisperModel(cfg), {"input_features": feats, "decoder_input_ids": _ids(1, 5)},
+                3, 16)
+    raise KeyError(name)
+
+
+MODELS = ["gpt2", "llama", "qwen3", "mistral", "bert", "vit", "whisper"]
+
+
+def reference_copy(model, topk: int):
+    """The same weights with every attention computed eagerly by flash_sfa at ``topk``."""
+    REFERENCE_TOPK["value"] = topk
+    ref = copy.deepcopy(model)
+    ref.set_attn_implementation("sfa_reference")
+    return ref
