@@ -65,14 +65,16 @@ def flash_sfa_backward_op(
     dq, dk, dv, d_mask = flash_sfa_backward_reference(
         grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed, mask_grad
     )
-    return dq, dk, dv, (d_mask if d_mask is not None else query.new_empty(0))
+    d_mask = d_mask.contiguous() if d_mask is not None else query.new_empty(0)
+    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_mask
 
 
 @flash_sfa_backward_op.register_fake
 def _flash_sfa_backward_fake(grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                              dropout_seed, mask_grad):
-    d_mask = torch.empty_like(attn_mask) if mask_grad else query.new_empty(0)
-    return torch.empty_like(query), torch.empty_like(key), torch.empty_like(value), d_mask
+    # Gradients are contiguous whatever the inputs' strides (transposed views are common here).
+    d_mask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty(0)
+    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), d_mask
 
 
 def _setup_context(ctx, inputs, output) -> None:

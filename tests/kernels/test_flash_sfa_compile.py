@@ -18,9 +18,13 @@ def sample_inputs():
     yield (r(1, 2, 5, 8), r(1, 2, 5, 8), r(1, 2, 5, 8), 2), {"attn_mask": r(5, 5), "scale": 0.5}
     yield (r(3, 6, 8), r(3, 4, 8), r(3, 4, 8), 5), {"attn_mask": torch.rand(6, 4, generator=g) > 0.5}
     yield (r(1, 2, 5, 8), r(1, 2, 5, 8), r(1, 2, 5, 8), 4), {"dropout_p": 0.2, "dropout_seed": torch.tensor(7)}
+    # Non-contiguous views (as after .transpose(1, 2) in real models) and an expanded float mask with grad.
+    views = [r(2, 5, 4, 8, grad=False).transpose(1, 2).requires_grad_() for _ in range(3)]
+    mask = r(1, 1, 5, 5, grad=False).expand(2, 4, 5, 5).requires_grad_()
+    yield (*views, 3), {"attn_mask": mask}
 
 
-@pytest.mark.parametrize("case", range(5))
+@pytest.mark.parametrize("case", range(6))
 def test_opcheck(case):
     args, kwargs = list(sample_inputs())[case]
     torch.library.opcheck(torch.ops.sfa.flash_sfa.default, args, kwargs)

@@ -1,0 +1,96 @@
+"""The "sfa" torch.compile backend as users meet it: entry point, options, layer filter, training, recompiles."""
+
+import subprocess
+import sys
+import textwrap
+from importlib.metadata import entry_points
+
+import pytest
+import torch
+
+import sfa_compile
+from hf_models import build, reference_copy
+from sfa_compile.backend import parse_options
+
+
+def test_entry_point_declared():
+    eps = [ep for ep in entry_points(group="torch_dynamo_backends") if ep.name == "sfa"]
+    assert len(eps) == 1 and eps[0].value == "sfa_compile.backend:sfa_backend"
+
+
+def test_backend_by_name_without_import():
+    script = textwrap.dedent("""
+        import sys, torch, torch.nn.functional as F
+        q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+        fn = torch.compile(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+                           backend="sfa", options={"topk": 8, "handoff": "eager"}, fullgraph=True)
+        out = fn(q, k, v)
+        assert "sfa_compile" in sys.modules
+        torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True))
+        print("ok")
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
+def test_unknown_option_lists_valid_ones():
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['topK'\]; valid options: \['handoff', 'layers', 'topk'\]"):
+        parse_options({"topK": 8})
+    with pytest.raises(ValueError, match="handoff must be one of"):
+        parse_options({"handoff": "tensorrt"})
+    with pytest.raises(ValueError, match="topk must be an integer"):
+        parse_options({"topk": 0})
+
+
+def test_layer_filter_keeps_other_layers_dense():
+    model, inputs, _, head_dim = build("gpt2", "eager")
+    report = sfa_compile.explain(model.eval(), **inputs, sfa_config=sfa_compile.SFAConfig(topk=4, layers=r"\.h\.0\."))
+    assert [(s.module_path, s.rewritten) for s in report.sites] == [("transformer.h.0.attn", True),
+                                                                      ("transformer.h.1.attn", False)]
+    assert "not selected by layers" in report.sites[1].reason
+    assert "transformer.h.1.attn" in report.table() and "1 of 2 attention sites rewritten" in report.table()
+
+
+def test_topk_above_head_dim_is_refused_with_reason():
+    model, inputs, _, head_dim = build("llama", "sdpa")
+    report = sfa_compile.explain(model.eval(), **inputs, sfa_config=sfa_compile.SFAConfig(topk=head_dim + 1))
+    assert all(not s.rewritten and "exceeds the head dim" in s.reason for s in report.sites)
+
+
+def test_training_through_inductor_matches_reference():
+    model, inputs, _, head_dim = build("llama", "eager")
+    model.train()
+    ref = reference_copy(model, 4)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="sfa", options={"topk": 4})
+    labels = inputs["input_ids"]
+    compiled(**inputs, labels=labels).loss.backward()
+    ref(**inputs, labels=labels).loss.backward()
+    for (name, p), p_ref in zip(model.named_parameters(), ref.parameters()):
+        torch.testing.assert_close(p.grad, p_ref.grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def _count_compiles(backend, options=None):
+    model, _, _, _ = build("gpt2", "sdpa")
+    model.eval()
+    calls = []
+    torch._dynamo.reset()
+
+    def counting(gm, example_inputs):
+        calls.append(1)
+        if backend == "sfa":
+            return sfa_compile.backend.sfa_backend(gm, example_inputs, options=options)
+        from torch._dynamo.backends.registry import lookup_backend
+        return lookup_backend(backend)(gm, example_inputs)
+
+    compiled = torch.compile(model, backend=counting, dynamic=True)
+    with torch.no_grad():
+        for length in (5, 7, 11, 13):
+            compiled(input_ids=torch.randint(0, 100, (2, length)))
+    return len(calls)
+
+
+def test_sequence_length_changes_do_not_recompile_more_than_inductor():
+    sfa = _count_compiles("sfa", {"topk": 4})
+    plain = _count_compiles("inductor")
+    assert sfa <= plain, (sfa, plain)
