@@ -62,6 +62,8 @@ def is_cast(node: Any) -> bool:
     if node.target == "to":
         return all(isinstance(a, torch.dtype) for a in node.args[1:]) and set(node.kwargs) <= {
             "dtype", "copy", "non_blocking"}
+    if node.target == "type":  # .type() with no dtype returns the type's name, not a tensor
+        return len(node.args) > 1 or "dtype" in node.kwargs
     return True
 
 
