@@ -7,6 +7,21 @@ import sfa_compile
 from hf_models import MODELS, build, reference_copy
 
 
+def _plain_graph_count(model, inputs) -> int:
+    """Graphs Dynamo makes of the model with a do-nothing backend (some transformers versions break graphs
+    inside model code; the sfa backend must not add any)."""
+    graphs = []
+
+    def count(gm, example_inputs):
+        graphs.append(gm)
+        return gm.forward
+
+    torch._dynamo.reset()
+    with torch.no_grad():
+        torch.compile(model, backend=count, dynamic=False)(**inputs)
+    return len(graphs)
+
+
 def _outputs(out):
     if hasattr(out, "logits"):
         return out.logits
@@ -20,7 +35,7 @@ def test_every_site_rewritten_and_exact(name, impl):
     model.eval()
     report = sfa_compile.explain(model, **inputs, sfa_config=sfa_compile.SFAConfig(topk=head_dim))
     assert [s.rewritten for s in report.sites] == [True] * sites, report.table()
-    assert report.graphs == 1
+    assert report.graphs == _plain_graph_count(model, inputs)
     torch._dynamo.reset()
     with torch.no_grad():
         dense = _outputs(model(**inputs))
