@@ -8,7 +8,6 @@ from typing import Optional
 import torch
 
 from .config import SFAConfig
-from .passes.match import SiteReport
 from .passes.pipeline import run_pipeline
 
 

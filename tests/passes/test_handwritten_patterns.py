@@ -7,7 +7,6 @@ import torch
 import torch.nn.functional as F
 
 import sfa_compile
-from sfa_compile import flash_sfa
 from sfa_oracle import oracle_sfa
 
 B, H, L, D = 2, 4, 6, 8
