@@ -6,7 +6,6 @@ import math
 import operator
 from typing import Any, Optional
 
-import networkx as nx
 import torch
 import torch.fx as fx
 import torch.nn.functional as F
@@ -103,16 +102,6 @@ def is_very_negative(value: Optional[float]) -> bool:
     minima = {float("-inf")} | {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32,
                                                             torch.float64)}
     return value in minima
-
-
-def to_networkx(graph: fx.Graph) -> nx.DiGraph:
-    """Data-flow graph of FX nodes (edges from producer to consumer) for reachability questions."""
-    g = nx.DiGraph()
-    for node in graph.nodes:
-        g.add_node(node)
-        for user in node.users:
-            g.add_edge(node, user)
-    return g
 
 
 def single_user(node: fx.Node) -> Optional[fx.Node]:

@@ -134,3 +134,28 @@ def test_dropout_in_training_becomes_op_dropout():
     torch.compile(fn, backend=capture)(q, k, v)
     calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.sfa.flash_sfa.default]
     assert len(calls) == 1 and calls[0].args[5] == 0.25 and calls[0].args[9] is not None
+
+
+class TrilBufferAttention(torch.nn.Module):
+    """Classic GPT-2: a causal mask sliced from a registered tril buffer, filled with the dtype minimum."""
+
+    def __init__(self, max_len=16):
+        super().__init__()
+        self.register_buffer("bias", torch.ones(max_len, max_len, dtype=torch.bool).tril().view(1, 1, max_len, max_len))
+
+    def forward(self, q, k, v):
+        scores = torch.matmul(q, k.transpose(-1, -2)) / torch.full([], v.size(-1) ** 0.5)
+        q_len, k_len = q.size(-2), k.size(-2)
+        causal = self.bias[:, :, k_len - q_len:k_len, :k_len]
+        scores = torch.where(causal, scores, torch.full([], torch.finfo(scores.dtype).min))
+        return torch.matmul(F.softmax(scores, dim=-1).type(v.dtype), v)
+
+
+def test_registered_tril_buffer_mask():
+    q, k, v = qkv()
+    module = TrilBufferAttention()
+    report = sfa_compile.explain(module, q, k, v, sfa_config=sfa_compile.SFAConfig(topk=3))
+    assert [(s.rewritten, s.mask) for s in report.sites] == [(True, "bool")], report.table()
+    torch._dynamo.reset()
+    out = torch.compile(module, backend="sfa", options={"topk": 3, "handoff": "aot_eager"})(q, k, v)
+    torch.testing.assert_close(out, oracle_sfa(q, k, v, 3, is_causal=True).float(), rtol=1e-5, atol=1e-6)
