@@ -28,24 +28,22 @@ def _shape(node) -> tuple:
     return tuple(value.shape) if value is not None else ()
 
 
-def _gqa_ratio(match: AttentionMatch) -> int:
-    q, k = example(match.query), example(match.key)
-    peeled = peel_repeated_heads(match.key)
+def _gqa_ratio(match: AttentionMatch, peeled) -> int:
     if peeled is not None:
         return peeled[1]
+    q, k = example(match.query), example(match.key)
     if q is None or k is None or q.dim() < 3 or not isinstance(k.size(-3), int) or not k.size(-3):
         return 1
     return q.size(-3) // k.size(-3) if isinstance(q.size(-3), int) else 1
 
 
 def _report(match, rewritten: bool, reason: str = "") -> SiteReport:
-    if isinstance(match, Refusal):
-        q = match.anchor.args[0] if match.anchor.args else None
-        return SiteReport(match.module_path, match.pattern, _shape(q), (), "?", 1, False, match.reason)
+    if isinstance(match, Refusal):  # q and k were not established: no shapes to report
+        return SiteReport(match.module_path, match.pattern, (), (), "?", 1, False, match.reason)
     peeled = peel_repeated_heads(match.key)
     key = peeled[0] if peeled else match.key
     return SiteReport(match.module_path, match.pattern, _shape(match.query), _shape(key), match.mask_kind,
-                      _gqa_ratio(match), rewritten, reason)
+                      _gqa_ratio(match, peeled), rewritten, reason)
 
 
 def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True) -> list:
