@@ -15,7 +15,6 @@ silent corruption, a missed one is only slower.
 from __future__ import annotations
 
 import operator
-import re
 from typing import Optional, Union
 
 import torch
@@ -47,10 +46,9 @@ def _transposed_source(node) -> Optional[fx.Node]:
     if value is None:
         return None
     ndim = value.dim()
-    last_two = {-1, -2, ndim - 1, ndim - 2}
     if is_method(node, "transpose") or is_function(node, {torch.transpose}):
-        dims = {arg(node, 1, "dim0"), arg(node, 2, "dim1")}
-        if len(dims) == 2 and dims <= last_two and {d % ndim for d in dims} == {ndim - 2, ndim - 1}:
+        dims = (arg(node, 1, "dim0"), arg(node, 2, "dim1"))
+        if all(isinstance(d, int) for d in dims) and {d % ndim for d in dims} == {ndim - 2, ndim - 1}:
             return node.args[0]
     if is_method(node, "permute") or is_function(node, {torch.permute}):
         dims = node.args[1] if len(node.args) == 2 and isinstance(node.args[1], (list, tuple)) else node.args[1:]
@@ -59,12 +57,7 @@ def _transposed_source(node) -> Optional[fx.Node]:
             return node.args[0]
     if is_function(node, {getattr}) and node.args[1] == "mT":
         return node.args[0]
-    if node.op == "call_method" and node.target == "mT":
-        return node.args[0]
     return None
-
-
-_EINSUM_QK = re.compile(r"^([a-z.]*)([a-z]),\1([a-z])->\1([a-z])([a-z])$")
 
 
 def _einsum_qk(node: fx.Node) -> Optional[tuple[fx.Node, fx.Node]]:

@@ -14,6 +14,8 @@ MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
+MASK_FILL_VALUES = {float("-inf")} | {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32,
+                                                                  torch.float64)}
 
 
 def arg(node: fx.Node, index: int, name: str, default: Any = None) -> Any:
@@ -97,11 +99,7 @@ def constant_value(node: Any) -> Optional[float]:
 
 def is_very_negative(value: Optional[float]) -> bool:
     """-inf or a float dtype's minimum: masking with it is the same as -inf except for fully masked rows."""
-    if value is None:
-        return False
-    minima = {float("-inf")} | {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32,
-                                                            torch.float64)}
-    return value in minima
+    return value is not None and value in MASK_FILL_VALUES
 
 
 def single_user(node: fx.Node) -> Optional[fx.Node]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Optional, Union
 
+import torch
 import torch.fx as fx
 
 
@@ -46,8 +47,7 @@ class AttentionMatch:
             return "causal" if self.is_causal else "none"
         if isinstance(self.mask, MaskParts):
             return self.mask.kind
-        dtype = getattr(self.mask.meta.get("example_value"), "dtype", None)
-        return "bool" if dtype is not None and str(dtype) == "torch.bool" else "float"
+        return "bool" if getattr(self.mask.meta.get("example_value"), "dtype", None) == torch.bool else "float"
 
 
 @dataclasses.dataclass
