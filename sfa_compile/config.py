@@ -17,7 +17,7 @@ CONFIG_VERSION = 1
 
 @dataclasses.dataclass(frozen=True)
 class SFAConfig:
-    """Settings of Sparse Feature Attention.
+    r"""Settings of Sparse Feature Attention.
 
     Attributes:
         topk: features kept per token and head, for queries and keys separately (1 <= topk <= head dim;

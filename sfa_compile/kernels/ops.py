@@ -1,9 +1,12 @@
 """Registration of the ``sfa::flash_sfa`` custom op and its backward, once, for every device.
 
-The fake implementation (shapes only) is the single source of output shapes, used by torch.compile,
-torch.export and the FX passes. The real implementation is the pure-PyTorch reference; device kernels plug
-in behind it. Dropout randomness enters as an explicit seed tensor so the op stays a pure function of its
-inputs (recomputable in the backward, checkable by opcheck, traceable by export).
+The op returns (output, lse): lse is the float32 log-sum-exp of each query row's masked, scaled scores
+(+inf for a row whose keys are all masked), saved for the backward so that it never recomputes the softmax
+normalizer; callers use output only. The fake implementation (shapes only) is the single source of output
+shapes, used by torch.compile, torch.export and the FX passes. The pure-PyTorch reference runs on every
+device; CUDA tensors run the Triton kernels (flash_sfa_triton), imported on first use so that machines
+without Triton never need it. Dropout randomness enters as an explicit seed tensor so the op stays a pure
+function of its inputs (recomputable in the backward, checkable by opcheck, traceable by export).
 """
 
 from __future__ import annotations
@@ -12,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .checks import check_flash_sfa_args, output_shape
+from .checks import check_flash_sfa_args, output_shape, score_shape
 from .reference import flash_sfa_backward_reference, flash_sfa_reference
 
 
@@ -34,16 +37,27 @@ def flash_sfa_op(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     dropout_seed: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
+) -> tuple[torch.Tensor, torch.Tensor]:
     _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
     return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
+
+
+@flash_sfa_op.register_kernel("cuda")
+def _flash_sfa_cuda(query, key, value, topk, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+                    enable_gqa=False, dropout_seed=None):
+    _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
+    from . import flash_sfa_triton
+
+    return flash_sfa_triton.forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                    dropout_seed)
 
 
 @flash_sfa_op.register_fake
 def _flash_sfa_fake(query, key, value, topk, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                     enable_gqa=False, dropout_seed=None):
     _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
-    return query.new_empty(output_shape(query, key, value, enable_gqa))
+    lse_shape = score_shape(query, key, value, enable_gqa)[:-1]
+    return query.new_empty(output_shape(query, key, value, enable_gqa)), query.new_empty(lse_shape, dtype=torch.float32)
 
 
 @torch.library.custom_op("sfa::flash_sfa_backward", mutates_args=())
@@ -52,6 +66,8 @@ def flash_sfa_backward_op(
     query: torch.Tensor,
     key: torch.Tensor,
     value: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
     topk: int,
     attn_mask: Optional[torch.Tensor],
     dropout_p: float,
@@ -61,17 +77,32 @@ def flash_sfa_backward_op(
     dropout_seed: Optional[torch.Tensor],
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, d attn_mask); the last is an empty tensor unless mask_grad."""
+    """(dq, dk, dv, d attn_mask); the last is an empty tensor unless mask_grad. The reference recomputes
+    the probabilities and ignores ``out`` and ``lse``."""
     dq, dk, dv, d_mask = flash_sfa_backward_reference(
         grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed, mask_grad
     )
+    return _contiguous_grads(query, dq, dk, dv, d_mask)
+
+
+def _contiguous_grads(query, dq, dk, dv, d_mask):
     d_mask = d_mask.contiguous() if d_mask is not None else query.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_mask
 
 
+@flash_sfa_backward_op.register_kernel("cuda")
+def _flash_sfa_backward_cuda(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
+                             enable_gqa, dropout_seed, mask_grad):
+    from . import flash_sfa_triton
+
+    grads = flash_sfa_triton.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal,
+                                      scale, enable_gqa, dropout_seed, mask_grad)
+    return _contiguous_grads(query, *grads)
+
+
 @flash_sfa_backward_op.register_fake
-def _flash_sfa_backward_fake(grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                             dropout_seed, mask_grad):
+def _flash_sfa_backward_fake(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
+                             enable_gqa, dropout_seed, mask_grad):
     # Gradients are contiguous whatever the inputs' strides (transposed views are common here).
     d_mask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty(0)
     return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), d_mask
@@ -79,17 +110,19 @@ def _flash_sfa_backward_fake(grad_out, query, key, value, topk, attn_mask, dropo
 
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed = inputs
-    ctx.save_for_backward(query, key, value, attn_mask, dropout_seed)
+    out, lse = output
+    ctx.save_for_backward(query, key, value, out, lse, attn_mask, dropout_seed)
     ctx.settings = (topk, dropout_p, is_causal, scale, enable_gqa)
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
+    ctx.mark_non_differentiable(lse)
 
 
-def _backward(ctx, grad_out):
-    query, key, value, attn_mask, dropout_seed = ctx.saved_tensors
+def _backward(ctx, grad_out, _grad_lse):
+    query, key, value, out, lse, attn_mask, dropout_seed = ctx.saved_tensors
     topk, dropout_p, is_causal, scale, enable_gqa = ctx.settings
     dq, dk, dv, d_mask = flash_sfa_backward_op(
-        grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed,
-        ctx.mask_grad,
+        grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+        dropout_seed, ctx.mask_grad,
     )
     return dq, dk, dv, None, (d_mask if ctx.mask_grad else None), None, None, None, None, None
 

@@ -97,8 +97,9 @@ def _dropout_multiplier(p: _Problem, probs: torch.Tensor, start: int) -> Optiona
     return keep.to(probs.dtype) / (1.0 - p.dropout_p)
 
 
-def _chunk_probs(p: _Problem, start: int, stop: int) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Softmax probabilities (grouped layout) of query rows [start, stop), and the dropout multiplier."""
+def _chunk_probs(p: _Problem, start: int, stop: int) -> tuple[torch.Tensor, Optional[torch.Tensor], torch.Tensor]:
+    """Softmax probabilities (grouped layout) of query rows [start, stop), the dropout multiplier, and the
+    rows' log-sum-exp of the masked, scaled scores (+inf where every key is masked)."""
     scores = (p.q[..., start:stop, :] @ p.k.transpose(-1, -2)) * p.scale
     if p.mask is not None:
         mask = p.mask[..., start:stop, :] if p.mask.size(-2) > 1 else p.mask
@@ -111,13 +112,14 @@ def _chunk_probs(p: _Problem, start: int, stop: int) -> tuple[torch.Tensor, Opti
         cols = torch.arange(scores.size(-1), device=scores.device)[None, :]
         scores = scores.masked_fill(cols > rows, float("-inf"))
     if scores.size(-1) == 0:
-        return scores, None
+        return scores, None, scores.new_full(scores.shape[:-1], float("inf"))
     row_max = scores.amax(dim=-1, keepdim=True)
     row_max = torch.where(row_max == float("-inf"), torch.zeros_like(row_max), row_max)
     exp = torch.exp(scores - row_max)
     denom = exp.sum(dim=-1, keepdim=True)
     probs = torch.where(denom == 0, torch.zeros_like(exp), exp / denom)  # fully masked row -> 0, as SDPA
-    return probs, _dropout_multiplier(p, probs, start)
+    lse = torch.where(denom == 0, float("inf"), row_max + torch.log(denom)).squeeze(-1)
+    return probs, _dropout_multiplier(p, probs, start), lse
 
 
 def _row_chunks(p: _Problem):
@@ -136,17 +138,21 @@ def flash_sfa_reference(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     dropout_seed: Optional[torch.Tensor] = None,
-) -> torch.Tensor:
-    """SFA attention output, shaped like SDPA's (arguments already validated)."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(SFA attention output shaped like SDPA's, float32 log-sum-exp of each query row's scores shaped
+    (batch..., L)); arguments already validated."""
     p = _prepare(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
     out_shape = output_shape(query, key, value, enable_gqa)
-    chunks = []
+    chunks, lse_chunks = [], []
     for start, stop in _row_chunks(p):
-        probs, drop = _chunk_probs(p, start, stop)
+        probs, drop, lse = _chunk_probs(p, start, stop)
         chunks.append((probs if drop is None else probs * drop) @ p.v)
+        lse_chunks.append(lse)
     if not chunks:
-        return query.new_zeros(out_shape)
-    return torch.cat(chunks, dim=-2).flatten(-4, -3).reshape(out_shape).to(query.dtype)
+        return query.new_zeros(out_shape), query.new_zeros(out_shape[:-1], dtype=torch.float32)
+    out = torch.cat(chunks, dim=-2).flatten(-4, -3).reshape(out_shape).to(query.dtype)
+    lse = torch.cat(lse_chunks, dim=-1).flatten(-3, -2).reshape(out_shape[:-1]).to(torch.float32)
+    return out, lse
 
 
 def flash_sfa_backward_reference(
@@ -173,7 +179,7 @@ def flash_sfa_backward_reference(
     d_mask = torch.zeros_like(p.mask, dtype=p.q.dtype) if mask_grad else None
     dq_chunks, dk, dv = [], 0, 0
     for start, stop in _row_chunks(p):
-        probs, drop = _chunk_probs(p, start, stop)
+        probs, drop, _ = _chunk_probs(p, start, stop)
         g = d_out[..., start:stop, :]
         dropped = probs if drop is None else probs * drop
         # Fold the GQA group into the rows so dK and dV sum over the group inside one matmul.

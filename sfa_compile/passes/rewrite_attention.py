@@ -1,9 +1,10 @@
 """Pass: rewrite each AttentionMatch into one ``sfa::flash_sfa`` call.
 
 Emits, before the matched output: the mask in SDPA form (additive terms summed, boolean keep terms
-combined, -inf where a keep term is False), repeated K/V heads undone into ``enable_gqa``, the op call,
-and a dtype cast when the matched subgraph produced another dtype. Then erases the old subgraph. Refuses
-(returns a reason) when topk exceeds the site's head dim.
+combined, -inf where a keep term is False), repeated K/V heads undone into ``enable_gqa``, the op call
+and its first output (the second, the log-sum-exp, serves the backward), and a dtype cast when the
+matched subgraph produced another dtype. Then erases the old subgraph. Refuses (returns a reason) when
+topk exceeds the site's head dim.
 """
 
 from __future__ import annotations
@@ -78,9 +79,10 @@ def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int) -> O
         seed = None
         if match.dropout_p > 0.0:
             seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
-        out = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default,
-                    match.query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale,
-                    enable_gqa, seed)
+        call = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default,
+                     match.query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale,
+                     enable_gqa, seed)
+        out = _emit(graph, fake_mode, "call_function", operator.getitem, call, 0)
         expected_dtype = example(match.output).dtype
         if expected_dtype != q_value.dtype:
             out = _emit(graph, fake_mode, "call_method", "to", out, expected_dtype)

@@ -1,0 +1,121 @@
+"""FlashSFA prefill (Triton, top-k included) vs SDPA's flash and cuDNN backends, side by side, on one GPU.
+
+For each head dim, topk and length: first checks FlashSFA against the reference on the same inputs
+(must pass), then times forward and forward+backward with CUDA events (triton.testing.do_bench, median).
+TFLOP/s are dense-equivalent: causal forward 4*B*H*N^2*d/2 FLOPs, backward 2.5x that (FlashAttention's
+convention), so SFA and dense rows compare by time.
+
+    python benchmarks/bench_prefill.py [--dims 64 128] [--topks 8 16] [--lengths 4096 16384 65536]
+                                       [--tokens 65536] [--heads 16] [--csv out.csv]
+
+Batch = tokens // length, so every length fills the GPU with the same number of query tokens.
+"""
+
+import argparse
+import csv
+import datetime
+import warnings
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sfa_compile import flash_sfa
+from sfa_compile.kernels import reference
+from sfa_compile.kernels.triton_topk import sparsify_triton
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def check(head_dim, topk, dtype):
+    """FlashSFA vs the pure-PyTorch reference (fp32 compute) at a moderate size; raises on mismatch."""
+    g = torch.Generator(device="cuda").manual_seed(head_dim + topk)
+    q, k, v = (torch.randn(2, 4, 1031, head_dim, device="cuda", dtype=dtype, generator=g) for _ in range(3))
+    out = flash_sfa(q, k, v, topk=topk, is_causal=True)
+    want, _ = reference.flash_sfa_reference(q, k, v, topk, is_causal=True)
+    err = (out.float() - want.float()).abs().max().item()
+    if not err < 2e-2:
+        raise SystemExit(f"FlashSFA disagrees with the reference: max error {err} (d={head_dim}, topk={topk})")
+
+
+def time_case(batch, heads, length, head_dim, topk, dtype):
+    g = torch.Generator(device="cuda").manual_seed(length)
+    q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype, generator=g)
+               for _ in range(3))
+    d_out = torch.randn_like(q)
+    qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
+    res = {}
+
+    def fwd_bwd(attend):
+        def run():
+            out = attend(qg, kg, vg)
+            torch.autograd.grad(out, (qg, kg, vg), d_out)
+        return run
+
+    sfa = lambda q, k, v: flash_sfa(q, k, v, topk=topk, is_causal=True)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a fallback to the reference would make the numbers meaningless
+        res["sfa_fwd"] = bench(lambda: sfa(q, k, v))
+        res["sfa_fwdbwd"] = bench(fwd_bwd(sfa))
+    res["topk_only"] = bench(lambda: (sparsify_triton(q, topk), sparsify_triton(k, topk)))
+    dense = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    for name, backend in BACKENDS.items():
+        try:
+            with sdpa_kernel(backend):
+                res[f"{name}_fwd"] = bench(lambda: dense(q, k, v))
+                res[f"{name}_fwdbwd"] = bench(fwd_bwd(dense))
+        except RuntimeError as err:  # backend unavailable for this shape
+            print(f"  {name}: {str(err).splitlines()[0]}")
+            res[f"{name}_fwd"] = res[f"{name}_fwdbwd"] = float("nan")
+    return res
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--topks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
+    parser.add_argument("--tokens", type=int, default=65536)
+    parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
+    parser.add_argument("--csv", default=None)
+    args = parser.parse_args()
+    dtype = getattr(torch, args.dtype)
+    print(f"{datetime.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} "
+          f"triton {triton.__version__} {args.dtype}, causal, {args.heads} heads")
+    header = ("| d | topk | N | batch | SFA fwd ms | flash fwd ms | cuDNN fwd ms | SFA fwd TFLOP/s | flash | cuDNN "
+              "| fwd vs flash | fwd vs cuDNN | SFA f+b ms | flash f+b ms | cuDNN f+b ms | f+b vs flash "
+              "| f+b vs cuDNN | top-k ms |")
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    rows = []
+    for head_dim in args.dims:
+        for topk in args.topks:
+            check(head_dim, topk, dtype)
+            for length in args.lengths:
+                batch = max(1, args.tokens // length)
+                r = time_case(batch, args.heads, length, head_dim, topk, dtype)
+                flops = 4 * batch * args.heads * length * length * head_dim / 2
+                tf = lambda ms, flops=flops: flops / ms / 1e9  # noqa: E731
+                row = dict(d=head_dim, topk=topk, N=length, batch=batch, **r)
+                rows.append(row)
+                print(f"| {head_dim} | {topk} | {length} | {batch} | {r['sfa_fwd']:.3f} | {r['flash_fwd']:.3f} "
+                      f"| {r['cudnn_fwd']:.3f} | {tf(r['sfa_fwd']):.0f} | {tf(r['flash_fwd']):.0f} "
+                      f"| {tf(r['cudnn_fwd']):.0f} | {r['flash_fwd'] / r['sfa_fwd']:.2f}x "
+                      f"| {r['cudnn_fwd'] / r['sfa_fwd']:.2f}x | {r['sfa_fwdbwd']:.3f} | {r['flash_fwdbwd']:.3f} "
+                      f"| {r['cudnn_fwdbwd']:.3f} | {r['flash_fwdbwd'] / r['sfa_fwdbwd']:.2f}x "
+                      f"| {r['cudnn_fwdbwd'] / r['sfa_fwdbwd']:.2f}x | {r['topk_only']:.3f} |", flush=True)
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

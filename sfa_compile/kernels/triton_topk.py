@@ -1,0 +1,76 @@
+"""Triton top-k sparsification of query/key features: one pass, the Triton twin of ``topk.sparsify_dense``.
+
+Per row (token and head) of d features, keep the ``topk`` largest |x| (ties: lower index wins) and zero the
+rest. No sort: the k-th largest magnitude is found by a bitwise binary search on the float bits of |x|
+(non-negative floats order like their bit patterns as integers, NaN above inf as in torch's sort), one
+compare-and-count over the row per bit: 31 steps for float32, 15 for bfloat16 and 18 for float16, whose
+low bits are zero after the exact upcast. Equal magnitudes at the threshold are then kept in index order
+with a running count. The cost does not depend on ``topk`` and the kernel is memory-bound.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+# Lowest bit of the float32 pattern that can be non-zero after upcasting from each dtype.
+_LOW_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
+_ROWS_PER_PROGRAM = 32
+
+
+@triton.jit
+def _topk_sparsify_kernel(
+    X, Y, KEEP,
+    n_rows, n_heads, length, head_dim, topk,
+    stride_b, stride_h, stride_n, stride_d,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, WRITE_KEEP: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    n = rows % length
+    h = (rows // length) % n_heads
+    b = rows // (length * n_heads)
+    ok = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
+    x = tl.load(X + (b * stride_b + h * stride_h + n * stride_n)[:, None] + cols[None, :] * stride_d, mask=ok, other=0.0)
+
+    bits = tl.where(ok, tl.abs(x.to(tl.float32)).to(tl.int32, bitcast=True), -1)  # padding never counts
+    threshold = tl.zeros([BLOCK_R], dtype=tl.int32)
+    for bit in tl.static_range(30, LOW_BIT - 1, -1):  # largest t with count(bits >= t) >= topk
+        candidate = threshold | (1 << bit)
+        count = tl.sum((bits >= candidate[:, None]).to(tl.int32), axis=1)
+        threshold = tl.where(count >= topk, candidate, threshold)
+    above = bits > threshold[:, None]
+    at = bits == threshold[:, None]
+    room = topk - tl.sum(above.to(tl.int32), axis=1)
+    keep = above | (at & (tl.cumsum(at.to(tl.int32), axis=1) <= room[:, None]))
+
+    out = rows[:, None] * head_dim + cols[None, :]
+    tl.store(Y + out, tl.where(keep, x, 0.0), mask=ok)
+    if WRITE_KEEP:
+        tl.store(KEEP + out, keep.to(tl.uint8), mask=ok)
+
+
+def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(contiguous copy of the 4-D ``x`` with all but the top-k features of each row zeroed, keep mask or None).
+
+    ``x`` is (batch, heads, length, features) with any strides, in float16, bfloat16 or float32.
+    """
+    batch, heads, length, head_dim = x.shape
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_keep else None
+    n_rows = batch * heads * length
+    if n_rows == 0:
+        return y, keep
+    grid = (triton.cdiv(n_rows, _ROWS_PER_PROGRAM),)
+    _topk_sparsify_kernel[grid](
+        x, y, keep.view(torch.uint8) if want_keep else y,
+        n_rows, heads, length, head_dim, topk,
+        *x.stride(),
+        BLOCK_R=_ROWS_PER_PROGRAM, BLOCK_D=max(triton.next_power_of_2(head_dim), 16),
+        LOW_BIT=_LOW_BIT[x.dtype], WRITE_KEEP=want_keep,
+        num_warps=4,
+    )
+    return y, keep
