@@ -328,8 +328,9 @@ def _flash_sfa_bwd_dq_kernel(
 
 # ------------------------------------------------------------------------------------------- launchers
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU; the interpreter runs one small
-# tile (it executes every program serially on the CPU).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU; the first entry is the default
+# when SFA_AUTOTUNE=0 (no tuning pass on first use of a shape). The interpreter runs one small tile (it
+# executes every program serially on the CPU).
 _FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
 _BWD_TILES = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 32, 4, 4)]
 _INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
@@ -355,9 +356,14 @@ _dq_tuned = _tuned(_flash_sfa_bwd_dq_kernel, _BWD_TILES)
 
 def _launch(tuned, raw, grid, *args, **meta):
     if interpreting():
-        raw[grid({**meta, **_INTERPRETER_TILE})](*args, **meta, **_INTERPRETER_TILE)
+        tile = dict(_INTERPRETER_TILE)
+    elif os.environ.get("SFA_AUTOTUNE", "1") == "0":
+        config = _fits(tuned.configs, {}, **meta)[0]
+        tile = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         tuned[grid](*args, **meta)
+        return
+    raw[grid(tile)](*args, **meta, **tile)
 
 
 def _mask_args(mask, fallback):
