@@ -331,17 +331,28 @@ def _flash_sfa_bwd_dq_kernel(
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) tried by the autotuner on a GPU; the first entry is the default
 # when SFA_AUTOTUNE=0 (no tuning pass on first use of a shape). The interpreter runs one small tile (it
 # executes every program serially on the CPU).
-_FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4)]
-_BWD_TILES = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 32, 4, 4)]
+_FWD_TILES = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4),
+              (32, 32, 4, 1)]
+_BWD_TILES = [(64, 64, 4, 3), (64, 64, 8, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 32, 4, 4),
+              (32, 32, 4, 1)]
 _INTERPRETER_TILE = {"BLOCK_M": 16, "BLOCK_N": 16}
 _TUNING_KEY = ["BLOCK_D", "BLOCK_DV", "IS_CAUSAL", "MASK_KIND", "PRECISION"]
 
 
+_SHARED_MEMORY_BUDGET = 200 * 1024  # of the H100's 227 KiB per block; the autotuner skips tiles that fail anyway
+
+
 def _fits(configs, named_args, **kwargs):
-    """Drop tiles whose K/V (or Q) blocks would not fit shared memory at large head dims."""
-    width = max(kwargs["BLOCK_D"], kwargs["BLOCK_DV"])
-    kept = [c for c in configs if width <= 128 or (c.kwargs["BLOCK_M"] <= 64 and c.kwargs["BLOCK_N"] <= 64)]
-    return kept or configs[-1:]
+    """Tiles whose pipelined Q/K/V blocks fit shared memory at this head dim and element size."""
+    width = kwargs["BLOCK_D"] + kwargs["BLOCK_DV"]
+    size = named_args["Q"].element_size()
+
+    def smem(c):
+        m, n = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
+        return size * (m * width + max(c.num_stages, 1) * n * width)
+
+    kept = [c for c in configs if smem(c) <= _SHARED_MEMORY_BUDGET]
+    return kept or [min(configs, key=smem)]
 
 
 def _tuned(kernel, tiles):
@@ -358,7 +369,7 @@ def _launch(tuned, raw, grid, *args, **meta):
     if interpreting():
         tile = dict(_INTERPRETER_TILE)
     elif os.environ.get("SFA_AUTOTUNE", "1") == "0":
-        config = _fits(tuned.configs, {}, **meta)[0]
+        config = _fits(tuned.configs, {"Q": args[0]}, **meta)[0]
         tile = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
         tuned[grid](*args, **meta)
