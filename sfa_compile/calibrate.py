@@ -1,0 +1,124 @@
+"""Fit the learned top-k projections R of a converted model from example inputs.
+
+Two stages, both on the calibration inputs only:
+1. Principal axes: per layer and key head, the eigenvectors of Cq/tr(Cq) + Ck/tr(Ck), the second-moment
+   matrices of the (post-RoPE) queries of the head's group and of its keys, by decreasing eigenvalue. Energy
+   concentrates in few coordinates, so top-k keeps more of each dot product.
+2. Refinement (``steps`` > 0): R trained with Adam under an orthogonal parametrization to minimise the
+   Eq. 8 distillation loss (SFA vs dense attention outputs), starting from the principal axes.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterable
+
+import torch
+
+from .distill import attention_distillation
+from .integrations.hf_attention import observe
+from .progress import progress_bar
+from .projection import SFAProjection
+
+
+def call_model(model, example):
+    """Run ``model`` on one example: a dict of keyword arguments, a tuple of positional ones, or a tensor."""
+    device = next(model.parameters()).device
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    if isinstance(example, dict):
+        return model(**{k: move(v) for k, v in example.items()})
+    if isinstance(example, (tuple, list)):
+        return model(*[move(x) for x in example])
+    return model(move(example))
+
+
+class _MomentCollector:
+    def __init__(self):
+        self.moments: dict[SFAProjection, list] = {}
+
+    def __call__(self, module, query, key, value, attention_mask, output, sdpa_kwargs) -> None:
+        sfa = getattr(module, "sfa", None)
+        if sfa is None or sfa.weight is None:
+            return
+        hk, d = sfa.key_heads, sfa.head_dim
+        q = query.detach().double().reshape(query.size(0), hk, -1, d)  # group heads and tokens per key head
+        k = key.detach().double()
+        cq = torch.einsum("bhnd,bhne->hde", q, q)
+        ck = torch.einsum("bhnd,bhne->hde", k, k)
+        if sfa in self.moments:
+            self.moments[sfa][0] += cq
+            self.moments[sfa][1] += ck
+        else:
+            self.moments[sfa] = [cq, ck]
+
+
+def principal_axes(cq: torch.Tensor, ck: torch.Tensor) -> torch.Tensor:
+    """(key heads, d, d) orthogonal R whose columns are the principal axes of the normalized q and k moments."""
+    trace = lambda c: c.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)[:, None, None]  # noqa: E731
+    eigenvalues, eigenvectors = torch.linalg.eigh(cq / trace(cq) + ck / trace(ck))
+    return eigenvectors.flip(-1)  # descending eigenvalues
+
+
+def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = 1e-3, progress: bool = True):
+    """Set every runtime projection of the converted ``model`` from ``calibration`` (an iterable of examples);
+    returns the model. ``steps`` > 0 adds the Eq. 8 refinement, cycling over the examples."""
+    examples = list(calibration)
+    if not examples:
+        raise ValueError("calibrate: the calibration set is empty; pass at least one example input")
+    was_training = model.training
+    model.eval()
+    collector = _MomentCollector()
+    with torch.no_grad(), observe(collector):
+        for example in progress_bar(examples, "calibrating: principal axes", progress):
+            call_model(model, example)
+    for sfa, (cq, ck) in collector.moments.items():
+        # Moments were taken in the current basis x R, so the new projection is R times their axes.
+        axes = principal_axes(cq, ck).to(sfa.weight.dtype)
+        sfa.weight.data.copy_(sfa.weight.data @ axes)
+    if steps > 0:
+        refine(model, examples, steps, lr, progress)
+    model.train(was_training)
+    return model
+
+
+def refine(model, examples: list, steps: int, lr: float, progress: bool = True) -> None:
+    """Train only the projections with the Eq. 8 loss, keeping them orthogonal."""
+    projections = [m for m in model.modules() if isinstance(m, SFAProjection) and m.weight is not None]
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    with orthogonal_training(projections) as params:
+        opt = torch.optim.Adam(params, lr=lr)
+        batches = itertools.cycle(examples)
+        for _ in progress_bar(range(steps), "calibrating: refining projections", progress):
+            with attention_distillation() as distill:
+                call_model(model, next(batches))
+                loss = distill.loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    for p in frozen:
+        p.requires_grad_(True)
+
+
+class orthogonal_training:
+    """Context manager: the projections' weights become orthogonally parametrized (and trainable) inside it,
+    plain orthogonal tensors again after it. Yields the parameters to optimize."""
+
+    def __init__(self, projections: list):
+        self.projections = projections
+
+    def __enter__(self):
+        from torch.nn.utils import parametrizations
+
+        for m in self.projections:
+            m.weight.requires_grad_(True)
+            parametrizations.orthogonal(m, "weight")
+        return [p for m in self.projections for p in m.parametrizations.weight.parameters()]
+
+    def __exit__(self, *exc):
+        from torch.nn.utils import parametrize
+
+        for m in self.projections:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        return False

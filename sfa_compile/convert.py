@@ -1,0 +1,148 @@
+"""``convert``: turn a Hugging Face model into an SFA model in place.
+
+Attention layers are found exactly, not by name: one forward pass through the "sfa" attention function
+records every layer that calls it (with the head counts and head dim it sees). Layers whose module path
+matches ``SFAConfig.layers`` get an ``SFAProjection`` (``module.sfa``); calibration then fits R. For models
+without rotary embeddings whose query/key projections have a known layout (separate Linear layers, or
+GPT-2's fused Conv1D), R is folded into the weights and the run-time projection disappears.
+
+The SFA settings are recorded in ``model.config.sfa`` so that checkpoints carry them (see checkpoint.py).
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+import torch
+
+from .calibrate import calibrate, call_model
+from .config import SFAConfig
+from .integrations.hf_attention import ATTN_IMPLEMENTATION, observe, register
+from .projection import SFAProjection, fold_into_linear
+
+
+def is_hf_model(model) -> bool:
+    try:
+        from transformers import PreTrainedModel
+    except ImportError:
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
+def attention_layers(model, example) -> dict[str, tuple[int, int, int]]:
+    """{module path: (query heads, key heads, head dim)} of every layer calling the attention function."""
+    names = {id(m): name for name, m in model.named_modules()}
+    found: dict[str, tuple[int, int, int]] = {}
+
+    def record(module, query, key, value, attention_mask, output, sdpa_kwargs):
+        found.setdefault(names[id(module)], (query.size(1), key.size(1), query.size(-1)))
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad(), observe(record):
+        call_model(model, example)
+    model.train(was_training)
+    return found
+
+
+def uses_rope(model) -> bool:
+    cfg = model.config
+    if getattr(cfg, "position_embedding_type", None) in ("rotary", "rope"):
+        return True
+    return any(getattr(cfg, name, None) is not None for name in ("rope_theta", "rope_parameters", "rope_scaling",
+                                                                 "rotary_dim", "rotary_emb_base"))
+
+
+def _foldable_projections(module, sfa: SFAProjection, heads: int):
+    """("linear", q, k) or ("conv1d", c_attn) when the layer's query/key projections have a known layout
+    (heads contiguous in the output features), else None."""
+    d = sfa.head_dim
+    for a, b in (("query", "key"), ("q_proj", "k_proj")):
+        q_lin, k_lin = getattr(module, a, None), getattr(module, b, None)
+        if isinstance(q_lin, torch.nn.Linear) and isinstance(k_lin, torch.nn.Linear):
+            if q_lin.out_features == heads * d and k_lin.out_features == sfa.key_heads * d:
+                return "linear", q_lin, k_lin
+            return None
+    c_attn = getattr(module, "c_attn", None)  # GPT-2: Conv1D weight (in, 3 * embed) = [q | k | v]
+    if c_attn is not None and type(c_attn).__name__ == "Conv1D" and sfa.key_heads == heads:
+        if c_attn.weight.size(1) == 3 * heads * d and c_attn.bias is not None:
+            return "conv1d", c_attn
+    return None
+
+
+def _fold(layout, sfa: SFAProjection, heads: int) -> None:
+    r, d = sfa.weight.detach(), sfa.head_dim
+    if layout[0] == "linear":
+        for lin, h in ((layout[1], heads), (layout[2], sfa.key_heads)):
+            w, b = fold_into_linear(lin.weight.data, None if lin.bias is None else lin.bias.data, r, h, d)
+            lin.weight.data.copy_(w)
+            if b is not None:
+                lin.bias.data.copy_(b)
+        return
+    c_attn, embed = layout[1], heads * d
+    for part in (0, 1):
+        cols = slice(part * embed, (part + 1) * embed)
+        w, b = fold_into_linear(c_attn.weight.data[:, cols], c_attn.bias.data[cols], r, heads, d, transposed=True)
+        c_attn.weight.data[:, cols] = w
+        c_attn.bias.data[cols] = b
+
+
+def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Iterable] = None, *,
+            refine_steps: int = 0, fold: bool = True, progress: bool = True):
+    """Make ``model`` an SFA model (in place) and return it.
+
+    Hugging Face models switch to ``attn_implementation="sfa"``. ``calibration``: optional iterable of
+    example inputs (dicts of keyword arguments, tuples, or tensors) used to fit the projections R (principal
+    axes, then ``refine_steps`` of Eq. 8 training); without it R is the identity (plain top-k). ``fold``
+    folds R into the weights where the model has no rotary embeddings and a known projection layout.
+    """
+    config = config or SFAConfig()
+    if not is_hf_model(model):
+        raise TypeError(
+            f"convert: {type(model).__name__} is not a Hugging Face PreTrainedModel; for other modules use "
+            "torch.compile(model, backend='sfa', options={'topk': ...}), which applies the same rewrite"
+        )
+    if getattr(model.config, "sfa", None):
+        raise ValueError("convert: this model is already an SFA model (model.config.sfa is set)")
+    register()
+    examples = list(calibration) if calibration is not None else []
+    model.set_attn_implementation(ATTN_IMPLEMENTATION)
+    layers = attention_layers(model, examples[0] if examples else model.dummy_inputs)
+    if not layers:
+        raise ValueError("convert: no attention layer called the attention interface; this model's attention "
+                         "is not pluggable through transformers' AttentionInterface")
+    modules = dict(model.named_modules())
+    converted = {}
+    for path, (heads, key_heads, head_dim) in layers.items():
+        if not config.converts(path):
+            continue
+        if config.topk > head_dim:
+            raise ValueError(f"convert: topk {config.topk} exceeds the head dim {head_dim} of layer {path!r}")
+        module = modules[path]
+        module.sfa = SFAProjection(key_heads, head_dim, config.topk).to(next(model.parameters()).device)
+        converted[path] = (heads, key_heads, head_dim)
+    if not converted:
+        raise ValueError(f"convert: SFAConfig.layers={config.layers!r} matches none of the attention layers "
+                         f"{sorted(layers)}")
+    if examples:
+        calibrate(model, examples, steps=refine_steps, progress=progress)
+    layouts = {p: _foldable_projections(modules[p], modules[p].sfa, v[0]) for p, v in converted.items()}
+    folded = fold and not uses_rope(model) and all(layouts.values())
+    if folded:  # all layers or none, so the checkpoint records one projection kind
+        for path, (heads, key_heads, head_dim) in converted.items():
+            _fold(layouts[path], modules[path].sfa, heads)
+            modules[path].sfa = SFAProjection(key_heads, head_dim, config.topk, runtime=False)
+    model.config.sfa = {**config.to_dict(), "projection": "folded" if folded else "runtime",
+                        "converted_layers": {p: list(v) for p, v in converted.items()}}
+    return model
+
+
+def attach_projections(model, sfa_settings: dict) -> None:
+    """Recreate the SFAProjection modules recorded in ``model.config.sfa`` (before loading their weights)."""
+    modules = dict(model.named_modules())
+    runtime = sfa_settings.get("projection") == "runtime"
+    for path, (heads, key_heads, head_dim) in sfa_settings["converted_layers"].items():
+        if path not in modules:
+            raise ValueError(f"SFA checkpoint names attention layer {path!r}, which this model does not have")
+        modules[path].sfa = SFAProjection(key_heads, head_dim, sfa_settings["topk"], runtime=runtime)
+

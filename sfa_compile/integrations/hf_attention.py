@@ -1,0 +1,66 @@
+"""The "sfa" Hugging Face attention implementation: ``attn_implementation="sfa"``.
+
+Registered through transformers' public extension points, the attention function together with the mask
+function (without a registered mask function transformers silently drops masks). A layer carrying an
+``SFAProjection`` as ``module.sfa`` runs FlashSFA on its projected queries and keys; any other layer runs
+dense SDPA, so one model can mix both. The function receives q and k after RoPE, which is exactly where the
+learned projection belongs.
+
+Observers (``observe``) see every call: conversion uses them to find attention layers and collect
+calibration statistics, fine-tuning to add the paper's Eq. 8 distillation loss.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from ..functional import flash_sfa
+
+ATTN_IMPLEMENTATION = "sfa"
+_observers: list[Callable] = []
+
+
+@contextlib.contextmanager
+def observe(fn: Callable):
+    """Call ``fn(module, query, key, value, attention_mask, output, sdpa_kwargs)`` on every attention call
+    inside the block; query/key are as the layer uses them (after its projection, if any)."""
+    _observers.append(fn)
+    try:
+        yield
+    finally:
+        _observers.remove(fn)
+
+
+def sfa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
+                          **kwargs):
+    """Same contract as transformers' sdpa_attention_forward: (batch, heads, len, d) in, (batch, len, heads,
+    d) out, no attention weights."""
+    is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    is_causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
+    sdpa_kwargs = dict(attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
+                       dropout_p=dropout if module.training else 0.0, enable_gqa=key.shape[1] != query.shape[1])
+    sfa = getattr(module, "sfa", None)
+    if sfa is None:
+        out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
+    else:
+        query, key = sfa.project(query), sfa.project(key)
+        out = flash_sfa(query, key, value, topk=sfa.topk, **sdpa_kwargs)
+    for fn in list(_observers):
+        fn(module, query, key, value, attention_mask, out, sdpa_kwargs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def register() -> bool:
+    """Register "sfa" with transformers (attention and mask function); False when transformers is missing."""
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+    except ImportError:
+        return False
+    AttentionInterface.register(ATTN_IMPLEMENTATION, sfa_attention_forward)
+    AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    return True

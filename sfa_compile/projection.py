@@ -1,0 +1,60 @@
+"""Learned top-k projections: a per-key-head orthogonal d x d matrix R applied to queries and keys.
+
+q~ = topk(q R), k~ = topk(k R). Because R is orthogonal, (q R)(k R)^T = q k^T: dense scores are unchanged and
+R only decides which features survive top-k (DESIGN.md section 1). For RoPE models R must act after the
+rotation, so it is applied at run time inside the attention function; for models without RoPE it can be
+folded into the query/key projection weights once (``fold_into_linear``), costing nothing at run time.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class SFAProjection(nn.Module):
+    """The SFA state of one attention layer: its ``topk`` and, unless folded away, R (key heads, d, d).
+
+    Its presence on an attention module marks that layer as SFA. ``weight`` is a plain parameter holding an
+    orthogonal matrix per key head; training keeps it orthogonal through ``orthogonal_training``.
+    """
+
+    def __init__(self, key_heads: int, head_dim: int, topk: int, runtime: bool = True):
+        super().__init__()
+        self.topk = topk
+        self.key_heads = key_heads
+        self.head_dim = head_dim
+        self.weight = nn.Parameter(torch.eye(head_dim).repeat(key_heads, 1, 1)) if runtime else None
+
+    def extra_repr(self) -> str:
+        return f"key_heads={self.key_heads}, head_dim={self.head_dim}, topk={self.topk}, runtime={self.weight is not None}"
+
+    def project(self, x: torch.Tensor) -> torch.Tensor:
+        """x (batch, heads, length, d) with heads a multiple of key_heads -> x R of its key head."""
+        if self.weight is None:
+            return x
+        batch, heads, length, dim = x.shape
+        r = self.weight.to(x.dtype)
+        return (x.view(batch, self.key_heads, heads // self.key_heads, length, dim) @ r[None, :, None]).view(x.shape)
+
+
+def orthogonality_error(r: torch.Tensor) -> float:
+    """max |R^T R - I| over key heads (0 for an exact rotation)."""
+    eye = torch.eye(r.size(-1), dtype=r.dtype, device=r.device)
+    return (r.transpose(-1, -2) @ r - eye).abs().max().item()
+
+
+def fold_into_linear(weight: torch.Tensor, bias, r: torch.Tensor, heads: int, head_dim: int, transposed: bool = False):
+    """Fold R into a projection producing ``heads`` heads of ``head_dim`` (query heads use R of their key head).
+
+    ``weight`` is (heads*d, in) for nn.Linear, or (in, heads*d) with ``transposed`` (GPT-2's Conv1D). Returns
+    new (weight, bias) with x W'^T + b' = (x W^T + b) R per head: W_h' = R^T W_h, b_h' = b_h R.
+    """
+    group = heads // r.size(0)
+    r_heads = r.repeat_interleave(group, dim=0).to(weight.dtype)  # (heads, d, d)
+    w = weight.t() if transposed else weight
+    w = w.reshape(heads, head_dim, -1)
+    w = (r_heads.transpose(-1, -2) @ w).reshape(heads * head_dim, -1)
+    if bias is not None:
+        bias = (bias.reshape(heads, 1, head_dim) @ r_heads).reshape(-1)
+    return (w.t().contiguous() if transposed else w.contiguous()), bias
