@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -14,6 +15,54 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_dense(model_dir: str):
+    import transformers
+
+    config = transformers.AutoConfig.from_pretrained(model_dir)
+    architecture = (getattr(config, "architectures", None) or [None])[0]
+    cls = getattr(transformers, architecture or "", None) or transformers.AutoModel
+    return cls.from_pretrained(model_dir), config
+
+
+def _check_output(path: str, force: bool) -> None:
+    if Path(path).exists() and not force:
+        raise SystemExit(f"sfa-compile: {path} already exists; pass --force to overwrite it")
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from . import convert, save
+    from .config import SFAConfig
+    from .textdata import text_examples
+
+    _check_output(args.output, args.force)  # before any expensive work
+    config = SFAConfig(topk=args.topk, layers=args.layers)
+    model, hf_config = _load_dense(args.model_dir)
+    calibration = text_examples(args.model_dir, hf_config, args.calibrate) if args.calibrate else None
+    convert(model.eval(), config, calibration, refine_steps=args.refine_steps)
+    save(model, args.output, force=args.force)
+    sfa = model.config.sfa
+    print(f"converted {len(sfa['converted_layers'])} attention layers (topk {args.topk}, projection "
+          f"{sfa['projection']}{', calibrated on %d sentences' % args.calibrate if args.calibrate else ''}) "
+          f"-> {args.output}")
+    return 0
+
+
+def _finetune(args: argparse.Namespace) -> int:
+    from . import finetune, load, save
+    from .textdata import text_examples
+
+    _check_output(args.output, args.force)
+    model = load(args.model_dir)
+    causal_lm = type(model).__name__.endswith("ForCausalLM")
+    data = text_examples(args.model_dir, model.config, args.sentences, labels=causal_lm)
+    task = (lambda out, example: out.loss) if causal_lm else None
+    losses = finetune(model, data, args.steps, lr=args.lr, model_lr=args.model_lr, lam=args.lam, task_loss=task,
+                      train_model=args.train_model)
+    save(model, args.output, force=args.force)
+    print(f"fine-tuned {args.steps} steps (loss {losses[0]:.4f} -> {losses[-1]:.4f}) -> {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfa-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -21,6 +70,32 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--length", type=int, default=512, help="sequence length (default: 512)")
     demo.add_argument("--head-dim", type=int, default=64, choices=[32, 64, 128], help="head dim (default: 64)")
     demo.set_defaults(func=_demo)
+
+    from .config import SFAConfig
+
+    defaults = SFAConfig()
+    conv = sub.add_parser("convert", help="convert a Hugging Face model directory into an SFA checkpoint")
+    conv.add_argument("model_dir", help="directory with config.json and weights (save_pretrained layout)")
+    conv.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    conv.add_argument("--topk", type=int, default=defaults.topk, help=f"features kept (default: {defaults.topk})")
+    conv.add_argument("--layers", default=defaults.layers, help="regex over module paths of layers to convert")
+    conv.add_argument("--calibrate", type=int, default=0, metavar="N",
+                      help="fit projections on N built-in sentences (default: 0, plain top-k)")
+    conv.add_argument("--refine-steps", type=int, default=0, help="Eq. 8 refinement steps after calibration")
+    conv.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    conv.set_defaults(func=_convert)
+
+    tune = sub.add_parser("finetune", help="fine-tune an SFA checkpoint with the Eq. 8 loss on built-in text")
+    tune.add_argument("model_dir", help="SFA checkpoint directory (from sfa-compile convert)")
+    tune.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
+    tune.add_argument("--steps", type=int, default=100)
+    tune.add_argument("--sentences", type=int, default=256, help="built-in sentences to train on")
+    tune.add_argument("--lr", type=float, default=1e-3, help="learning rate of the projections")
+    tune.add_argument("--model-lr", type=float, default=2e-5, help="learning rate of the model's weights")
+    tune.add_argument("--lam", type=float, default=1.0, help="weight of the Eq. 8 distillation term")
+    tune.add_argument("--train-model", action="store_true", help="also train the model's own weights")
+    tune.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    tune.set_defaults(func=_finetune)
     return parser
 
 

@@ -1,0 +1,146 @@
+"""Offline conversion of Hugging Face models: projections, calibration, folding, checkpoints, CLI."""
+
+import copy
+import json
+
+import pytest
+import torch
+from hf_models import build, reference_copy
+from safetensors.torch import load_file, save_file
+
+import sfa_compile
+from sfa_compile.cli import main as cli_main
+from sfa_compile.projection import SFAProjection, orthogonality_error
+
+
+def converted(name, topk, calibrate=True, **kwargs):
+    model, inputs, sites, head_dim = build(name, "eager")
+    model.eval()
+    dense = copy.deepcopy(model)
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=topk or head_dim), [inputs] if calibrate else None,
+                        progress=False, **kwargs)
+    return model, dense, inputs, sites, head_dim
+
+
+def out(model, inputs):
+    with torch.no_grad():
+        return model(**inputs)[0]
+
+
+@pytest.mark.parametrize("name,projection", [("gpt2", "folded"), ("bert", "folded"), ("vit", "folded"),
+                                             ("llama", "runtime"), ("qwen3", "runtime")])
+def test_calibrated_rotation_keeps_dense_scores(name, projection):
+    """topk = head dim: calibrated R is a rotation, so the converted model equals the dense one."""
+    model, dense, inputs, sites, _ = converted(name, None)
+    assert model.config.sfa["projection"] == projection and len(model.config.sfa["converted_layers"]) == sites
+    torch.testing.assert_close(out(model, inputs), out(dense, inputs), rtol=1e-4, atol=1e-5)
+    for m in model.modules():
+        if isinstance(m, SFAProjection) and m.weight is not None:
+            assert orthogonality_error(m.weight.detach().double()) < 1e-5
+            assert not torch.allclose(m.weight, torch.eye(m.head_dim).expand_as(m.weight))  # really calibrated
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_uncalibrated_equals_plain_sfa(name):
+    model, dense, inputs, _, _ = converted(name, 4, calibrate=False)
+    torch.testing.assert_close(out(model, inputs), out(reference_copy(dense, 4), inputs), rtol=1e-5, atol=1e-6)
+
+
+def test_folding_equals_runtime_projection():
+    folded, _, inputs, _, _ = converted("bert", 4)
+    runtime, _, _, _, _ = converted("bert", 4, fold=False)
+    assert runtime.config.sfa["projection"] == "runtime"
+    torch.testing.assert_close(out(folded, inputs), out(runtime, inputs), rtol=1e-4, atol=1e-5)
+
+
+def test_layer_filter_and_bad_topk():
+    model, inputs, _, head_dim = build("llama", "eager")
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4, layers=r"layers\.0\."), progress=False)
+    assert list(model.config.sfa["converted_layers"]) == ["model.layers.0.self_attn"]
+    assert not hasattr(model.model.layers[1].self_attn, "sfa")
+    with pytest.raises(ValueError, match="exceeds the head dim"):
+        sfa_compile.convert(build("llama", "eager")[0], sfa_compile.SFAConfig(topk=head_dim + 1), progress=False)
+    with pytest.raises(ValueError, match="matches none"):
+        sfa_compile.convert(build("llama", "eager")[0], sfa_compile.SFAConfig(layers="nothing"), progress=False)
+    with pytest.raises(TypeError, match="torch.compile"):
+        sfa_compile.convert(torch.nn.Linear(2, 2))
+
+
+def test_distillation_loss_zero_only_when_dense():
+    for topk, positive in ((None, False), (4, True)):
+        model, _, inputs, _, _ = converted("llama", topk)
+        with sfa_compile.attention_distillation() as distill:
+            model(**inputs)
+        loss = distill.loss().item()
+        assert (loss > 1e-6) == positive, loss
+
+
+def test_refinement_lowers_distillation_loss():
+    def eq8(model, inputs):
+        with torch.no_grad(), sfa_compile.attention_distillation() as distill:
+            model(**inputs)
+            return distill.loss().item()
+
+    pca, _, inputs, _, _ = converted("llama", 3)
+    refined, _, _, _, _ = converted("llama", 3, refine_steps=30)
+    assert eq8(refined, inputs) < eq8(pca, inputs)
+
+
+@pytest.mark.parametrize("name", ["llama", "bert"])
+def test_checkpoint_round_trip(tmp_path, name):
+    model, _, inputs, _, _ = converted(name, 4)
+    sfa_compile.save(model, tmp_path / "ckpt")
+    assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["sfa"]["topk"] == 4
+    torch.testing.assert_close(out(sfa_compile.load(tmp_path / "ckpt"), inputs), out(model, inputs))
+
+
+def test_save_is_atomic_and_refuses_overwrite(tmp_path, monkeypatch):
+    model, _, _, _, _ = converted("llama", 4)
+    target = tmp_path / "ckpt"
+    sfa_compile.save(model, target)
+    with pytest.raises(FileExistsError, match="--force"):
+        sfa_compile.save(model, target)
+
+    def broken(path, **kwargs):
+        (path / "model.safetensors").write_bytes(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(model, "save_pretrained", broken)
+    with pytest.raises(OSError, match="disk full"):
+        sfa_compile.save(model, tmp_path / "other")
+    with pytest.raises(OSError, match="disk full"):
+        sfa_compile.save(model, target, force=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]  # nothing half-written, old checkpoint intact
+    assert sfa_compile.load(target) is not None
+
+
+def test_load_names_missing_and_mismatched_tensors(tmp_path):
+    model, _, _, _, _ = converted("llama", 4)
+    sfa_compile.save(model, tmp_path / "ckpt")
+    weights = tmp_path / "ckpt" / "model.safetensors"
+    tensors = load_file(weights)
+    name = next(k for k in tensors if k.endswith("layers.1.self_attn.sfa.weight"))
+    save_file({k: v for k, v in tensors.items() if k != name}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"lacks the SFA projection tensor .*layers\.1\.self_attn\.sfa\.weight"):
+        sfa_compile.load(tmp_path / "ckpt")
+    save_file({**tensors, name: tensors[name][:, :3].contiguous()}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="has shape"):
+        sfa_compile.load(tmp_path / "ckpt")
+    with pytest.raises(ValueError, match="not an SFA checkpoint"):
+        build("llama", "eager")[0].save_pretrained(tmp_path / "dense")
+        sfa_compile.load(tmp_path / "dense")
+
+
+def test_cli_convert_and_finetune(tmp_path, capsys):
+    model, inputs, _, _ = build("llama", "eager")
+    model.save_pretrained(tmp_path / "dense")
+    assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--topk", "4",
+                     "--calibrate", "8"]) == 0
+    assert "converted 2 attention layers" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="--force"):
+        cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa")])
+    assert cli_main(["finetune", str(tmp_path / "sfa"), "-o", str(tmp_path / "tuned"), "--steps", "2",
+                     "--sentences", "8"]) == 0
+    tuned = sfa_compile.load(tmp_path / "tuned")
+    before = sfa_compile.load(tmp_path / "sfa")
+    assert not torch.equal(tuned.model.layers[0].self_attn.sfa.weight, before.model.layers[0].self_attn.sfa.weight)
