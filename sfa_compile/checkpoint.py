@@ -91,7 +91,16 @@ def load(path, **from_pretrained_kwargs):
     cls = getattr(transformers, architecture or "", None)
     if cls is None:
         raise ValueError(f"load: unknown architecture {architecture!r} in {config_file}")
-    model = cls.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION, **from_pretrained_kwargs)
+    from transformers.utils import logging as hf_logging
+
+    # from_pretrained reports the projection tensors as unexpected (the plain architecture lacks them); they
+    # are loaded below, so hide that report for this call only.
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        model = cls.from_pretrained(path, attn_implementation=ATTN_IMPLEMENTATION, **from_pretrained_kwargs)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     attach_projections(model, settings)
     if settings.get("projection") == "runtime":
         _load_projections(model, path)
