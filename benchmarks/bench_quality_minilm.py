@@ -73,7 +73,7 @@ def main():
                                       fold=False, progress=False)
         tuned = copy.deepcopy(refined)
         teacher = {id(b): embed(dense, b).detach() for b in calibration}
-        task = lambda out, b: (1 - (embed_from(out, b) * teacher[id(b)]).sum(-1)).mean()  # noqa: E731
+        task = lambda out, b, teacher=teacher: (1 - (embed_from(out, b) * teacher[id(b)]).sum(-1)).mean()  # noqa: E731
         finetune(tuned, calibration, args.finetune_steps, task_loss=task, train_model=True, progress=False)
         scores = [cosine(m, dense_embeddings, held_out) for m in (plain, calibrated, refined, tuned)]
         print(f"| {topk} | " + " | ".join(f"{s:.4f}" for s in scores) + f" | {time.time() - start:.0f} |", flush=True)

@@ -69,7 +69,8 @@ def _checkpoint_tensors(path: Path, wanted: set) -> dict:
         try:
             state = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as err:
-            raise ValueError(f"load: refusing {f.name}: it does not load with torch.load(weights_only=True) ({err})")
+            raise ValueError(
+                f"load: refusing {f.name}: it does not load with torch.load(weights_only=True) ({err})") from None
         tensors.update({k: v for k, v in state.items() if k in wanted})
     return tensors
 

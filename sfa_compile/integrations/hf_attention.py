@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
-import torch
 import torch.nn.functional as F
 
 from ..functional import flash_sfa
