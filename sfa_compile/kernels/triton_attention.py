@@ -18,19 +18,15 @@ tiles) so the bulk pays for no index arithmetic.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
+from .triton_topk import autotuning, interpreting
+
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 NO_MASK, BOOL_MASK, ADDITIVE_MASK = 0, 1, 2
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # --------------------------------------------------------------------------------------------- forward
@@ -49,6 +45,22 @@ def _score_mask(qk, rows, cols, L, S, Mask, sm_m, sm_n, IS_CAUSAL: tl.constexpr,
         add = tl.load(Mask + rows[:, None] * sm_m + cols[None, :] * sm_n, mask=valid, other=0.0)
         qk = qk + add.to(tl.float32) * 1.4426950408889634
     return tl.where(valid, qk, float("-inf"))
+
+
+@triton.jit
+def _key_ranges(start_m, S, IS_CAUSAL: tl.constexpr, MASK_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                BLOCK_N: tl.constexpr):
+    """(bulk, hi) for the query rows starting at start_m: key tiles [0, bulk) need no mask (inside [0, S)
+    and, if causal, left of every row's diagonal); [bulk, hi) are masked; keys from hi on are invisible."""
+    hi = S
+    if IS_CAUSAL:
+        hi = tl.minimum(S, start_m + BLOCK_M)
+    bulk = 0
+    if MASK_KIND == 0:
+        bulk = S // BLOCK_N * BLOCK_N
+        if IS_CAUSAL:
+            bulk = tl.minimum(bulk, (start_m + 1) // BLOCK_N * BLOCK_N)
+    return bulk, hi
 
 
 @triton.jit
@@ -112,15 +124,7 @@ def _flash_sfa_fwd_kernel(
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.minimum(S, start_m + BLOCK_M)
-    # Key tiles needing no mask: inside [0, S) and, if causal, left of every row's diagonal.
-    bulk = 0
-    if MASK_KIND == 0:
-        bulk = S // BLOCK_N * BLOCK_N
-        if IS_CAUSAL:
-            bulk = tl.minimum(bulk, (start_m + 1) // BLOCK_N * BLOCK_N)
+    bulk, hi = _key_ranges(start_m, S, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(0, bulk, BLOCK_N):
         acc, l_i, m_i = _fwd_tile(acc, l_i, m_i, q, K, V, Mask, start_n, rows, offs_n, offs_d, offs_dv,
                                   L, S, D, DV, qk_scale, sk_n, sk_d, sv_n, sv_d, sm_m, sm_n,
@@ -308,14 +312,7 @@ def _flash_sfa_bwd_dq_kernel(
     Mask += b * sm_b + h * sm_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
-    hi = S
-    if IS_CAUSAL:
-        hi = tl.minimum(S, start_m + BLOCK_M)
-    bulk = 0
-    if MASK_KIND == 0:
-        bulk = S // BLOCK_N * BLOCK_N
-        if IS_CAUSAL:
-            bulk = tl.minimum(bulk, (start_m + 1) // BLOCK_N * BLOCK_N)
+    bulk, hi = _key_ranges(start_m, S, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
     for start_n in range(0, bulk, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse, delta, K, V, Mask, start_n, rows, offs_n, offs_d, offs_dv, L, S, D, DV,
                       qk_scale, sk_n, sk_d, sv_n, sv_d, sm_m, sm_n, False, IS_CAUSAL, MASK_KIND, EVEN_D, PRECISION)
@@ -368,7 +365,7 @@ _dq_tuned = _tuned(_flash_sfa_bwd_dq_kernel, _BWD_TILES)
 def _launch(tuned, raw, grid, *args, **meta):
     if interpreting():
         tile = dict(_INTERPRETER_TILE)
-    elif os.environ.get("SFA_AUTOTUNE", "1") == "0":
+    elif not autotuning():
         config = _fits(tuned.configs, {"Q": args[0]}, **meta)[0]
         tile = dict(config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     else:

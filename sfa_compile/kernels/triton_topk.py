@@ -24,6 +24,16 @@ import triton.language as tl
 _LOW_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
 
 
+def interpreting() -> bool:
+    """Kernels run on the CPU through Triton's interpreter (one small tile, no tuning)."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def autotuning() -> bool:
+    """False with SFA_AUTOTUNE=0: default tiles, no tuning pass on the first call of a shape."""
+    return os.environ.get("SFA_AUTOTUNE", "1") != "0"
+
+
 def _configs():
     return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (16, 32, 64) for w in (2, 4, 8)]
 
@@ -76,7 +86,7 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
         return y, keep
     args = (x, y, keep.view(torch.uint8) if want_keep else y, n_rows, heads, length, head_dim, topk, *x.stride())
     meta = dict(BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=_LOW_BIT[x.dtype], WRITE_KEEP=want_keep)
-    if interpreting() or os.environ.get("SFA_AUTOTUNE", "1") == "0":
+    if interpreting() or not autotuning():
         _topk_sparsify_kernel[(triton.cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:
         _topk_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
@@ -84,7 +94,3 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
 
 
 _topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "WRITE_KEEP"])(_topk_sparsify_kernel)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
