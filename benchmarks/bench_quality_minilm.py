@@ -26,9 +26,13 @@ from sfa_compile.finetune import finetune
 
 
 def embed(model, batch):
-    out = model(**batch).last_hidden_state
-    mask = batch["attention_mask"].unsqueeze(-1).to(out.dtype)
-    return F.normalize((out * mask).sum(1) / mask.sum(1), dim=-1)
+    return pooled(model(**batch), batch)
+
+
+def pooled(out, batch):
+    """Mean over real tokens, L2-normalized."""
+    mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+    return F.normalize((out.last_hidden_state * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 def batches(tokenizer, sentences, size):
@@ -73,15 +77,10 @@ def main():
                                       fold=False, progress=False)
         tuned = copy.deepcopy(refined)
         teacher = {id(b): embed(dense, b).detach() for b in calibration}
-        task = lambda out, b, teacher=teacher: (1 - (embed_from(out, b) * teacher[id(b)]).sum(-1)).mean()  # noqa: E731
+        task = lambda out, b, teacher=teacher: (1 - (pooled(out, b) * teacher[id(b)]).sum(-1)).mean()  # noqa: E731
         finetune(tuned, calibration, args.finetune_steps, task_loss=task, train_model=True, progress=False)
         scores = [cosine(m, dense_embeddings, held_out) for m in (plain, calibrated, refined, tuned)]
         print(f"| {topk} | " + " | ".join(f"{s:.4f}" for s in scores) + f" | {time.time() - start:.0f} |", flush=True)
-
-
-def embed_from(out, batch):
-    mask = batch["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-    return F.normalize((out.last_hidden_state * mask).sum(1) / mask.sum(1), dim=-1)
 
 
 if __name__ == "__main__":

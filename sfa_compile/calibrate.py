@@ -4,32 +4,21 @@ Two stages, both on the calibration inputs only:
 1. Principal axes: per layer and key head, the eigenvectors of Cq/tr(Cq) + Ck/tr(Ck), the second-moment
    matrices of the (post-RoPE) queries of the head's group and of its keys, by decreasing eigenvalue. Energy
    concentrates in few coordinates, so top-k keeps more of each dot product.
-2. Refinement (``steps`` > 0): R trained with Adam under an orthogonal parametrization to minimise the
-   Eq. 8 distillation loss (SFA vs dense attention outputs), starting from the principal axes.
+2. Refinement (``steps`` > 0): R trained by ``finetune`` (projections only, eval mode) under an orthogonal
+   parametrization to minimise the Eq. 8 distillation loss (SFA vs dense attention outputs), starting from
+   the principal axes.
 """
 
 from __future__ import annotations
 
-import itertools
 from typing import Iterable
 
 import torch
 
-from .distill import attention_distillation
+from .finetune import call_model, finetune
 from .integrations.hf_attention import observe
 from .progress import progress_bar
 from .projection import SFAProjection
-
-
-def call_model(model, example):
-    """Run ``model`` on one example: a dict of keyword arguments, a tuple of positional ones, or a tensor."""
-    device = next(model.parameters()).device
-    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
-    if isinstance(example, dict):
-        return model(**{k: move(v) for k, v in example.items()})
-    if isinstance(example, (tuple, list)):
-        return model(*[move(x) for x in example])
-    return model(move(example))
 
 
 class _MomentCollector:
@@ -82,43 +71,5 @@ def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = 1e-3, pr
 
 
 def refine(model, examples: list, steps: int, lr: float, progress: bool = True) -> None:
-    """Train only the projections with the Eq. 8 loss, keeping them orthogonal."""
-    projections = [m for m in model.modules() if isinstance(m, SFAProjection) and m.weight is not None]
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
-    with orthogonal_training(projections) as params:
-        opt = torch.optim.Adam(params, lr=lr)
-        batches = itertools.cycle(examples)
-        for _ in progress_bar(range(steps), "calibrating: refining projections", progress):
-            with attention_distillation() as distill:
-                call_model(model, next(batches))
-                loss = distill.loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    for p in frozen:
-        p.requires_grad_(True)
-
-
-class orthogonal_training:
-    """Context manager: the projections' weights become orthogonally parametrized (and trainable) inside it,
-    plain orthogonal tensors again after it. Yields the parameters to optimize."""
-
-    def __init__(self, projections: list):
-        self.projections = projections
-
-    def __enter__(self):
-        from torch.nn.utils import parametrizations
-
-        for m in self.projections:
-            m.weight.requires_grad_(True)
-            parametrizations.orthogonal(m, "weight")
-        return [p for m in self.projections for p in m.parametrizations.weight.parameters()]
-
-    def __exit__(self, *exc):
-        from torch.nn.utils import parametrize
-
-        for m in self.projections:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-        return False
+    """Train only the projections with the Eq. 8 loss (kept orthogonal), in eval mode: no dropout noise."""
+    finetune(model, examples, steps, lr=lr, progress=progress, train_mode=False)

@@ -15,8 +15,9 @@ from typing import Iterable, Optional
 
 import torch
 
-from .calibrate import calibrate, call_model
+from .calibrate import calibrate
 from .config import SFAConfig
+from .finetune import call_model
 from .integrations.hf_attention import ATTN_IMPLEMENTATION, observe, register
 from .projection import SFAProjection, fold_into_linear
 

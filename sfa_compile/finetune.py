@@ -13,18 +13,30 @@ from typing import Callable, Iterable, Optional
 import torch
 import torch.distributed as dist
 
-from .calibrate import call_model, orthogonal_training
 from .distill import attention_distillation
 from .progress import progress_bar
-from .projection import SFAProjection
+from .projection import SFAProjection, orthogonal_training
+
+
+def call_model(model, example):
+    """Run ``model`` on one example: a dict of keyword arguments, a tuple of positional ones, or a tensor."""
+    device = next(model.parameters()).device
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    if isinstance(example, dict):
+        return model(**{k: move(v) for k, v in example.items()})
+    if isinstance(example, (tuple, list)):
+        return model(*[move(x) for x in example])
+    return model(move(example))
 
 
 def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: float = 2e-5, lam: float = 1.0,
-             task_loss: Optional[Callable] = None, train_model: bool = False, progress: bool = True) -> list[float]:
+             task_loss: Optional[Callable] = None, train_model: bool = False, progress: bool = True,
+             train_mode: bool = True) -> list[float]:
     """Train ``model`` (converted) for ``steps`` steps cycling over ``data`` (examples as for ``convert``).
 
     ``task_loss(output, example) -> tensor`` adds the task term; without it only the Eq. 8 term trains.
-    Returns the loss of every step.
+    ``train_mode=False`` runs the steps in eval mode (no dropout; calibration uses it). Returns the loss of
+    every step; the model is left in eval mode.
     """
     examples = list(data)
     if not examples:
@@ -38,7 +50,7 @@ def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: f
     own, frozen = (trainable, []) if train_model else ([], trainable)
     for p in frozen:
         p.requires_grad_(False)
-    model.train()
+    model.train(train_mode)
     losses = []
     try:
         with orthogonal_training(projections) as proj_params:

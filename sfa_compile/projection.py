@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.nn.utils import parametrizations, parametrize
 
 
 class SFAProjection(nn.Module):
@@ -58,3 +59,22 @@ def fold_into_linear(weight: torch.Tensor, bias, r: torch.Tensor, heads: int, he
     if bias is not None:
         bias = (bias.reshape(heads, 1, head_dim) @ r_heads).reshape(-1)
     return (w.t().contiguous() if transposed else w.contiguous()), bias
+
+
+class orthogonal_training:
+    """Context manager: the projections' weights become orthogonally parametrized (and trainable) inside it,
+    plain orthogonal tensors again after it. Yields the parameters to optimize."""
+
+    def __init__(self, projections: list):
+        self.projections = projections
+
+    def __enter__(self):
+        for m in self.projections:
+            m.weight.requires_grad_(True)
+            parametrizations.orthogonal(m, "weight")
+        return [p for m in self.projections for p in m.parametrizations.weight.parameters()]
+
+    def __exit__(self, *exc):
+        for m in self.projections:
+            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+        return False
