@@ -18,9 +18,10 @@ def _demo(args: argparse.Namespace) -> int:
 def _load_dense(model_dir: str):
     import transformers
 
+    from .checkpoint import architecture_class
+
     config = transformers.AutoConfig.from_pretrained(model_dir)
-    architecture = (getattr(config, "architectures", None) or [None])[0]
-    cls = getattr(transformers, architecture or "", None) or transformers.AutoModel
+    cls = architecture_class(getattr(config, "architectures", None), transformers.AutoModel)
     return cls.from_pretrained(model_dir), config
 
 

@@ -6,7 +6,8 @@ matches ``SFAConfig.layers`` get an ``SFAProjection`` (``module.sfa``); calibrat
 without rotary embeddings whose query/key projections have a known layout (separate Linear layers, or
 GPT-2's fused Conv1D), R is folded into the weights and the run-time projection disappears.
 
-The SFA settings are recorded in ``model.config.sfa`` so that checkpoints carry them (see checkpoint.py).
+The SFA settings are recorded in ``model.config.sfa`` so that checkpoints carry them, and the config names the
+"sfa" loader so that a plain ``from_pretrained`` restores the model (integrations/hf_loading.py).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from .calibrate import calibrate
 from .config import SFAConfig
 from .finetune import call_model
 from .integrations.hf_attention import ATTN_IMPLEMENTATION, observe, register
+from .integrations.hf_loading import LOADER_MARKER
 from .projection import SFAProjection, fold_into_linear
 
 
@@ -135,6 +137,7 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
             modules[path].sfa = SFAProjection(key_heads, head_dim, config.topk, runtime=False)
     model.config.sfa = {**config.to_dict(), "projection": "folded" if folded else "runtime",
                         "converted_layers": {p: list(v) for p, v in converted.items()}}
+    model.config.quantization_config = dict(LOADER_MARKER)  # plain from_pretrained rebuilds it (hf_loading)
     return model
 
 

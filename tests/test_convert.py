@@ -2,6 +2,7 @@
 
 import copy
 import json
+import os
 
 import pytest
 import torch
@@ -92,6 +93,14 @@ def test_checkpoint_round_trip(tmp_path, name):
     sfa_compile.save(model, tmp_path / "ckpt")
     assert json.loads((tmp_path / "ckpt" / "config.json").read_text())["sfa"]["topk"] == 4
     torch.testing.assert_close(out(sfa_compile.load(tmp_path / "ckpt"), inputs), out(model, inputs))
+    # A plain from_pretrained works too (sfa_compile is imported), and its re-save stays loadable.
+    plain = type(model).from_pretrained(tmp_path / "ckpt")
+    assert plain.config._attn_implementation == "sfa"
+    torch.testing.assert_close(out(plain, inputs), out(model, inputs))
+    plain.save_pretrained(tmp_path / "again")
+    again = type(model).from_pretrained(tmp_path / "again")
+    torch.testing.assert_close(out(again, inputs), out(model, inputs))
+    assert not getattr(again, "is_quantized", False) and again.half() is again  # no quantization residue
 
 
 def test_save_is_atomic_and_refuses_overwrite(tmp_path, monkeypatch):
@@ -121,14 +130,36 @@ def test_load_names_missing_and_mismatched_tensors(tmp_path):
     tensors = load_file(weights)
     name = next(k for k in tensors if k.endswith("layers.1.self_attn.sfa.weight"))
     save_file({k: v for k, v in tensors.items() if k != name}, weights, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match=r"lacks the SFA projection tensor .*layers\.1\.self_attn\.sfa\.weight"):
+    with pytest.raises(ValueError, match=r"lacks the projection tensor .*layers\.1\.self_attn\.sfa\.weight"):
         sfa_compile.load(tmp_path / "ckpt")
     save_file({**tensors, name: tensors[name][:, :3].contiguous()}, weights, metadata={"format": "pt"})
-    with pytest.raises(ValueError, match="has shape"):
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.sfa\.weight' has shape \(2, 3, 16\)"):
+        sfa_compile.load(tmp_path / "ckpt")
+    save_file({**tensors, name: 2 * tensors[name]}, weights, metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"layers\.1\.self_attn\.sfa\.weight' is missing or corrupt"):
         sfa_compile.load(tmp_path / "ckpt")
     with pytest.raises(ValueError, match="not an SFA checkpoint"):
         build("llama", "eager")[0].save_pretrained(tmp_path / "dense")
         sfa_compile.load(tmp_path / "dense")
+
+
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.mkdir, (str(self.marker),)
+
+
+def test_load_refuses_unsafe_pickle(tmp_path):
+    model, _, _, _, _ = converted("bert", 4)
+    sfa_compile.save(model, tmp_path / "ckpt")
+    (tmp_path / "ckpt" / "model.safetensors").unlink()
+    state = {**model.state_dict(), "payload": _Payload(tmp_path / "pwned")}
+    torch.save(state, tmp_path / "ckpt" / "pytorch_model.bin")
+    with pytest.raises(Exception, match="(?i)weights.only"):
+        sfa_compile.load(tmp_path / "ckpt")
+    assert not (tmp_path / "pwned").exists()
 
 
 def test_cli_convert_and_finetune(tmp_path, capsys):

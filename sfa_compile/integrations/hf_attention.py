@@ -54,12 +54,16 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
 
 
 def register() -> bool:
-    """Register "sfa" with transformers (attention and mask function); False when transformers is missing."""
+    """Register "sfa" with transformers (attention and mask function, checkpoint loader); False when
+    transformers is missing."""
     try:
         from transformers import AttentionInterface, AttentionMaskInterface
         from transformers.masking_utils import sdpa_mask
     except ImportError:
         return False
+    from .hf_loading import register as register_loader
+
     AttentionInterface.register(ATTN_IMPLEMENTATION, sfa_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
+    register_loader()
     return True
