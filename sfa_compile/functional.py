@@ -7,6 +7,7 @@ from typing import Optional
 import torch
 
 from .kernels import ops
+from .kernels.kv_cache import CompressedKVCache
 from .kernels.checks import check_topk
 
 
@@ -38,3 +39,14 @@ def flash_sfa(
         dropout_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
     out, _ = ops.flash_sfa_op(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
     return out
+
+
+def flash_sfa_decode(query: torch.Tensor, cache: "CompressedKVCache", *, scale: Optional[float] = None,
+                     attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """SFA of the newest ``query`` tokens (batch, query heads, T <= 16 for the fast path, d) over a
+    ``CompressedKVCache`` that already holds their keys: query t of T attends to the keys up to its own
+    position (lengths[b] - T + t), GQA when the cache has fewer heads. ``attn_mask``: optional boolean
+    (True = attend) broadcasting to (batch, query heads, T, cached tokens)."""
+    key_values, key_indices, values = cache.views()
+    return ops.flash_sfa_decode_op(query, key_values, key_indices, values, cache.lengths, cache.topk, scale,
+                                   attn_mask)

@@ -135,3 +135,44 @@ def check_flash_sfa_args(
             f"flash_sfa: attn_mask of shape {tuple(attn_mask.shape)} does not broadcast to the score "
             f"shape {tuple(scores)} (batch..., query length, key length)"
         )
+
+
+def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask) -> None:
+    """Raise ValueError for decode inputs that do not form one compressed cache and query block."""
+    name = "flash_sfa_decode"
+    if query.dim() != 4 or key_values.dim() != 4 or key_indices.shape != key_values.shape or value.dim() != 4:
+        raise ValueError(f"{name}: query (B, Hq, T, d), key_values and key_indices (B, Hk, S, topk) and value "
+                         f"(B, Hk, S, d) expected, got {tuple(query.shape)}, {tuple(key_values.shape)}, "
+                         f"{tuple(key_indices.shape)}, {tuple(value.shape)}")
+    batch, q_heads, q_len, head_dim = query.shape
+    b, key_heads, n_keys, stored_topk = key_values.shape
+    if value.shape != (b, key_heads, n_keys, head_dim) or b != batch:
+        raise ValueError(f"{name}: value must be (B={batch}, Hk={key_heads}, S={n_keys}, d={head_dim}), "
+                         f"got {tuple(value.shape)}")
+    if q_heads % key_heads:
+        raise ValueError(f"{name}: key heads ({key_heads}) must divide query heads ({q_heads})")
+    check_topk(topk, head_dim, name)
+    if stored_topk != topk:
+        raise ValueError(f"{name}: the cache stores {stored_topk} features per key, topk is {topk}")
+    if query.dtype not in SUPPORTED_DTYPES or key_values.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(f"{name}: query, key_values and value must share one float dtype, got {query.dtype}, "
+                         f"{key_values.dtype}, {value.dtype}")
+    if key_indices.dtype not in (torch.uint8, torch.int16):
+        raise ValueError(f"{name}: key_indices must be uint8 or int16, got {key_indices.dtype}")
+    if lengths.shape != (batch,) or lengths.dtype != torch.int32:
+        raise ValueError(f"{name}: lengths must be int32 of shape ({batch},), got {lengths.dtype} "
+                         f"{tuple(lengths.shape)}")
+    tensors = (query, key_values, key_indices, value, lengths) + ((attn_mask,) if attn_mask is not None else ())
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"{name}: all inputs must be on one device, got {[str(t.device) for t in tensors]}")
+    if attn_mask is not None:
+        if attn_mask.dtype != torch.bool:
+            raise ValueError(f"{name}: attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
+        try:
+            ok = torch.broadcast_shapes(attn_mask.shape, (batch, q_heads, q_len, n_keys)) == (batch, q_heads, q_len,
+                                                                                               n_keys)
+        except RuntimeError:
+            ok = False
+        if not ok or attn_mask.dim() != 4:
+            raise ValueError(f"{name}: attn_mask {tuple(attn_mask.shape)} must be 4-D and broadcast to "
+                             f"{(batch, q_heads, q_len, n_keys)}")

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .checks import check_flash_sfa_args, output_shape, score_shape
-from .reference import flash_sfa_backward_reference, flash_sfa_reference
+from .checks import check_decode_args, check_flash_sfa_args, default_scale, output_shape, score_shape
+from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
 
 
 def _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed) -> None:
@@ -128,3 +128,36 @@ def _backward(ctx, grad_out, _grad_lse):
 
 
 flash_sfa_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("sfa::flash_sfa_decode", mutates_args=())
+def flash_sfa_decode_op(
+    query: torch.Tensor,
+    key_values: torch.Tensor,
+    key_indices: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    topk: int,
+    scale: Optional[float] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Attention of a few new query tokens over a compressed key cache (kv_cache.py layout); inference only."""
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
+    return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask)
+
+
+@flash_sfa_decode_op.register_kernel("cuda")
+def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
+    from . import triton_decode
+
+    if query.size(2) > triton_decode.MAX_QUERY_LENGTH or query.dtype == torch.float64 or query.size(3) > 256:
+        return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask)
+    return triton_decode.decode(query, key_values, key_indices, value, lengths, topk,
+                                default_scale(query, scale), attn_mask)
+
+
+@flash_sfa_decode_op.register_fake
+def _flash_sfa_decode_fake(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
+    return query.new_empty(query.shape)

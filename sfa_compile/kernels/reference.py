@@ -18,6 +18,7 @@ from typing import Optional
 import torch
 
 from .checks import default_scale, gqa_group_size, output_shape
+from .compressed import densify
 from .topk import sparsify_dense
 
 SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -208,3 +209,22 @@ def flash_sfa_backward_reference(
     if d_mask is not None:
         d_mask = d_mask.flatten(-4, -3).reshape(attn_mask.shape).to(attn_mask.dtype)
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), d_mask
+
+
+def flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
+    """Decode over a compressed cache: queries (B, Hq, T, d) aligned to the end of each sequence (query t
+    sees keys up to lengths[b] - T + t), keys restored from (values, indices), then ``flash_sfa_reference``."""
+    q_len, head_dim = query.size(2), query.size(3)
+    positions = torch.arange(key_values.size(2), device=query.device)
+    cached = (positions[None, :] < lengths[:, None])[:, None, :, None]  # slots past a length hold garbage
+    zero = torch.zeros((), dtype=value.dtype, device=value.device)
+    keys = densify(torch.where(cached, key_values, zero), torch.where(cached, key_indices.to(torch.int64), 0),
+                   head_dim)
+    value = torch.where(cached, value, zero)
+    last = lengths.to(torch.int64)[:, None] - q_len + torch.arange(q_len, device=query.device)
+    allowed = (positions[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, S)
+    if attn_mask is not None:
+        allowed = allowed & attn_mask
+    out, _ = flash_sfa_reference(query, keys, value, topk, allowed, 0.0, False, scale,
+                                 query.size(1) != keys.size(1), None)
+    return out

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 # Lowest bit of the float32 pattern that can be non-zero after upcasting from each dtype.
-_LOW_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
+LOW_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
 
 
 def interpreting() -> bool:
@@ -39,6 +39,24 @@ def _configs():
 
 
 @triton.jit
+def topk_keep(x, ok, topk, LOW_BIT: tl.constexpr):
+    """Keep mask of the ``topk`` largest |x| per row of the 2-D tile ``x`` (False where not ``ok``)."""
+    magnitude = tl.where(ok, tl.abs(x.to(tl.float32)), -1.0)  # padding never counts
+    searched = tl.where(magnitude != magnitude, float("inf"), magnitude)  # NaN compares as inf
+    threshold = tl.zeros([x.shape[0]], dtype=tl.int32)
+    for bit in tl.static_range(30, LOW_BIT - 1, -1):  # largest t with count(|x| >= t) >= topk
+        candidate = threshold | (1 << bit)
+        above_candidate = searched >= candidate.to(tl.float32, bitcast=True)[:, None]
+        count = tl.sum(tl.where(above_candidate, 1.0, 0.0), axis=1)
+        threshold = tl.where(count >= topk, candidate, threshold)
+    bits = magnitude.to(tl.int32, bitcast=True)  # exact order, NaN above inf; padding (-1.0) negative
+    above = bits > threshold[:, None]
+    at = bits == threshold[:, None]
+    room = topk - tl.sum(above.to(tl.int32), axis=1)
+    return above | (at & (tl.cumsum(at.to(tl.int32), axis=1) <= room[:, None]))
+
+
+@triton.jit
 def _topk_sparsify_kernel(
     X, Y, KEEP,
     n_rows, n_heads, length, head_dim, topk,
@@ -52,21 +70,7 @@ def _topk_sparsify_kernel(
     b = rows // (length * n_heads)
     ok = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
     x = tl.load(X + (b * stride_b + h * stride_h + n * stride_n)[:, None] + cols[None, :] * stride_d, mask=ok, other=0.0)
-
-    magnitude = tl.where(ok, tl.abs(x.to(tl.float32)), -1.0)  # padding never counts
-    searched = tl.where(magnitude != magnitude, float("inf"), magnitude)  # NaN compares as inf
-    threshold = tl.zeros([BLOCK_R], dtype=tl.int32)
-    for bit in tl.static_range(30, LOW_BIT - 1, -1):  # largest t with count(|x| >= t) >= topk
-        candidate = threshold | (1 << bit)
-        above_candidate = searched >= candidate.to(tl.float32, bitcast=True)[:, None]
-        count = tl.sum(tl.where(above_candidate, 1.0, 0.0), axis=1)
-        threshold = tl.where(count >= topk, candidate, threshold)
-    bits = magnitude.to(tl.int32, bitcast=True)  # exact order, NaN above inf; padding (-1.0) negative
-    above = bits > threshold[:, None]
-    at = bits == threshold[:, None]
-    room = topk - tl.sum(above.to(tl.int32), axis=1)
-    keep = above | (at & (tl.cumsum(at.to(tl.int32), axis=1) <= room[:, None]))
-
+    keep = topk_keep(x, ok, topk, LOW_BIT)
     out = rows[:, None] * head_dim + cols[None, :]
     tl.store(Y + out, tl.where(keep, x, 0.0), mask=ok)
     if WRITE_KEEP:
@@ -85,7 +89,7 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
     if n_rows == 0:
         return y, keep
     args = (x, y, keep.view(torch.uint8) if want_keep else y, n_rows, heads, length, head_dim, topk, *x.stride())
-    meta = dict(BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=_LOW_BIT[x.dtype], WRITE_KEEP=want_keep)
+    meta = dict(BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[x.dtype], WRITE_KEEP=want_keep)
     if interpreting() or not autotuning():
         _topk_sparsify_kernel[(triton.cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:

@@ -1,0 +1,138 @@
+"""The compressed KV cache of one attention layer: keys as top-k values + indices, values dense.
+
+Per sequence b, key head h and cached token s: ``key_values[b, h, s]`` holds the ``topk`` kept key features in
+the model dtype and ``key_indices[b, h, s]`` their feature indices (uint8, int16 when the head dim exceeds
+256), ascending; ``values[b, h, s]`` is the dense value row. Sequences have their own lengths (``lengths``,
+int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). Buffers grow by
+doubling. Bytes per token and key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense
+(DESIGN.md section 1); ``nbytes`` counts the cached tokens, ``capacity_nbytes`` the allocation.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+
+from .checks import check_topk
+from .compressed import densify, index_dtype, sparsify
+
+
+class CompressedKVCache:
+    """Growable compressed cache for (batch, key heads, tokens, head dim) keys and values."""
+
+    def __init__(self, batch: int, key_heads: int, head_dim: int, topk: int, dtype: torch.dtype,
+                 device=None, capacity: int = 256):
+        check_topk(topk, head_dim, "CompressedKVCache")
+        self.batch, self.key_heads, self.head_dim, self.topk = batch, key_heads, head_dim, topk
+        self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
+        self.host_lengths = [0] * batch
+        self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
+        self._allocate(max(capacity, 1))
+
+    def _allocate(self, capacity: int) -> None:
+        shape = (self.batch, self.key_heads, capacity)
+        new = dict(key_values=torch.empty(*shape, self.topk, dtype=self.dtype, device=self.device),
+                   key_indices=torch.empty(*shape, self.topk, dtype=index_dtype(self.head_dim), device=self.device),
+                   values=torch.empty(*shape, self.head_dim, dtype=self.dtype, device=self.device))
+        used = self.max_length if hasattr(self, "values") else 0
+        for name, buffer in new.items():
+            if used:
+                buffer[:, :, :used] = getattr(self, name)[:, :, :used]
+            setattr(self, name, buffer)
+
+    @property
+    def capacity(self) -> int:
+        return self.values.size(2)
+
+    @property
+    def max_length(self) -> int:
+        return max(self.host_lengths)
+
+    @property
+    def token_nbytes(self) -> int:
+        """Bytes of one cached token of one key head."""
+        return (self.topk * (self.key_values.element_size() + self.key_indices.element_size())
+                + self.head_dim * self.values.element_size())
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached tokens (what a decode step reads)."""
+        return sum(self.host_lengths) * self.key_heads * self.token_nbytes
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes the same tokens take in a dense cache of the same dtype."""
+        return sum(self.host_lengths) * self.key_heads * 2 * self.head_dim * self.values.element_size()
+
+    @property
+    def capacity_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key_values, self.key_indices, self.values))
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None) -> None:
+        """Append (batch, key heads, T, d) keys and values: every sequence gets T tokens, or only the first
+        ``counts[b]`` of them (ragged batches). Keys are compressed here (top-k by magnitude)."""
+        batch, heads, length, dim = keys.shape
+        if (batch, heads, dim) != (self.batch, self.key_heads, self.head_dim) or values.shape != keys.shape:
+            raise ValueError(f"CompressedKVCache.append: keys {tuple(keys.shape)} and values {tuple(values.shape)} "
+                             f"must both be (batch {self.batch}, key heads {self.key_heads}, tokens, head dim "
+                             f"{self.head_dim})")
+        counts = [length] * batch if counts is None else list(counts)
+        if len(counts) != batch or any(not 0 <= c <= length for c in counts):
+            raise ValueError(f"CompressedKVCache.append: counts {counts} must give 0..{length} tokens for each of "
+                             f"{batch} sequences")
+        needed = max(n + c for n, c in zip(self.host_lengths, counts))
+        if needed > self.capacity:
+            self._allocate(max(needed, 2 * self.capacity))
+        if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16, torch.float32):
+            from .triton_decode import append_compressed
+
+            append_compressed(self, keys, values, counts)
+        else:
+            compressed = sparsify(keys, self.topk)
+            for b, (start, count) in enumerate(zip(self.host_lengths, counts)):
+                stop = start + count
+                self.key_values[b, :, start:stop] = compressed.values[b, :, :count].to(self.dtype)
+                self.key_indices[b, :, start:stop] = compressed.indices[b, :, :count]
+                self.values[b, :, start:stop] = values[b, :, :count].to(self.dtype)
+        self.host_lengths = [n + c for n, c in zip(self.host_lengths, counts)]
+        self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32), non_blocking=True)
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(key values, key indices, values) over the first ``max_length`` tokens, no copies."""
+        n = self.max_length
+        return self.key_values[:, :, :n], self.key_indices[:, :, :n], self.values[:, :, :n]
+
+    def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values) of shape (batch, key heads, max_length, d): the SFA-sparsified keys (zeros at
+        dropped features) and the values; positions past a sequence's length are zero."""
+        key_values, key_indices, values = self.views()
+        valid = torch.arange(self.max_length, device=self.device)[None, :] < self.lengths[:, None]
+        valid = valid[:, None, :, None]  # slots past a sequence's length hold garbage
+        zero = torch.zeros((), dtype=self.dtype, device=self.device)
+        keys = densify(torch.where(valid, key_values, zero), torch.where(valid, key_indices.to(torch.int64), 0),
+                       self.head_dim)
+        return keys, torch.where(valid, values, zero)
+
+    @classmethod
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, topk: int,
+                   lengths: Optional[Sequence[int]] = None) -> "CompressedKVCache":
+        """A cache holding dense (batch, key heads, T, d) keys/values, the first ``lengths[b]`` tokens of each."""
+        batch, heads, length, dim = keys.shape
+        cache = cls(batch, heads, dim, topk, values.dtype, keys.device, capacity=length)
+        cache.append(keys, values, lengths)
+        return cache
+
+    def select(self, index: torch.Tensor) -> None:
+        """Keep (and reorder) the sequences ``index`` (beam search, finished sequences)."""
+        index = index.to(self.device)
+        self.key_values, self.key_indices, self.values = (t[index] for t in (self.key_values, self.key_indices,
+                                                                              self.values))
+        self.host_lengths = [self.host_lengths[i] for i in index.tolist()]
+        self.batch = len(self.host_lengths)
+        self.lengths = self.lengths[index]
+
+    def crop(self, length: int) -> None:
+        """Forget tokens past ``length`` in every sequence."""
+        self.host_lengths = [min(n, length) for n in self.host_lengths]
+        self.lengths.clamp_(max=length)

@@ -1,0 +1,219 @@
+"""Triton FlashSFA decode over a compressed key cache (split-KV), and the cache's append kernel.
+
+Decode (query length 1..16): one program per (sequence, key head, split of the cached tokens). It loads the
+query rows of the key head's whole GQA group (group x query length rows, padded to 16 for tensor cores), takes
+their top-k in registers (``topk_keep``), then streams its split of the cache once: per block of keys it
+loads the compressed keys (values + indices) and dense V, forms the scores by gathering the kept key
+features' query entries from the register tile (``tl.gather``: the scattered global loads that made a
+gather-per-key design 4x slower than dense never happen), and accumulates P @ V on tensor cores with an
+online softmax. A second kernel merges the splits' partial results. Rows are aligned to the end of each
+sequence (query t of T sees keys up to length - T + t), sequences have their own lengths, and an optional
+boolean mask (True = attend) broadcasts like SDPA's.
+
+Append: one program per block of rows (sequence, key head, new token) computes the top-k of the key row,
+writes the kept values and their ascending indices at the sequence's current length, and copies V.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from .triton_topk import LOW_BIT, interpreting, topk_keep
+
+MAX_QUERY_LENGTH = 16
+_MIN_SPLIT_TOKENS = 256
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, KVAL, KIDX, V, LENGTHS, MASK, O_PART, M_PART, L_PART,
+    scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits,
+    sqb, sqh, sqt, sqd,
+    skb, skh, sks,
+    sib, sih, sis,
+    svb, svh, svs,
+    smb, smh, smt, sms,
+    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
+    LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    bh = tl.program_id(1)
+    b = (bh // key_heads).to(tl.int64)
+    hk = bh % key_heads
+    rows = tl.arange(0, M_PAD)
+    g = rows // q_len
+    t = rows % q_len
+    row_ok = rows < group * q_len
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < head_dim
+    q_ok = row_ok[:, None] & col_ok[None, :]
+    heads = hk * group + g
+    q = tl.load(Q + b * sqb + heads[:, None] * sqh + t[:, None] * sqt + cols[None, :] * sqd, mask=q_ok, other=0.0)
+    q = tl.where(topk_keep(q, q_ok, topk, LOW_BIT), q.to(tl.float32), 0.0)
+
+    length = tl.load(LENGTHS + b)
+    last = length - q_len + t  # the last key each row sees (causal, aligned to the sequence end)
+    start = split * chunk
+    stop = tl.minimum(start + chunk, length)
+    kk = tl.arange(0, BLOCK_K)
+    k_ok = kk < topk
+    kval_base = KVAL + b * skb + hk * skh
+    kidx_base = KIDX + b * sib + hk * sih
+    v_base = V + b * svb + hk * svh
+    m_i = tl.full([M_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([M_PAD], tl.float32)
+    acc = tl.zeros([M_PAD, BLOCK_D], tl.float32)
+    for n0 in range(start, stop, BLOCK_N):
+        offs_n = n0 + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < stop
+        nk_ok = n_ok[:, None] & k_ok[None, :]
+        kval = tl.load(kval_base + offs_n[:, None] * sks + kk[None, :], mask=nk_ok, other=0.0).to(tl.float32)
+        kidx = tl.load(kidx_base + offs_n[:, None] * sis + kk[None, :], mask=nk_ok, other=0).to(tl.int32)
+        v = tl.load(v_base + offs_n[:, None] * svs + cols[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0.0)
+        # scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]]: gathered from the register tile.
+        index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_PAD, BLOCK_N * BLOCK_K))
+        picked = tl.reshape(tl.gather(q, index, axis=1), (M_PAD, BLOCK_N, BLOCK_K))
+        products = tl.where(nk_ok[None, :, :], picked * kval[None, :, :], 0.0)
+        s = tl.sum(products, axis=2) * scale_log2
+        allowed = n_ok[None, :] & (offs_n[None, :] <= last[:, None])
+        if HAS_MASK:
+            user = tl.load(MASK + b * smb + heads[:, None] * smh + t[:, None] * smt + offs_n[None, :] * sms,
+                           mask=row_ok[:, None] & n_ok[None, :], other=0)
+            allowed = allowed & (user != 0)
+        s = tl.where(allowed, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp2(s - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        m_i = m_new
+
+    part = (bh * n_splits + split).to(tl.int64) * (group * q_len) + rows
+    tl.store(O_PART + part[:, None] * head_dim + cols[None, :], acc, mask=q_ok)
+    tl.store(M_PART + part, m_i, mask=row_ok)
+    tl.store(L_PART + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def _decode_combine_kernel(
+    O_PART, M_PART, L_PART, OUT,
+    head_dim, q_len, group, key_heads, n_splits,
+    sob, soh, sot, sod,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    row = tl.program_id(0)  # over (sequence, key head, group row)
+    rows_per_head = group * q_len
+    bh = row // rows_per_head
+    r = row % rows_per_head
+    splits = tl.arange(0, BLOCK_S)
+    s_ok = splits < n_splits
+    cols = tl.arange(0, BLOCK_D)
+    part = (bh * n_splits + splits).to(tl.int64) * rows_per_head + r
+    m = tl.load(M_PART + part, mask=s_ok, other=float("-inf"))
+    l_part = tl.load(L_PART + part, mask=s_ok, other=0.0)
+    m_max = tl.max(m, axis=0)
+    m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+    w = tl.exp2(m - m_use)
+    total = tl.sum(w * l_part, axis=0)
+    o = tl.load(O_PART + part[:, None] * head_dim + cols[None, :], mask=s_ok[:, None] & (cols < head_dim)[None, :],
+                other=0.0)
+    out = tl.sum(w[:, None] * o, axis=0) / tl.where(total == 0.0, 1.0, total)  # fully masked rows: zeros
+    b = (bh // key_heads).to(tl.int64)
+    head = (bh % key_heads) * group + r // q_len
+    t = r % q_len
+    tl.store(OUT + b * sob + head * soh + t * sot + cols * sod, out.to(OUT.dtype.element_ty),
+             mask=cols < head_dim)
+
+
+def _num_splits(batch_heads: int, n_keys: int) -> int:
+    if interpreting():
+        return max(1, min(4, triton.cdiv(n_keys, 16)))
+    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    return max(1, min(triton.cdiv(2 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+
+
+def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
+           lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
+           num_splits: Optional[int] = None, block_n: Optional[int] = None) -> torch.Tensor:
+    """Attention of (B, Hq, T, d) queries over the compressed cache; arguments checked by the op."""
+    batch, q_heads, q_len, head_dim = query.shape
+    key_heads, n_keys = key_values.size(1), key_values.size(2)
+    group = q_heads // key_heads
+    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+    rows = group * q_len
+    splits = num_splits or _num_splits(batch * key_heads, n_keys)
+    block_n = block_n or (16 if interpreting() else 32)
+    chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
+    o_part = torch.empty(batch * key_heads * splits * rows, head_dim, dtype=torch.float32, device=query.device)
+    m_part = torch.empty(batch * key_heads * splits * rows, dtype=torch.float32, device=query.device)
+    l_part = torch.empty_like(m_part)
+    if attn_mask is not None:
+        mask = attn_mask.view(torch.uint8).expand(batch, q_heads, q_len, n_keys)
+        mask_strides, mask_arg = mask.stride(), mask
+    else:
+        mask_strides, mask_arg = (0, 0, 0, 0), lengths
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    _decode_split_kernel[(splits, batch * key_heads)](
+        query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
+        scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits,
+        *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
+        M_PAD=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_D=block_d,
+        BLOCK_K=max(triton.next_power_of_2(topk), 2), LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
+    )
+    _decode_combine_kernel[(batch * key_heads * rows,)](
+        o_part, m_part, l_part, out, head_dim, q_len, group, key_heads, splits, *out.stride(),
+        BLOCK_S=max(triton.next_power_of_2(splits), 2), BLOCK_D=block_d, num_warps=4,
+    )
+    return out
+
+
+@triton.jit
+def _append_kernel(
+    KEYS, VALUES, KVAL, KIDX, VCACHE, STARTS, COUNTS,
+    n_rows, key_heads, length, head_dim, topk,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    ckb, ckh, cks,
+    cib, cih, cis,
+    cvb, cvh, cvs,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    n = rows % length
+    h = (rows // length) % key_heads
+    b = rows // (length * key_heads)
+    cols = tl.arange(0, BLOCK_D)
+    count = tl.load(COUNTS + b, mask=rows < n_rows, other=0)
+    row_ok = (rows < n_rows) & (n < count)
+    ok = row_ok[:, None] & (cols < head_dim)[None, :]
+    x = tl.load(KEYS + (b * skb + h * skh + n * skn)[:, None] + cols[None, :] * skd, mask=ok, other=0.0)
+    keep = topk_keep(x, ok, topk, LOW_BIT)
+    slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # ascending feature order
+    pos = tl.load(STARTS + b, mask=row_ok, other=0) + n
+    tl.store(KVAL + (b * ckb + h * ckh + pos * cks)[:, None] + slot, x.to(KVAL.dtype.element_ty), mask=keep)
+    tl.store(KIDX + (b * cib + h * cih + pos * cis)[:, None] + slot, cols[None, :].to(KIDX.dtype.element_ty)
+             + tl.zeros_like(slot).to(KIDX.dtype.element_ty), mask=keep)
+    v = tl.load(VALUES + (b * svb + h * svh + n * svn)[:, None] + cols[None, :] * svd, mask=ok, other=0.0)
+    tl.store(VCACHE + (b * cvb + h * cvh + pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty), mask=ok)
+
+
+def append_compressed(cache, keys: torch.Tensor, values: torch.Tensor, counts: list) -> None:
+    """Write compressed keys and dense values at each sequence's current length (cache already grown)."""
+    batch, heads, length, head_dim = keys.shape
+    n_rows = batch * heads * length
+    if n_rows == 0:
+        return
+    counts_t = torch.tensor(counts, dtype=torch.int32).to(keys.device, non_blocking=True)
+    block_r = 16
+    _append_kernel[(triton.cdiv(n_rows, block_r),)](
+        keys, values, cache.key_values, cache.key_indices, cache.values, cache.lengths, counts_t,
+        n_rows, heads, length, head_dim, cache.topk, *keys.stride(), *values.stride(),
+        *cache.key_values.stride()[:3], *cache.key_indices.stride()[:3], *cache.values.stride()[:3],
+        BLOCK_R=block_r, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[keys.dtype], num_warps=4,
+    )

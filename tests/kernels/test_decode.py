@@ -1,0 +1,166 @@
+"""Decode over the compressed key cache: the cache format, the reference op, and the Triton kernels.
+
+The reference is checked against plain dense SFA (``flash_sfa`` on each sequence's own keys, causal
+alignment as an explicit mask); the Triton kernels (interpreter on the CPU, compiled on a GPU) against the
+float64 reference with the prefill kernels' error rule. Cache slots past a sequence's length and every
+kernel output start poisoned (NaN), so reading or leaving them shows.
+"""
+
+import pytest
+import torch
+
+from sfa_compile import flash_sfa, sparsify
+from sfa_compile.functional import flash_sfa_decode
+from sfa_compile.kernels import ops
+from sfa_compile.kernels.kv_cache import CompressedKVCache
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def filled_cache(batch, key_heads, head_dim, topk, lengths, dtype=torch.float32, device="cpu", poison=True):
+    """A cache holding random keys/values, the dense tensors it was built from, garbage past each length."""
+    n = max(lengths)
+    keys = torch.randn(batch, key_heads, n, head_dim, dtype=dtype, device=device)
+    values = torch.randn(batch, key_heads, n, head_dim, dtype=dtype, device=device)
+    cache = CompressedKVCache(batch, key_heads, head_dim, topk, dtype, device, capacity=n + 5)
+    if poison:
+        for t in (cache.key_values, cache.values):
+            t.fill_(float("nan"))
+        cache.key_indices.fill_(255 if cache.key_indices.dtype == torch.uint8 else 32767)
+    cache.append(keys, values, lengths)
+    return cache, keys, values
+
+
+def dense_decode(query, keys, values, lengths, topk, attn_mask=None):
+    """Per sequence: flash_sfa over its own keys, query t seeing keys up to length - T + t."""
+    q_len = query.size(2)
+    outs = []
+    for b, n in enumerate(lengths):
+        allowed = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
+        if attn_mask is not None:
+            allowed = allowed & attn_mask[b if attn_mask.size(0) > 1 else 0, :, :, :n]
+        outs.append(flash_sfa(query[b:b + 1], keys[b:b + 1, :, :n], values[b:b + 1, :, :n], topk=topk,
+                              attn_mask=allowed, enable_gqa=True))
+    return torch.cat(outs)
+
+
+def test_cache_round_trip_ragged_growth_and_bytes():
+    torch.manual_seed(0)
+    cache, keys, values = filled_cache(3, 2, 16, 4, [9, 4, 0])
+    assert cache.host_lengths == [9, 4, 0] and cache.lengths.tolist() == [9, 4, 0]
+    dense_keys, dense_values = cache.to_dense()
+    want = sparsify(keys, 4).to_dense()
+    for b, n in enumerate([9, 4, 0]):
+        torch.testing.assert_close(dense_keys[b, :, :n], want[b, :, :n], rtol=0, atol=0)
+        torch.testing.assert_close(dense_values[b, :, :n], values[b, :, :n], rtol=0, atol=0)
+        assert not dense_keys[b, :, n:].any() and not dense_values[b, :, n:].any()
+    # Growth past the capacity keeps what was cached.
+    more_k, more_v = torch.randn(3, 2, 40, 16), torch.randn(3, 2, 40, 16)
+    cache.append(more_k, more_v)
+    assert cache.capacity >= 49 and cache.host_lengths == [49, 44, 40]
+    torch.testing.assert_close(cache.to_dense()[0][1, :, :4], want[1, :, :4], rtol=0, atol=0)
+    torch.testing.assert_close(cache.to_dense()[0][1, :, 4:44], sparsify(more_k, 4).to_dense()[1], rtol=0, atol=0)
+    # Bytes: (topk * (4 + 1) + 16 * 4) per token and key head (float32 values, uint8 indices).
+    assert cache.nbytes == (49 + 44 + 40) * 2 * (4 * 5 + 16 * 4)
+    assert cache.dense_nbytes == (49 + 44 + 40) * 2 * 2 * 16 * 4
+
+
+def test_cache_index_dtype_select_crop_and_errors():
+    assert CompressedKVCache(1, 1, 300, 8, torch.float16).key_indices.dtype == torch.int16
+    cache, keys, _ = filled_cache(3, 1, 8, 2, [5, 3, 4])
+    cache.select(torch.tensor([2, 0]))
+    assert cache.host_lengths == [4, 5] and cache.lengths.tolist() == [4, 5]
+    torch.testing.assert_close(cache.to_dense()[0][0, :, :4], sparsify(keys, 2).to_dense()[2, :, :4])
+    cache.crop(3)
+    assert cache.host_lengths == [3, 3] and cache.to_dense()[0].size(2) == 3
+    with pytest.raises(ValueError, match="key heads 1"):
+        cache.append(torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))
+    with pytest.raises(ValueError, match="counts"):
+        cache.append(torch.randn(2, 1, 1, 8), torch.randn(2, 1, 1, 8), counts=[2, 0])
+    with pytest.raises(ValueError, match="topk"):
+        CompressedKVCache(1, 1, 8, 9, torch.float32)
+
+
+@pytest.mark.parametrize("q_len", [1, 3])
+@pytest.mark.parametrize("group", [1, 4])
+def test_reference_decode_equals_dense_sfa(q_len, group):
+    torch.manual_seed(1)
+    lengths = [17, 5]
+    cache, keys, values = filled_cache(2, 2, 16, 4, lengths)
+    query = torch.randn(2, 2 * group, q_len, 16)
+    mask = torch.rand(2, 1, q_len, max(lengths)) > 0.3
+    for attn_mask in (None, mask):
+        got = flash_sfa_decode(query, cache, attn_mask=attn_mask)
+        torch.testing.assert_close(got, dense_decode(query, keys, values, lengths, 4, attn_mask))
+
+
+def test_decode_argument_errors():
+    cache, _, _ = filled_cache(2, 2, 16, 4, [3, 3])
+    kv, ki, v = cache.views()
+    with pytest.raises(ValueError, match="must divide"):
+        flash_sfa_decode(torch.randn(2, 3, 1, 16), cache)
+    with pytest.raises(ValueError, match="stores 4 features"):
+        ops.flash_sfa_decode_op(torch.randn(2, 2, 1, 16), kv, ki, v, cache.lengths, 5)
+    with pytest.raises(ValueError, match="lengths must be int32"):
+        ops.flash_sfa_decode_op(torch.randn(2, 2, 1, 16), kv, ki, v, cache.lengths.long(), 4)
+    with pytest.raises(ValueError, match="boolean"):
+        flash_sfa_decode(torch.randn(2, 2, 1, 16), cache, attn_mask=torch.zeros(2, 1, 1, 3))
+
+
+# --- Triton kernels ---------------------------------------------------------------------------------------
+
+def _triton():
+    return pytest.importorskip("sfa_compile.kernels.triton_decode")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("topk,head_dim", [(4, 16), (3, 24), (16, 32)])
+def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
+    triton_decode = _triton()
+    torch.manual_seed(2)
+    keys = torch.randn(2, 3, 6, head_dim, dtype=dtype, device=DEVICE)
+    keys[0, 0, 0, :4] = 1.5  # ties: the lower feature index wins
+    values = torch.randn(2, 3, 6, head_dim, dtype=dtype, device=DEVICE)
+    want, _, _ = filled_cache(2, 3, head_dim, topk, [1, 1], dtype=dtype, poison=False)
+    want.append(keys.cpu(), values.cpu(), [6, 2])
+    got = CompressedKVCache(2, 3, head_dim, topk, dtype, DEVICE, capacity=8)
+    got.append(want.to_dense()[0][:, :, :1].to(DEVICE), want.to_dense()[1][:, :, :1].to(DEVICE))
+    for t in (got.key_values, got.values):
+        t[:, :, 1:].fill_(float("nan"))
+    triton_decode.append_compressed(got, keys, values, [6, 2])
+    got.host_lengths = [7, 3]
+    got.lengths.copy_(torch.tensor([7, 3]))
+    for name in ("key_values", "key_indices", "values"):
+        for b, n in enumerate([7, 3]):
+            torch.testing.assert_close(getattr(got, name)[b, :, :n].cpu(), getattr(want, name)[b, :, :n],
+                                       rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("q_len,group,lengths,masked", [
+    (1, 4, [37, 1, 20], False),   # decode, GQA, one sequence with a single cached token
+    (1, 1, [50, 50, 3], True),    # no GQA, a padding-style boolean mask
+    (5, 2, [40, 9, 5], False),    # speculative: causal alignment to each sequence's end
+    (16, 4, [33, 16, 70], True),  # 64 query rows per key head
+])
+def test_triton_decode_matches_reference(dtype, q_len, group, lengths, masked):
+    triton_decode = _triton()
+    torch.manual_seed(3)
+    head_dim, topk, key_heads = 24, 5, 2
+    cache, _, _ = filled_cache(3, key_heads, head_dim, topk, lengths, dtype=dtype, device=DEVICE)
+    query = torch.randn(3, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)
+    mask = None
+    if masked:
+        mask = torch.rand(3, 1, q_len, max(lengths), device=DEVICE) > 0.4
+        mask[2] = False  # a sequence with every key masked: zeros
+    kv, ki, v = cache.views()
+    want = ops.flash_sfa_decode_reference(query.double(), kv.double(), ki, v.double(), cache.lengths, topk, None,
+                                          mask)
+    naive = ops.flash_sfa_decode_reference(query, kv, ki, v, cache.lengths, topk, None, mask)
+    for splits in (None, 3):
+        got = triton_decode.decode(query, kv, ki, v, cache.lengths, topk, head_dim ** -0.5, mask, num_splits=splits)
+        floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
+        base = (naive.double() - want).abs().max().item()
+        assert (got.double() - want).abs().max().item() <= 2 * base + floor
+        if masked:
+            assert torch.equal(got[2], torch.zeros_like(got[2]))
