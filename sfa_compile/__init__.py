@@ -7,13 +7,18 @@ from .convert import convert
 from .distill import attention_distillation
 from .explain import explain
 from .finetune import finetune
-from .functional import flash_sfa
+from .functional import flash_sfa, flash_sfa_decode
 from .integrations.hf_attention import register as _register_hf
 from .kernels import CompressedFeatures, densify, sparsify
+from .kernels.kv_cache import CompressedKVCache
 
 __version__ = "0.1.0"
 
-__all__ = ["CompressedFeatures", "SFAConfig", "__version__", "attention_distillation", "calibrate", "convert",
-           "densify", "explain", "finetune", "flash_sfa", "load", "save", "sparsify"]
+__all__ = ["CompressedFeatures", "CompressedKVCache", "SFAConfig", "__version__", "attention_distillation",
+           "calibrate", "convert", "densify", "explain", "finetune", "flash_sfa", "flash_sfa_decode", "load", "save",
+           "sparsify"]
 
-_register_hf()  # attn_implementation="sfa" works in transformers once sfa_compile is imported
+if _register_hf():  # attn_implementation="sfa" works in transformers once sfa_compile is imported
+    from .integrations.hf_cache import SFACache as SFACache
+
+    __all__.append("SFACache")

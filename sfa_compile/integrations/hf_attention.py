@@ -4,7 +4,8 @@ Registered through transformers' public extension points, the attention function
 function (without a registered mask function transformers silently drops masks). A layer carrying an
 ``SFAProjection`` as ``module.sfa`` runs FlashSFA on its projected queries and keys; any other layer runs
 dense SDPA, so one model can mix both. The function receives q and k after RoPE, which is exactly where the
-learned projection belongs.
+learned projection belongs. With an ``SFACache`` (hf_cache.py), new tokens after the prompt decode over the
+compressed key cache instead.
 
 Observers (``observe``) see every call: conversion uses them to find attention layers and collect
 calibration statistics, fine-tuning to add the paper's Eq. 8 distillation loss.
@@ -15,11 +16,13 @@ from __future__ import annotations
 import contextlib
 from typing import Callable
 
+import torch
 import torch.nn.functional as F
 
-from ..functional import flash_sfa
+from ..functional import flash_sfa, flash_sfa_decode
 
 ATTN_IMPLEMENTATION = "sfa"
+CACHE_TAG = "_sfa_cache_layer"  # set by SFACache.update on the keys it hands to the attention function
 _observers: list[Callable] = []
 
 
@@ -43,6 +46,9 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     sdpa_kwargs = dict(attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
                        dropout_p=dropout if module.training else 0.0, enable_gqa=key.shape[1] != query.shape[1])
     sfa = getattr(module, "sfa", None)
+    cache_layer = getattr(key, CACHE_TAG, None)
+    if sfa is not None and cache_layer is not None and cache_layer.past_length > 0:
+        return _decode(sfa, cache_layer, query, attention_mask, scaling)
     if sfa is None:
         out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
     else:
@@ -50,6 +56,16 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         out = flash_sfa(query, key, value, topk=sfa.topk, **sdpa_kwargs)
     for fn in list(_observers):
         fn(module, query, key, value, attention_mask, out, sdpa_kwargs)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _decode(sfa, cache_layer, query, attention_mask, scaling):
+    """New tokens of a generation with an SFACache: attend over the compressed cache, which already holds
+    their keys (observers are not called: no dense keys exist here)."""
+    if attention_mask is not None and attention_mask.dtype != torch.bool:
+        raise ValueError("SFACache decoding needs a boolean attention mask (the 'sfa' mask function gives one); "
+                         f"got {attention_mask.dtype}")
+    out = flash_sfa_decode(sfa.project(query), cache_layer.store, scale=scaling, attn_mask=attention_mask)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -1,0 +1,103 @@
+"""``SFACache``: a Hugging Face ``Cache`` that stores the keys of SFA layers compressed.
+
+    model = sfa_compile.load("out/")      # or any model converted with attn_implementation="sfa"
+    out = model.generate(**inputs, past_key_values=SFACache(model), max_new_tokens=128)
+
+Each SFA layer's keys are projected by the layer's R, compressed to top-k values + indices and appended to
+a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache. ``update`` hands the
+attention function the current tokens' keys tagged with their cache layer: the first call (the prompt)
+runs the prefill kernel on them, later calls decode over the compressed cache (``flash_sfa_decode``). The
+tag only means something to the "sfa" attention function, so the cache refuses models that do not use it.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+
+from ..kernels.kv_cache import CompressedKVCache
+from .hf_attention import ATTN_IMPLEMENTATION, CACHE_TAG
+
+
+class SFACacheLayer(CacheLayerMixin):
+    """One SFA attention layer: compressed keys (after the layer's projection) and dense values."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, projection):
+        super().__init__()
+        self.projection = projection
+        self.store: CompressedKVCache | None = None
+        self.past_length = 0  # tokens cached before the latest update
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, key_heads, length, head_dim = key_states.shape
+        self.dtype, self.device = value_states.dtype, value_states.device
+        self.store = CompressedKVCache(batch, key_heads, head_dim, self.projection.topk, value_states.dtype,
+                                       value_states.device, capacity=max(2 * length, 256))
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.past_length = self.store.max_length
+        with torch.no_grad():
+            self.store.append(self.projection.project(key_states), value_states)
+        setattr(key_states, CACHE_TAG, self)
+        return key_states, value_states
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.get_seq_length() + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.store.max_length if self.is_initialized else 0
+
+    def get_max_length(self) -> int:
+        return -1
+
+    @property
+    def nbytes(self) -> int:
+        return self.store.nbytes if self.is_initialized else 0
+
+    def reset(self) -> None:
+        self.store, self.is_initialized, self.past_length = None, False, 0
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        if self.is_initialized:
+            self.store.select(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.reorder_cache(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        if self.is_initialized:
+            self.store.select(torch.arange(self.store.batch).repeat_interleave(repeats))
+
+    def crop(self, tokens_to_remove: int) -> None:
+        if self.is_initialized and tokens_to_remove:
+            self.store.crop(self.store.max_length - abs(tokens_to_remove))
+
+
+class SFACache(Cache):
+    """Cache for ``model.generate`` on an SFA model: compressed keys in SFA layers, dense elsewhere."""
+
+    def __init__(self, model):
+        if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+            raise ValueError("SFACache needs a model that runs attn_implementation='sfa' (convert it with "
+                             "sfa_compile.convert or load it with sfa_compile.load)")
+        projections = {m.layer_idx: m.sfa for m in model.modules()
+                       if getattr(m, "sfa", None) is not None and getattr(m, "layer_idx", None) is not None}
+        if not projections:
+            raise ValueError("SFACache: the model has no SFA attention layer with a layer_idx; nothing to compress")
+        n_layers = model.config.get_text_config().num_hidden_layers
+        super().__init__(layers=[SFACacheLayer(projections[i]) if i in projections else DynamicLayer()
+                                 for i in range(n_layers)])
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the cached tokens: compressed layers plus any dense ones."""
+        return sum(layer.nbytes if isinstance(layer, SFACacheLayer)
+                   else sum(t.numel() * t.element_size() for t in (layer.keys, layer.values) if t is not None)
+                   for layer in self.layers)

@@ -1,0 +1,63 @@
+"""Hugging Face generation with SFACache: compressed keys, decode over them, same tokens as the references."""
+
+import copy
+
+import pytest
+import torch
+from hf_models import build
+
+import sfa_compile
+from sfa_compile import SFACache
+from sfa_compile.integrations import hf_attention
+
+
+def generate(model, inputs, cache=None, n=10):
+    with torch.no_grad():
+        return model.generate(**inputs, past_key_values=cache, max_new_tokens=n, do_sample=False, min_new_tokens=n,
+                              pad_token_id=0)
+
+
+def sfa_model(name, topk, calibrate=True):
+    model, inputs, _, head_dim = build(name, "sdpa")
+    model.eval()
+    dense = copy.deepcopy(model)
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=topk or head_dim), [inputs] if calibrate else None,
+                        progress=False)
+    return model, dense, inputs, head_dim
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_topk_equal_head_dim_generates_the_dense_tokens(name):
+    model, dense, inputs, _ = sfa_model(name, None, calibrate=False)
+    want = generate(dense, inputs)
+    assert torch.equal(generate(model, inputs, SFACache(model)), want)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_sparse_generation_equals_the_reference_path(name, monkeypatch):
+    """topk < d with calibrated run-time projections: SFACache (compressed keys, decode op) generates what
+    the same SFA model generates with a dense cache (flash_sfa over all keys at every step)."""
+    model, _, inputs, head_dim = sfa_model(name, 4)
+    inputs = dict(inputs)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][1, :3] = 0  # left padding in the second sequence
+    cache = SFACache(model)
+    calls = []
+    decode = hf_attention.flash_sfa_decode
+    monkeypatch.setattr(hf_attention, "flash_sfa_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
+    got = generate(model, inputs, cache)
+    assert len(calls) == 9 * len(cache.layers)  # every token after the prompt decoded over the compressed cache
+    assert torch.equal(got, generate(model, inputs))
+    # Bytes: topk*(s_val + s_idx) + d*s_val per token and key head, against 2*d*s_val dense (float32 here).
+    tokens = got.size(1) - 1  # the last generated token is never cached
+    layer = cache.layers[0].store
+    per_token = layer.key_heads * (4 * (4 + 1) + head_dim * 4)
+    assert cache.nbytes == len(cache.layers) * got.size(0) * tokens * per_token
+    assert cache.nbytes / (len(cache.layers) * got.size(0) * tokens * layer.key_heads * 2 * head_dim * 4) == \
+        pytest.approx((4 * 5 + head_dim * 4) / (2 * head_dim * 4))
+
+
+def test_cache_refuses_models_without_sfa_attention():
+    model, _, _, _ = build("llama", "sdpa")
+    with pytest.raises(ValueError, match="attn_implementation='sfa'"):
+        SFACache(model)
