@@ -36,7 +36,7 @@ class SFACacheLayer(CacheLayerMixin):
         batch, key_heads, length, head_dim = key_states.shape
         self.dtype, self.device = value_states.dtype, value_states.device
         self.store = CompressedKVCache(batch, key_heads, head_dim, self.projection.topk, value_states.dtype,
-                                       value_states.device, capacity=max(2 * length, 256))
+                                       value_states.device, capacity=length + 256)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

@@ -4,7 +4,7 @@ Per sequence b, key head h and cached token s: ``key_values[b, h, s]`` holds the
 the model dtype and ``key_indices[b, h, s]`` their feature indices (uint8, int16 when the head dim exceeds
 256), ascending; ``values[b, h, s]`` is the dense value row. Sequences have their own lengths (``lengths``,
 int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). Buffers grow by
-doubling. Bytes per token and key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense
+a quarter (at least 256 tokens) when full. Bytes per token and key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense
 (DESIGN.md section 1); ``nbytes`` counts the cached tokens, ``capacity_nbytes`` the allocation.
 """
 
@@ -77,17 +77,18 @@ class CompressedKVCache:
             raise ValueError(f"CompressedKVCache.append: keys {tuple(keys.shape)} and values {tuple(values.shape)} "
                              f"must both be (batch {self.batch}, key heads {self.key_heads}, tokens, head dim "
                              f"{self.head_dim})")
-        counts = [length] * batch if counts is None else list(counts)
+        uniform = counts is None
+        counts = [length] * batch if uniform else list(counts)
         if len(counts) != batch or any(not 0 <= c <= length for c in counts):
             raise ValueError(f"CompressedKVCache.append: counts {counts} must give 0..{length} tokens for each of "
                              f"{batch} sequences")
         needed = max(n + c for n, c in zip(self.host_lengths, counts))
         if needed > self.capacity:
-            self._allocate(max(needed, 2 * self.capacity))
+            self._allocate(max(needed, self.capacity + max(256, self.capacity // 4)))
         if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16, torch.float32):
             from .triton_decode import append_compressed
 
-            append_compressed(self, keys, values, counts)
+            append_compressed(self, keys, values, None if uniform else counts)
         else:
             compressed = sparsify(keys, self.topk)
             for b, (start, count) in enumerate(zip(self.host_lengths, counts)):
@@ -96,7 +97,10 @@ class CompressedKVCache:
                 self.key_indices[b, :, start:stop] = compressed.indices[b, :, :count]
                 self.values[b, :, start:stop] = values[b, :, :count].to(self.dtype)
         self.host_lengths = [n + c for n, c in zip(self.host_lengths, counts)]
-        self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32), non_blocking=True)
+        if uniform:
+            self.lengths += length  # on the device: no host synchronization in the decode loop
+        else:
+            self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32))
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(key values, key indices, values) over the first ``max_length`` tokens, no copies."""

@@ -16,6 +16,7 @@ writes the kept values and their ascending indices at the sequence's current len
 
 from __future__ import annotations
 
+import functools
 from typing import Optional
 
 import torch
@@ -130,10 +131,15 @@ def _decode_combine_kernel(
              mask=cols < head_dim)
 
 
+@functools.lru_cache(maxsize=None)
+def _multiprocessors(device: int) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
 def _num_splits(batch_heads: int, n_keys: int) -> int:
     if interpreting():
         return max(1, min(4, triton.cdiv(n_keys, 16)))
-    sms = torch.cuda.get_device_properties(torch.cuda.current_device()).multi_processor_count
+    sms = _multiprocessors(torch.cuda.current_device())
     return max(1, min(triton.cdiv(2 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
 
 
@@ -182,15 +188,16 @@ def _append_kernel(
     ckb, ckh, cks,
     cib, cih, cis,
     cvb, cvh, cvs,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, RAGGED: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     n = rows % length
     h = (rows // length) % key_heads
     b = rows // (length * key_heads)
     cols = tl.arange(0, BLOCK_D)
-    count = tl.load(COUNTS + b, mask=rows < n_rows, other=0)
-    row_ok = (rows < n_rows) & (n < count)
+    row_ok = rows < n_rows
+    if RAGGED:
+        row_ok = row_ok & (n < tl.load(COUNTS + b, mask=row_ok, other=0))
     ok = row_ok[:, None] & (cols < head_dim)[None, :]
     x = tl.load(KEYS + (b * skb + h * skh + n * skn)[:, None] + cols[None, :] * skd, mask=ok, other=0.0)
     keep = topk_keep(x, ok, topk, LOW_BIT)
@@ -203,17 +210,19 @@ def _append_kernel(
     tl.store(VCACHE + (b * cvb + h * cvh + pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty), mask=ok)
 
 
-def append_compressed(cache, keys: torch.Tensor, values: torch.Tensor, counts: list) -> None:
-    """Write compressed keys and dense values at each sequence's current length (cache already grown)."""
+def append_compressed(cache, keys: torch.Tensor, values: torch.Tensor, counts: Optional[list]) -> None:
+    """Write compressed keys and dense values at each sequence's current length (cache already grown); all
+    T tokens of every sequence, or the first ``counts[b]``."""
     batch, heads, length, head_dim = keys.shape
     n_rows = batch * heads * length
     if n_rows == 0:
         return
-    counts_t = torch.tensor(counts, dtype=torch.int32).to(keys.device, non_blocking=True)
+    counts_t = cache.lengths if counts is None else torch.tensor(counts, dtype=torch.int32, device=keys.device)
     block_r = 16
     _append_kernel[(triton.cdiv(n_rows, block_r),)](
         keys, values, cache.key_values, cache.key_indices, cache.values, cache.lengths, counts_t,
         n_rows, heads, length, head_dim, cache.topk, *keys.stride(), *values.stride(),
         *cache.key_values.stride()[:3], *cache.key_indices.stride()[:3], *cache.values.stride()[:3],
-        BLOCK_R=block_r, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[keys.dtype], num_warps=4,
+        BLOCK_R=block_r, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[keys.dtype],
+        RAGGED=counts is not None, num_warps=4,
     )

@@ -134,6 +134,13 @@ def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
         for b, n in enumerate([7, 3]):
             torch.testing.assert_close(getattr(got, name)[b, :, :n].cpu(), getattr(want, name)[b, :, :n],
                                        rtol=0, atol=0)
+    # Uniform appends (the decode loop) read the start positions from the device lengths.
+    uniform = CompressedKVCache(2, 3, head_dim, topk, dtype, DEVICE, capacity=8)
+    uniform.lengths.fill_(1)
+    triton_decode.append_compressed(uniform, keys, values, None)
+    for name in ("key_values", "key_indices", "values"):
+        torch.testing.assert_close(getattr(uniform, name)[0, :, 1:7].cpu(), getattr(want, name)[0, :, 1:7],
+                                   rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])

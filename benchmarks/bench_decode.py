@@ -1,0 +1,120 @@
+"""FlashSFA decode over the compressed key cache vs SDPA (flash, cuDNN) on the dense cache, one GPU, one run.
+
+Attention only: one new query token per sequence (or --query-length), GQA 32 query / 8 key heads, d = 128,
+bf16. Each case first checks the Triton decode against the reference op on the same cache (must pass),
+then times with CUDA events (triton.testing.do_bench, median). Bandwidth counts the bytes a step must read:
+compressed keys + dense V for SFA, K + V for dense. The copy ceiling is measured in the same run
+(device-to-device copy, read + write bytes / time).
+
+    python benchmarks/bench_decode.py [--topks 8 16] [--cases 16x32768 16x131072 1x8192 1x131072]
+                                      [--sweep] [--csv out.csv]
+
+--sweep also times other split counts and key blocks per case and reports the best (tuning data).
+"""
+
+import argparse
+import csv
+import datetime
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+from sfa_compile.kernels import ops, triton_decode
+from sfa_compile.kernels.kv_cache import CompressedKVCache
+
+BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
+Q_HEADS, KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, torch.bfloat16
+
+
+def bench(fn):
+    return triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median")
+
+
+def copy_bandwidth() -> float:
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.numel() / bench(lambda: y.copy_(x)) / 1e9  # TB/s
+
+
+def dense_time(q, k, v, backend):
+    try:
+        with sdpa_kernel(BACKENDS[backend]):
+            F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+            return bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+    except RuntimeError:
+        return float("nan")  # backend unavailable for these shapes
+
+
+def check(cache, q, topk):
+    kv, ki, v = cache.views()
+    got = triton_decode.decode(q, kv, ki, v, cache.lengths, topk, HEAD_DIM ** -0.5, None)
+    want = ops.flash_sfa_decode_reference(q, kv, ki, v, cache.lengths, topk)
+    err = (got.float() - want.float()).abs().max().item()
+    if not err < 2e-2:
+        raise SystemExit(f"decode disagrees with the reference: max error {err}")
+
+
+def run_case(batch, context, topk, q_len, sweep):
+    g = torch.Generator(device="cuda").manual_seed(context + topk)
+    k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
+    v = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
+    q = torch.randn(batch, Q_HEADS, q_len, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
+    cache = CompressedKVCache.from_dense(k, v, topk)
+    if batch * context <= 16 * 32768:
+        check(cache, q, topk)
+    kv, ki, vc = cache.views()
+    scale = HEAD_DIM ** -0.5
+    variants = {"auto": {}}
+    if sweep:
+        auto = triton_decode._num_splits(batch * KV_HEADS, context)
+        variants.update({f"splits={s},block={b}": dict(num_splits=s, block_n=b)
+                         for s in sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto}) for b in (32, 64)})
+    times = {name: bench(lambda kw=kw: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None, **kw))
+             for name, kw in variants.items()}
+    best = min(times, key=times.get)
+    dense = {name: dense_time(q, k, v, name) for name in BACKENDS}
+    fastest_dense = min(t for t in dense.values() if t == t)
+    sfa_bytes, dense_bytes = cache.nbytes, 2 * k.numel() * k.element_size()
+    return dict(batch=batch, context=context, topk=topk, q_len=q_len, flash_ms=dense["flash"],
+                cudnn_ms=dense["cudnn"], sfa_ms=times["auto"], best_ms=times[best], best_variant=best,
+                speedup=fastest_dense / times["auto"], best_speedup=fastest_dense / times[best],
+                byte_ratio=dense_bytes / sfa_bytes, sfa_tbs=sfa_bytes / times["auto"] / 1e9,
+                dense_tbs=dense_bytes / fastest_dense / 1e9)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--topks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--cases", nargs="+", default=["16x32768", "16x131072", "1x8192", "1x131072"])
+    parser.add_argument("--query-length", type=int, default=1)
+    parser.add_argument("--sweep", action="store_true")
+    parser.add_argument("--csv")
+    args = parser.parse_args()
+    ceiling = copy_bandwidth()
+    print(f"{datetime.date.today()} {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
+          f"{triton.__version__}; GQA {Q_HEADS}/{KV_HEADS}, d {HEAD_DIM}, bf16, query length {args.query_length}; "
+          f"copy bandwidth {ceiling:.2f} TB/s")
+    print("| batch | context | topk | flash ms | cuDNN ms | SFA ms | SFA vs best dense | byte ratio | SFA TB/s "
+          "(% of copy) | dense TB/s | best variant (speedup) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for topk in args.topks:
+        for case in args.cases:
+            batch, context = map(int, case.split("x"))
+            r = run_case(batch, context, topk, args.query_length, args.sweep)
+            rows.append(r)
+            print(f"| {batch} | {context} | {topk} | {r['flash_ms']:.3f} | {r['cudnn_ms']:.3f} | {r['sfa_ms']:.3f} | "
+                  f"{r['speedup']:.2f}x | {r['byte_ratio']:.2f} | {r['sfa_tbs']:.2f} ({100 * r['sfa_tbs'] / ceiling:.0f}%)"
+                  f" | {r['dense_tbs']:.2f} | {r['best_variant']} ({r['best_speedup']:.2f}x) |", flush=True)
+            torch.cuda.empty_cache()
+    if args.csv:
+        with open(args.csv, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""End-to-end generation: a Qwen3-0.6B-shaped model (random weights, built from a config) after a long
+prompt, dense SDPA vs SFA with the compressed key cache, on one GPU.
+
+Per setting: prefill the prompt (timed), then greedy-decode ``--new-tokens`` tokens one forward at a time
+(timed; tokens/s = batch * new tokens / decode time). Dense runs Hugging Face's DynamicCache and StaticCache
+with attn_implementation="sdpa"; SFA runs the converted model (run-time projections, RoPE) with SFACache.
+Cache bytes: the tokens cached at the end (SFACache.nbytes vs K + V of the dense cache) against the
+formula (k*(s_val+s_idx) + d*s_val) / (2*d*s_val).
+
+    python benchmarks/bench_generate.py [--prompt 32768] [--new-tokens 128] [--batch 1] [--topks 8 16]
+"""
+
+import argparse
+import copy
+import datetime
+import time
+
+import torch
+import transformers
+from transformers import DynamicCache, StaticCache
+
+import sfa_compile
+from sfa_compile import SFACache
+
+
+def qwen3_06b(vocab: int):
+    config = transformers.Qwen3Config(
+        vocab_size=vocab, hidden_size=1024, intermediate_size=3072, num_hidden_layers=28, num_attention_heads=16,
+        num_key_value_heads=8, head_dim=128, max_position_embeddings=131072, rope_theta=1_000_000,
+        tie_word_embeddings=True, rms_norm_eps=1e-6)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = transformers.Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
+    return model.eval()
+
+
+@torch.no_grad()
+def generate(model, cache, prompt, new_tokens):
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    token = out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - start
+    generated = [token]
+    start = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        token = out.logits[:, -1:].argmax(-1)
+        generated.append(token)
+    torch.cuda.synchronize()
+    decode = time.perf_counter() - start
+    return prefill, prompt.size(0) * (new_tokens - 1) / decode, torch.cat(generated, 1)
+
+
+def dense_bytes(cache) -> int:
+    return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--prompt", type=int, default=32768)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--topks", type=int, nargs="+", default=[8, 16])
+    parser.add_argument("--vocab", type=int, default=151936)
+    args = parser.parse_args()
+    model = qwen3_06b(args.vocab)
+    prompt = torch.randint(0, args.vocab, (args.batch, args.prompt), device="cuda")
+    print(f"{datetime.date.today()} {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
+          f"{transformers.__version__}; Qwen3-0.6B shape (random weights, bf16), batch {args.batch}, prompt "
+          f"{args.prompt}, {args.new_tokens} new tokens, greedy")
+    print("| attention | cache | prefill s | decode tokens/s | vs dense (best cache) | cache bytes vs dense | formula |")
+    print("|---|---|---|---|---|---|---|")
+    rows = {}
+    generate(model, DynamicCache(config=model.config), prompt[:, :1024], 4)  # warm up kernels
+    for name, make in (("DynamicCache", lambda: DynamicCache(config=model.config)),
+                       ("StaticCache", lambda: StaticCache(model.config, max_cache_len=args.prompt + args.new_tokens))):
+        cache = make()
+        prefill, tps, _ = generate(model, cache, prompt, args.new_tokens)
+        rows[name] = tps
+        if name == "DynamicCache":
+            dense_cache_bytes = dense_bytes(cache)
+        print(f"| dense SDPA | {name} | {prefill:.2f} | {tps:.1f} | 1.00x | 1.000 | |", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+    best_dense = max(rows.values())
+    for topk in args.topks:
+        sfa = sfa_compile.convert(copy.deepcopy(model), sfa_compile.SFAConfig(topk=topk), progress=False)
+        generate(sfa, SFACache(sfa), prompt[:, :1024], 4)
+        cache = SFACache(sfa)
+        prefill, tps, _ = generate(sfa, cache, prompt, args.new_tokens)
+        formula = (topk * (2 + 1) + 128 * 2) / (2 * 128 * 2)
+        print(f"| SFA topk {topk} | SFACache | {prefill:.2f} | {tps:.1f} | {tps / best_dense:.2f}x | "
+              f"{cache.nbytes / dense_cache_bytes:.4f} | {formula:.4f} |", flush=True)
+        del sfa, cache
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
