@@ -15,6 +15,7 @@ compressed keys + dense V for SFA, K + V for dense. The copy ceiling is measured
 import argparse
 import csv
 import datetime
+import time
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +37,18 @@ def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
     return 2 * x.numel() / bench(lambda: y.copy_(x)) / 1e9  # TB/s
+
+
+def host_time(fn, calls=200) -> float:
+    """Microseconds of CPU time per call (launch overhead), GPU queue not drained in between."""
+    fn()
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - start
+    torch.cuda.synchronize()
+    return elapsed / calls * 1e6
 
 
 def dense_time(q, k, v, backend):
@@ -69,11 +82,13 @@ def run_case(batch, context, topk, q_len, sweep):
     variants = {"auto": {}}
     if sweep:
         auto = triton_decode._num_splits(batch * KV_HEADS, context)
-        variants.update({f"splits={s},block={b}": dict(num_splits=s, block_n=b)
-                         for s in sorted({max(1, auto // 2), auto, 2 * auto, 4 * auto}) for b in (32, 64)})
+        variants.update({f"splits={s},block={b},warps={w},stages={st}": dict(num_splits=s, block_n=b, num_warps=w,
+                                                                            num_stages=st)
+                         for s in sorted({auto, 2 * auto}) for b in (32, 64) for w in (4, 8) for st in (2, 3, 4)})
     times = {name: bench(lambda kw=kw: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None, **kw))
              for name, kw in variants.items()}
     best = min(times, key=times.get)
+    host_us = host_time(lambda: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None))
     dense = {name: dense_time(q, k, v, name) for name in BACKENDS}
     fastest_dense = min(t for t in dense.values() if t == t)
     sfa_bytes, dense_bytes = cache.nbytes, 2 * k.numel() * k.element_size()
@@ -81,7 +96,7 @@ def run_case(batch, context, topk, q_len, sweep):
                 cudnn_ms=dense["cudnn"], sfa_ms=times["auto"], best_ms=times[best], best_variant=best,
                 speedup=fastest_dense / times["auto"], best_speedup=fastest_dense / times[best],
                 byte_ratio=dense_bytes / sfa_bytes, sfa_tbs=sfa_bytes / times["auto"] / 1e9,
-                dense_tbs=dense_bytes / fastest_dense / 1e9)
+                dense_tbs=dense_bytes / fastest_dense / 1e9, host_us=host_us)
 
 
 def main():
@@ -97,8 +112,8 @@ def main():
           f"{triton.__version__}; GQA {Q_HEADS}/{KV_HEADS}, d {HEAD_DIM}, bf16, query length {args.query_length}; "
           f"copy bandwidth {ceiling:.2f} TB/s")
     print("| batch | context | topk | flash ms | cuDNN ms | SFA ms | SFA vs best dense | byte ratio | SFA TB/s "
-          "(% of copy) | dense TB/s | best variant (speedup) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
+          "(% of copy) | dense TB/s | host us/call | best variant (speedup) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for topk in args.topks:
         for case in args.cases:
@@ -107,7 +122,7 @@ def main():
             rows.append(r)
             print(f"| {batch} | {context} | {topk} | {r['flash_ms']:.3f} | {r['cudnn_ms']:.3f} | {r['sfa_ms']:.3f} | "
                   f"{r['speedup']:.2f}x | {r['byte_ratio']:.2f} | {r['sfa_tbs']:.2f} ({100 * r['sfa_tbs'] / ceiling:.0f}%)"
-                  f" | {r['dense_tbs']:.2f} | {r['best_variant']} ({r['best_speedup']:.2f}x) |", flush=True)
+                  f" | {r['dense_tbs']:.2f} | {r['host_us']:.0f} | {r['best_variant']} ({r['best_speedup']:.2f}x) |", flush=True)
             torch.cuda.empty_cache()
     if args.csv:
         with open(args.csv, "w", newline="") as f:

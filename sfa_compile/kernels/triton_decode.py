@@ -1,12 +1,12 @@
 """Triton FlashSFA decode over a compressed key cache (split-KV), and the cache's append kernel.
 
 Decode (query length 1..16): one program per (sequence, key head, split of the cached tokens). It loads the
-query rows of the key head's whole GQA group (group x query length rows, padded to 16 for tensor cores), takes
-their top-k in registers (``topk_keep``), then streams its split of the cache once: per block of keys it
-loads the compressed keys (values + indices) and dense V, forms the scores by gathering the kept key
-features' query entries from the register tile (``tl.gather``: the scattered global loads that made a
-gather-per-key design 4x slower than dense never happen), and accumulates P @ V on tensor cores with an
-online softmax. A second kernel merges the splits' partial results. Rows are aligned to the end of each
+query rows of the key head's whole GQA group (group x query length rows), takes their top-k in registers
+(``topk_keep``), then streams its split of the cache once: per block of keys it loads the compressed keys
+(values + indices) and dense V, forms the scores by gathering the kept key features' query entries from the
+register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x slower than
+dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to the 16
+rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel merges the splits' partial results. Rows are aligned to the end of each
 sequence (query t of T sees keys up to length - T + t), sequences have their own lengths, and an optional
 boolean mask (True = attend) broadcasts like SDPA's.
 
@@ -38,14 +38,16 @@ def _decode_split_kernel(
     sib, sih, sis,
     svb, svh, svs,
     smb, smh, smt, sms,
-    M_PAD: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_K: tl.constexpr,
-    LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    M_REAL: tl.constexpr, REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
+    # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
+    # times to the 16 rows tensor cores need for P @ V, and rows >= M_REAL of the accumulator are discarded.
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // key_heads).to(tl.int64)
     hk = bh % key_heads
-    rows = tl.arange(0, M_PAD)
+    rows = tl.arange(0, M_REAL)
     g = rows // q_len
     t = rows % q_len
     row_ok = rows < group * q_len
@@ -65,9 +67,9 @@ def _decode_split_kernel(
     kval_base = KVAL + b * skb + hk * skh
     kidx_base = KIDX + b * sib + hk * sih
     v_base = V + b * svb + hk * svh
-    m_i = tl.full([M_PAD], float("-inf"), tl.float32)
-    l_i = tl.zeros([M_PAD], tl.float32)
-    acc = tl.zeros([M_PAD, BLOCK_D], tl.float32)
+    m_i = tl.full([M_REAL], float("-inf"), tl.float32)
+    l_i = tl.zeros([M_REAL], tl.float32)
+    acc = tl.zeros([M_REAL * REP, BLOCK_D], tl.float32)
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
@@ -76,8 +78,8 @@ def _decode_split_kernel(
         kidx = tl.load(kidx_base + offs_n[:, None] * sis + kk[None, :], mask=nk_ok, other=0).to(tl.int32)
         v = tl.load(v_base + offs_n[:, None] * svs + cols[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         # scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]]: gathered from the register tile.
-        index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_PAD, BLOCK_N * BLOCK_K))
-        picked = tl.reshape(tl.gather(q, index, axis=1), (M_PAD, BLOCK_N, BLOCK_K))
+        index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K))
+        picked = tl.reshape(tl.gather(q, index, axis=1), (M_REAL, BLOCK_N, BLOCK_K))
         products = tl.where(nk_ok[None, :, :], picked * kval[None, :, :], 0.0)
         s = tl.sum(products, axis=2) * scale_log2
         allowed = n_ok[None, :] & (offs_n[None, :] <= last[:, None])
@@ -91,11 +93,16 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_use[:, None])
         alpha = tl.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+        p_rep = tl.reshape(tl.broadcast_to(p[None, :, :], (REP, M_REAL, BLOCK_N)), (REP * M_REAL, BLOCK_N))
+        alpha_rep = tl.reshape(tl.broadcast_to(alpha[None, :], (REP, M_REAL)), (REP * M_REAL,))
+        acc = acc * alpha_rep[:, None] + tl.dot(p_rep.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
 
     part = (bh * n_splits + split).to(tl.int64) * (group * q_len) + rows
-    tl.store(O_PART + part[:, None] * head_dim + cols[None, :], acc, mask=q_ok)
+    acc_rows = tl.arange(0, M_REAL * REP)
+    acc_part = (bh * n_splits + split).to(tl.int64) * (group * q_len) + acc_rows
+    acc_ok = (acc_rows < group * q_len)[:, None] & col_ok[None, :]
+    tl.store(O_PART + acc_part[:, None] * head_dim + cols[None, :], acc, mask=acc_ok)
     tl.store(M_PART + part, m_i, mask=row_ok)
     tl.store(L_PART + part, l_i, mask=row_ok)
 
@@ -145,7 +152,8 @@ def _num_splits(batch_heads: int, n_keys: int) -> int:
 
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
-           num_splits: Optional[int] = None, block_n: Optional[int] = None) -> torch.Tensor:
+           num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: int = 4,
+           num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of (B, Hq, T, d) queries over the compressed cache; arguments checked by the op."""
     batch, q_heads, q_len, head_dim = query.shape
     key_heads, n_keys = key_values.size(1), key_values.size(2)
@@ -164,13 +172,15 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     else:
         mask_strides, mask_arg = (0, 0, 0, 0), lengths
     block_d = max(triton.next_power_of_2(head_dim), 16)
+    m_real = max(triton.next_power_of_2(rows), 2)
     _decode_split_kernel[(splits, batch * key_heads)](
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
         scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits,
         *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
-        M_PAD=max(16, triton.next_power_of_2(rows)), BLOCK_N=block_n, BLOCK_D=block_d,
+        M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_K=max(triton.next_power_of_2(topk), 2), LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=4,
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
+        **({} if num_stages is None else {"num_stages": num_stages}),
     )
     _decode_combine_kernel[(batch * key_heads * rows,)](
         o_part, m_part, l_part, out, head_dim, q_len, group, key_heads, splits, *out.stride(),
