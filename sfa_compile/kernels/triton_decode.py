@@ -172,7 +172,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     else:
         mask_strides, mask_arg = (0, 0, 0, 0), lengths
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    m_real = max(triton.next_power_of_2(rows), 2)
+    m_real = max(triton.next_power_of_2(rows), 4)  # 2 rows fail to compile in Triton 3.6 (thread locality)
     _decode_split_kernel[(splits, batch * key_heads)](
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
         scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits,
