@@ -26,7 +26,7 @@ import triton.language as tl
 from .triton_topk import LOW_BIT, interpreting, topk_keep
 
 MAX_QUERY_LENGTH = 16
-_MIN_SPLIT_TOKENS = 256
+_MIN_SPLIT_TOKENS = 128
 
 
 @triton.jit
@@ -147,13 +147,14 @@ def _num_splits(batch_heads: int, n_keys: int) -> int:
     if interpreting():
         return max(1, min(4, triton.cdiv(n_keys, 16)))
     sms = _multiprocessors(torch.cuda.current_device())
-    return max(1, min(triton.cdiv(2 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+    # About four programs per multiprocessor (H100 sweep, benchmarks/RESULTS.md), splits of >= 128 keys.
+    return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
 
 
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
            num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: int = 4,
-           num_stages: Optional[int] = None) -> torch.Tensor:
+           num_stages: int = 2) -> torch.Tensor:
     """Attention of (B, Hq, T, d) queries over the compressed cache; arguments checked by the op."""
     batch, q_heads, q_len, head_dim = query.shape
     key_heads, n_keys = key_values.size(1), key_values.size(2)
@@ -161,7 +162,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
     splits = num_splits or _num_splits(batch * key_heads, n_keys)
-    block_n = block_n or (16 if interpreting() else 32)
+    block_n = block_n or (16 if interpreting() else 64)
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
     o_part = torch.empty(batch * key_heads * splits * rows, head_dim, dtype=torch.float32, device=query.device)
     m_part = torch.empty(batch * key_heads * splits * rows, dtype=torch.float32, device=query.device)
@@ -179,8 +180,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
         M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_K=max(triton.next_power_of_2(topk), 2), LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps,
-        **({} if num_stages is None else {"num_stages": num_stages}),
+        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(batch * key_heads * rows,)](
         o_part, m_part, l_part, out, head_dim, q_len, group, key_heads, splits, *out.stride(),
