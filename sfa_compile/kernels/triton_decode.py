@@ -6,8 +6,8 @@ query rows of the key head's whole GQA group (group x query length rows), takes 
 (values + indices) and dense V, forms the scores by gathering the kept key features' query entries from the
 register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x slower than
 dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to the 16
-rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel merges the splits' partial results. Rows are aligned to the end of each
-sequence (query t of T sees keys up to length - T + t), sequences have their own lengths, and an optional
+rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel
+merges the splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up to length - T + t), sequences have their own lengths, and an optional
 boolean mask (True = attend) broadcasts like SDPA's.
 
 Append: one program per block of rows (sequence, key head, new token) computes the top-k of the key row,
@@ -42,7 +42,7 @@ def _decode_split_kernel(
     BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
-    # times to the 16 rows tensor cores need for P @ V, and rows >= M_REAL of the accumulator are discarded.
+    # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // key_heads).to(tl.int64)

@@ -150,7 +150,7 @@ def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
     (5, 2, [40, 9, 5], False),    # speculative: causal alignment to each sequence's end
     (16, 4, [33, 16, 70], True),  # 64 query rows per key head
 ])
-def test_triton_decode_matches_reference(dtype, q_len, group, lengths, masked):
+def test_triton_decode_matches_reference(dtype, q_len, group, lengths, masked, poisoned):
     triton_decode = _triton()
     torch.manual_seed(3)
     head_dim, topk, key_heads = 24, 5, 2
