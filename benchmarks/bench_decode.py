@@ -13,13 +13,13 @@ compressed keys + dense V for SFA, K + V for dense. The copy ceiling is measured
 """
 
 import argparse
-import csv
 import datetime
 import time
 
 import torch
 import torch.nn.functional as F
 import triton
+from results_csv import write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sfa_compile.kernels import ops, triton_decode
@@ -131,10 +131,7 @@ def main():
                   f" | {r['dense_tbs']:.2f} | {r['host_us']:.0f} | {r['best_variant']} ({r['best_speedup']:.2f}x) |", flush=True)
             torch.cuda.empty_cache()
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

@@ -12,13 +12,13 @@ Batch = tokens // length, so every length fills the GPU with the same number of 
 """
 
 import argparse
-import csv
 import datetime
 import warnings
 
 import torch
 import torch.nn.functional as F
 import triton
+from results_csv import write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sfa_compile import flash_sfa
@@ -111,10 +111,7 @@ def main():
                       f"| {r['cudnn_fwdbwd']:.3f} | {r['flash_fwdbwd'] / r['sfa_fwdbwd']:.2f}x "
                       f"| {r['cudnn_fwdbwd'] / r['sfa_fwdbwd']:.2f}x | {r['topk_only']:.3f} |", flush=True)
     if args.csv:
-        with open(args.csv, "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-            writer.writeheader()
-            writer.writerows(rows)
+        write_csv(args.csv, rows)
 
 
 if __name__ == "__main__":

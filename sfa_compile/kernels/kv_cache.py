@@ -18,6 +18,16 @@ from .checks import check_topk
 from .compressed import densify, index_dtype, sparsify
 
 
+def dense_cache(key_values: torch.Tensor, key_indices: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense (keys, values) of a cache layout (batch, key heads, slots, ...): keys scattered back to
+    ``head_dim`` features; slots at or past ``lengths[b]`` hold garbage and come back as zeros."""
+    valid = (torch.arange(values.size(2), device=values.device)[None, :] < lengths[:, None])[:, None, :, None]
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    keys = densify(torch.where(valid, key_values, zero), torch.where(valid, key_indices.to(torch.int64), 0), head_dim)
+    return keys, torch.where(valid, values, zero)
+
+
 class CompressedKVCache:
     """Growable compressed cache for (batch, key heads, tokens, head dim) keys and values."""
 
@@ -110,13 +120,7 @@ class CompressedKVCache:
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of shape (batch, key heads, max_length, d): the SFA-sparsified keys (zeros at
         dropped features) and the values; positions past a sequence's length are zero."""
-        key_values, key_indices, values = self.views()
-        valid = torch.arange(self.max_length, device=self.device)[None, :] < self.lengths[:, None]
-        valid = valid[:, None, :, None]  # slots past a sequence's length hold garbage
-        zero = torch.zeros((), dtype=self.dtype, device=self.device)
-        keys = densify(torch.where(valid, key_values, zero), torch.where(valid, key_indices.to(torch.int64), 0),
-                       self.head_dim)
-        return keys, torch.where(valid, values, zero)
+        return dense_cache(*self.views(), self.lengths, self.head_dim)
 
     @classmethod
     def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, topk: int,

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 
 from .checks import default_scale, gqa_group_size, output_shape
-from .compressed import densify
+from .kv_cache import dense_cache
 from .topk import sparsify_dense
 
 SCORE_CHUNK_ELEMENTS = 1 << 24
@@ -214,13 +214,9 @@ def flash_sfa_backward_reference(
 def flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
     """Decode over a compressed cache: queries (B, Hq, T, d) aligned to the end of each sequence (query t
     sees keys up to lengths[b] - T + t), keys restored from (values, indices), then ``flash_sfa_reference``."""
-    q_len, head_dim = query.size(2), query.size(3)
-    positions = torch.arange(key_values.size(2), device=query.device)
-    cached = (positions[None, :] < lengths[:, None])[:, None, :, None]  # slots past a length hold garbage
-    zero = torch.zeros((), dtype=value.dtype, device=value.device)
-    keys = densify(torch.where(cached, key_values, zero), torch.where(cached, key_indices.to(torch.int64), 0),
-                   head_dim)
-    value = torch.where(cached, value, zero)
+    q_len = query.size(2)
+    keys, value = dense_cache(key_values, key_indices, value, lengths, query.size(3))
+    positions = torch.arange(keys.size(2), device=query.device)
     last = lengths.to(torch.int64)[:, None] - q_len + torch.arange(q_len, device=query.device)
     allowed = (positions[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, S)
     if attn_mask is not None:
