@@ -1,0 +1,163 @@
+"""The ``com.sfa::FlashSFA`` ONNX operator: its contract, its schema and its standard-ONNX function body.
+
+Node contract (what the exporter emits, the runtime plugin implements and the function body computes):
+
+    FlashSFA <topk: int, scale: float, causal: int> (query, key, value, attn_mask) => (output, lse?)
+
+    query (B, H, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev); H a multiple of Hk (GQA: query head h
+    reads key/value head h // (H / Hk)). attn_mask: additive float mask broadcasting (numpy rules) to
+    (B, H, L, S); the exporter turns boolean masks into 0 / -inf and passes a scalar 0 when there is none.
+    causal = 1 hides key j from query row i when j > i (top-left aligned, as SDPA's is_causal).
+    output (B, H, L, Ev) = softmax(topk(q) . topk(k) * scale + mask) @ v, where topk keeps each row's
+    ``topk`` largest-magnitude features (ties: lower feature index) and zeroes the rest; rows whose keys
+    are all hidden give zeros. lse (B, H, L), float32, optional: log-sum-exp of the row's masked scores,
+    +inf for fully hidden rows.
+
+The function body uses only standard ONNX ops (TopK, GatherElements, ScatterElements, MatMul, ...) and
+computes in float32, so any runtime runs an exported model exactly without our plugin; with the plugin
+loaded, ONNX Runtime runs the node's sparse kernel instead of inlining the body. The body references the
+node's attributes (``@topk``, ``@scale``, ``@causal``), so one function serves every call site.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+DOMAIN = "com.sfa"
+OP_NAME = "FlashSFA"
+DOMAIN_VERSION = 1
+MIN_OPSET = 18  # Reduce* with axes as an input, Shape with start/end
+
+_BODY = """
+{
+   k_scalar = Constant <value_int: int = @topk> ()
+   one_dim = Constant <value_ints: ints = [1]> ()
+   k_count = Reshape (k_scalar, one_dim)
+   zero = Constant <value_float: float = 0.0> ()
+   q = Cast <to: int = 1> (query)
+   kf = Cast <to: int = 1> (key)
+   v = Cast <to: int = 1> (value)
+   mask = Cast <to: int = 1> (attn_mask)
+
+   q_abs = Abs (q)
+   q_top, q_idx = TopK <axis: int = -1, largest: int = 1, sorted: int = 1> (q_abs, k_count)
+   q_val = GatherElements <axis: int = -1> (q, q_idx)
+   q_shape = Shape (q)
+   q_zeros = Expand (zero, q_shape)
+   q_sparse = ScatterElements <axis: int = -1> (q_zeros, q_idx, q_val)
+   k_abs = Abs (kf)
+   k_top, k_idx = TopK <axis: int = -1, largest: int = 1, sorted: int = 1> (k_abs, k_count)
+   k_val = GatherElements <axis: int = -1> (kf, k_idx)
+   k_shape = Shape (kf)
+   k_zeros = Expand (zero, k_shape)
+   k_sparse = ScatterElements <axis: int = -1> (k_zeros, k_idx, k_val)
+
+   batch = Shape <start: int = 0, end: int = 1> (q)
+   heads = Shape <start: int = 1, end: int = 2> (q)
+   q_len = Shape <start: int = 2, end: int = 3> (q)
+   kv_heads = Shape <start: int = 1, end: int = 2> (kf)
+   kv_len = Shape <start: int = 2, end: int = 3> (kf)
+   head_dim = Shape <start: int = 3, end: int = 4> (kf)
+   v_dim = Shape <start: int = 3, end: int = 4> (v)
+   group = Div (heads, kv_heads)
+   axis2 = Constant <value_ints: ints = [2]> ()
+   k_one_group = Unsqueeze (k_sparse, axis2)
+   v_one_group = Unsqueeze (v, axis2)
+   k_grouped_shape = Concat <axis: int = 0> (batch, kv_heads, group, kv_len, head_dim)
+   v_grouped_shape = Concat <axis: int = 0> (batch, kv_heads, group, kv_len, v_dim)
+   k_grouped = Expand (k_one_group, k_grouped_shape)
+   v_grouped = Expand (v_one_group, v_grouped_shape)
+   k_rep_shape = Concat <axis: int = 0> (batch, heads, kv_len, head_dim)
+   v_rep_shape = Concat <axis: int = 0> (batch, heads, kv_len, v_dim)
+   k_rep = Reshape (k_grouped, k_rep_shape)
+   v_rep = Reshape (v_grouped, v_rep_shape)
+
+   k_t = Transpose <perm: ints = [0, 1, 3, 2]> (k_rep)
+   scale_value = Constant <value_float: float = @scale> ()
+   raw_scores = MatMul (q_sparse, k_t)
+   scaled = Mul (raw_scores, scale_value)
+   masked = Add (scaled, mask)
+
+   zero_i = Constant <value_int: int = 0> ()
+   one_i = Constant <value_int: int = 1> ()
+   q_len_scalar = Squeeze (q_len)
+   kv_len_scalar = Squeeze (kv_len)
+   rows = Range (zero_i, q_len_scalar, one_i)
+   cols = Range (zero_i, kv_len_scalar, one_i)
+   axis0 = Constant <value_ints: ints = [0]> ()
+   row_column = Unsqueeze (rows, one_dim)
+   column_row = Unsqueeze (cols, axis0)
+   future = Greater (column_row, row_column)
+   causal_int = Constant <value_int: int = @causal> ()
+   causal_flag = Cast <to: int = 9> (causal_int)
+   hidden = And (future, causal_flag)
+   neg_inf = Constant <value_float: float = -inf> ()
+   scores = Where (hidden, neg_inf, masked)
+
+   last = Constant <value_ints: ints = [-1]> ()
+   row_max = ReduceMax <keepdims: int = 1> (scores, last)
+   max_is_neg_inf = IsInf <detect_positive: int = 0> (row_max)
+   safe_max = Where (max_is_neg_inf, zero, row_max)
+   shifted = Sub (scores, safe_max)
+   e = Exp (shifted)
+   denom = ReduceSum <keepdims: int = 1> (e, last)
+   empty_row = Equal (denom, zero)
+   one = Constant <value_float: float = 1.0> ()
+   safe_denom = Where (empty_row, one, denom)
+   probs = Div (e, safe_denom)
+   out = MatMul (probs, v_rep)
+   output = CastLike (out, query)
+
+   pos_inf = Constant <value_float: float = inf> ()
+   log_denom = Log (denom)
+   lse_finite = Add (safe_max, log_denom)
+   lse_kept = Where (empty_row, pos_inf, lse_finite)
+   lse = Squeeze (lse_kept, last)
+}
+"""
+
+
+def flash_sfa_function(opset: int):
+    """The FunctionProto of com.sfa::FlashSFA for a model whose default-domain opset is ``opset``."""
+    import onnx.parser
+
+    header = (f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
+              f"{OP_NAME} <topk, scale, causal> (query, key, value, attn_mask) => (output, lse)\n")
+    return onnx.parser.parse_function(header + _BODY)
+
+
+def _schema():
+    from onnx import defs
+
+    param = defs.OpSchema.FormalParameter
+    optional = defs.OpSchema.FormalParameterOption.Optional
+    floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
+    attr = defs.OpSchema.Attribute
+    return defs.OpSchema(
+        OP_NAME, DOMAIN, DOMAIN_VERSION, doc=__doc__,
+        inputs=[param("query", "T"), param("key", "T"), param("value", "T"), param("attn_mask", "M")],
+        outputs=[param("output", "T"), param("lse", "tensor(float)", param_option=optional)],
+        type_constraints=[("T", floats, "query, key, value and output"), ("M", floats, "additive mask")],
+        attributes=[attr("topk", defs.OpSchema.AttrType.INT, "features kept per query/key row"),
+                    attr("scale", defs.OpSchema.AttrType.FLOAT, "score scale"),
+                    attr("causal", defs.OpSchema.AttrType.INT, "1: hide keys after each query row")],
+    )
+
+
+@contextlib.contextmanager
+def registered_schema():
+    """Make the FlashSFA schema known to onnx (and so to onnxscript) for the duration of an export only."""
+    from onnx import defs
+
+    try:
+        defs.get_schema(OP_NAME, DOMAIN_VERSION, DOMAIN)
+    except defs.SchemaError:
+        pass
+    else:  # registered by someone else: leave it alone
+        yield
+        return
+    defs.register_schema(_schema())
+    try:
+        yield
+    finally:
+        defs.deregister_schema(OP_NAME, DOMAIN_VERSION, DOMAIN)
