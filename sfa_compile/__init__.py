@@ -6,6 +6,8 @@ from .config import SFAConfig
 from .convert import convert
 from .distill import attention_distillation
 from .explain import explain
+from .exporters.onnx_export import export_onnx
+from .exporters.ort_plugin import ort_session
 from .finetune import finetune
 from .functional import flash_sfa, flash_sfa_decode
 from .integrations.hf_attention import register as _register_hf
@@ -15,8 +17,8 @@ from .kernels.kv_cache import CompressedKVCache
 __version__ = "0.1.0"
 
 __all__ = ["CompressedFeatures", "CompressedKVCache", "SFAConfig", "__version__", "attention_distillation",
-           "calibrate", "convert", "densify", "explain", "finetune", "flash_sfa", "flash_sfa_decode", "load", "save",
-           "sparsify"]
+           "calibrate", "convert", "densify", "explain", "export_onnx", "finetune", "flash_sfa", "flash_sfa_decode",
+           "load", "ort_session", "save", "sparsify"]
 
 if _register_hf():  # attn_implementation="sfa" works in transformers once sfa_compile is imported
     from .integrations.hf_cache import SFACache as SFACache

@@ -64,6 +64,41 @@ def _finetune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    import inspect
+
+    import torch
+
+    from . import export_onnx, load
+    from .exporters.onnx_export import flash_sfa_nodes
+
+    _check_output(args.output, args.force)
+    model = load(args.model_dir)
+    model.config.use_cache = False  # the exported graph computes outputs, not a KV cache
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=generator)}
+    if "attention_mask" in inspect.signature(model.forward).parameters:
+        inputs["attention_mask"] = torch.ones(args.batch, args.length, dtype=torch.long)
+    onnx_model = export_onnx(model, (), args.output, kwargs=inputs, opset=args.opset)
+    print(f"exported {len(flash_sfa_nodes(onnx_model))} FlashSFA nodes (inputs: {', '.join(inputs)}; batch and "
+          f"sequence length dynamic) -> {args.output}")
+    return 0
+
+
+def _build_plugin(args: argparse.Namespace) -> int:
+    from .exporters.ort_plugin import PluginUnavailable, build_plugin, fetch_headers, find_include_dir
+
+    try:
+        include_dir = args.include_dir
+        if args.fetch_headers and find_include_dir(include_dir) is None:
+            include_dir = fetch_headers()
+            print(f"fetched ONNX Runtime headers -> {include_dir}")
+        print(build_plugin(include_dir, force=args.force))
+    except PluginUnavailable as exc:
+        raise SystemExit(f"sfa-compile: {exc}") from None
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfa-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -97,6 +132,23 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--train-model", action="store_true", help="also train the model's own weights")
     tune.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     tune.set_defaults(func=_finetune)
+
+    export = sub.add_parser("export", help="export an SFA checkpoint to ONNX (com.sfa::FlashSFA nodes)")
+    export.add_argument("model_dir", help="SFA checkpoint directory (from sfa-compile convert)")
+    export.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
+    export.add_argument("--batch", type=int, default=2, help="batch of the example input (stays dynamic)")
+    export.add_argument("--length", type=int, default=16, help="length of the example input (stays dynamic)")
+    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, >= 18)")
+    export.add_argument("--force", action="store_true", help="overwrite an existing output file")
+    export.set_defaults(func=_export)
+
+    plugin = sub.add_parser("build-plugin", help="build the FlashSFA ONNX Runtime plugin; prints its path")
+    plugin.add_argument("--include-dir", help="ONNX Runtime include directory (default: $SFA_ORT_INCLUDE, then "
+                        "fetched or system headers)")
+    plugin.add_argument("--fetch-headers", action="store_true",
+                        help="if no headers are found, download Debian's libonnxruntime-dev into the cache first")
+    plugin.add_argument("--force", action="store_true", help="rebuild even if a cached build exists")
+    plugin.set_defaults(func=_build_plugin)
     return parser
 
 

@@ -2,7 +2,7 @@
 
 Node contract (what the exporter emits, the runtime plugin implements and the function body computes):
 
-    FlashSFA <topk: int, scale: float, causal: int> (query, key, value, attn_mask) => (output, lse?)
+    FlashSFA <topk: int, scale: float, causal: int> (query, key, value, attn_mask) => (output, lse)
 
     query (B, H, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev); H a multiple of Hk (GQA: query head h
     reads key/value head h // (H / Hk)). attn_mask: additive float mask broadcasting (numpy rules) to
@@ -10,8 +10,9 @@ Node contract (what the exporter emits, the runtime plugin implements and the fu
     causal = 1 hides key j from query row i when j > i (top-left aligned, as SDPA's is_causal).
     output (B, H, L, Ev) = softmax(topk(q) . topk(k) * scale + mask) @ v, where topk keeps each row's
     ``topk`` largest-magnitude features (ties: lower feature index) and zeroes the rest; rows whose keys
-    are all hidden give zeros. lse (B, H, L), float32, optional: log-sum-exp of the row's masked scores,
-    +inf for fully hidden rows.
+    are all hidden give zeros. lse (B, H, L), float32: log-sum-exp of the row's masked scores, +inf for
+    fully hidden rows (the torch op's second output; inference graphs leave it unused, and onnx's shape
+    inference of function calls wants every function output bound, so the node always has both).
 
 The function body uses only standard ONNX ops (TopK, GatherElements, ScatterElements, MatMul, ...) and
 computes in float32, so any runtime runs an exported model exactly without our plugin; with the plugin
@@ -130,13 +131,12 @@ def _schema():
     from onnx import defs
 
     param = defs.OpSchema.FormalParameter
-    optional = defs.OpSchema.FormalParameterOption.Optional
     floats = ["tensor(float)", "tensor(float16)", "tensor(bfloat16)", "tensor(double)"]
     attr = defs.OpSchema.Attribute
     return defs.OpSchema(
         OP_NAME, DOMAIN, DOMAIN_VERSION, doc=__doc__,
         inputs=[param("query", "T"), param("key", "T"), param("value", "T"), param("attn_mask", "M")],
-        outputs=[param("output", "T"), param("lse", "tensor(float)", param_option=optional)],
+        outputs=[param("output", "T"), param("lse", "tensor(float)")],
         type_constraints=[("T", floats, "query, key, value and output"), ("M", floats, "additive mask")],
         attributes=[attr("topk", defs.OpSchema.AttrType.INT, "features kept per query/key row"),
                     attr("scale", defs.OpSchema.AttrType.FLOAT, "score scale"),

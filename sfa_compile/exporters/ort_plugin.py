@@ -30,6 +30,7 @@ HEADER = "onnxruntime_cxx_api.h"
 DEBIAN_PACKAGE = "libonnxruntime-dev"
 DEBIAN_SUITE = "trixie"
 FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall"]
+SYSTEM_INCLUDE_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime"]
 
 INSTALL_HINT = (
     "The FlashSFA ONNX Runtime plugin needs a C++ compiler (g++ or clang++; set $CXX to choose) and ONNX Runtime's "
@@ -54,8 +55,7 @@ def _fetched_headers() -> Path:
 
 def find_include_dir(include_dir=None) -> Optional[Path]:
     """The first directory holding onnxruntime_cxx_api.h among the places in the module docstring."""
-    candidates = [include_dir, os.environ.get("SFA_ORT_INCLUDE"), _fetched_headers(),
-                  "/usr/include/onnxruntime", "/usr/local/include/onnxruntime"]
+    candidates = [include_dir, os.environ.get("SFA_ORT_INCLUDE"), _fetched_headers(), *SYSTEM_INCLUDE_DIRS]
     for candidate in candidates:
         if candidate and (Path(candidate) / HEADER).is_file():
             return Path(candidate)

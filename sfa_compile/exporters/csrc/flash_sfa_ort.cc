@@ -2,7 +2,8 @@
 //
 // Contract: sfa_compile/exporters/onnx_function.py (the ONNX function body computes the same thing with
 // standard ops). float32 tensors: query (B, H, L, E), key (B, Hk, S, E), value (B, Hk, S, Ev), attn_mask
-// additive, broadcasting to (B, H, L, S); outputs (B, H, L, Ev) and the optional float32 lse (B, H, L).
+// additive, broadcasting to (B, H, L, S); outputs (B, H, L, Ev) and the float32 lse (B, H, L) (written only
+// when the node binds it; ONNX Runtime accepts a node without it).
 //
 // Sparse algorithm, exact (no approximation beyond float32 rounding):
 //   1. every key row keeps its top-k features (largest |x|, ties to the lower index); the kept values are

@@ -1,0 +1,49 @@
+"""Helpers for the ONNX tests: a one-node FlashSFA model, sessions with and without the plugin, and which
+operators a session really ran (from ONNX Runtime's profile)."""
+
+import json
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from sfa_compile import ort_session
+from sfa_compile.exporters.onnx_export import attach_flash_sfa_function
+from sfa_compile.exporters.onnx_function import DOMAIN, DOMAIN_VERSION, OP_NAME
+
+
+def single_node_model(topk: int, scale: float, causal: bool, mask_rank: int):
+    """query/key/value/attn_mask inputs of dynamic shape -> one FlashSFA node, function attached."""
+    dims = ["b", "h", "l", "e"], ["b", "hk", "s", "e"], ["b", "hk", "s", "ev"]
+    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in zip(("q", "k", "v"), dims)]
+    inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [f"m{i}" for i in range(mask_rank)]))
+    outputs = ["out", "lse"]
+    output_dims = {"out": ["b", "h", "l", "ev"], "lse": ["b", "h", "l"]}
+    node = helper.make_node(OP_NAME, ["q", "k", "v", "mask"], outputs, domain=DOMAIN, topk=topk, scale=scale,
+                            causal=int(causal))
+    graph = helper.make_graph([node], "flash_sfa", inputs,
+                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, output_dims[n]) for n in outputs])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
+                                                    helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    attach_flash_sfa_function(model)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def run(path, feeds: dict, plugin: bool):
+    """(outputs, operator types ONNX Runtime executed) for the model at ``path``."""
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.enable_profiling = True
+    options.profile_file_prefix = str(path) + ".profile"
+    session = ort_session(path, plugin=plugin, sess_options=options)
+    names = {i.name for i in session.get_inputs()}
+    outputs = session.run(None, {k: np.ascontiguousarray(v) for k, v in feeds.items() if k in names})
+    with open(session.end_profiling()) as f:
+        ran = {e["args"].get("op_name") for e in json.load(f) if e.get("cat") == "Node"}
+    return outputs, ran
+
+
+def relative_error(actual, expected) -> float:
+    return float(np.abs(actual - expected).max() / max(np.abs(expected).max(), 1e-30))
