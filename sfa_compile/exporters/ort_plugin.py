@@ -29,7 +29,7 @@ SOURCE = Path(__file__).with_name("csrc") / "flash_sfa_ort.cc"
 HEADER = "onnxruntime_cxx_api.h"
 DEBIAN_PACKAGE = "libonnxruntime-dev"
 DEBIAN_SUITE = "trixie"
-FLAGS = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-Wall"]
+FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-Wall"]
 SYSTEM_INCLUDE_DIRS = ["/usr/include/onnxruntime", "/usr/local/include/onnxruntime"]
 
 INSTALL_HINT = (

@@ -12,8 +12,8 @@
 //      q_val * kt[feature][s], i.e. k contiguous axpy passes over S instead of E (only the rows of the
 //      query's kept features are read, and key sparsity is already in the zeros);
 //   3. exact softmax over the masked, scaled scores (causal rows stop at their own position; rows whose
-//      keys are all hidden give zeros and lse = +inf), then P @ V for a block of query rows at once so each
-//      V row is loaded once per block.
+//      keys are all hidden give zeros and lse = +inf), then P @ V for a block of query rows with a
+//      register-blocked micro-kernel (4 rows x 16 columns), so each V load serves four rows.
 // Work is split over (batch, head, block of query rows) on ONNX Runtime's intra-op thread pool.
 
 #include <algorithm>
@@ -47,6 +47,55 @@ void TopK(const float* x, int64_t n, int64_t k, int64_t* idx, float* val) {
     }
     idx[pos] = j;
     val[pos] = x[j];
+  }
+}
+
+// exp(x) for the shifted scores (x <= 0, -inf for hidden keys), written so that compilers vectorize it
+// (std::exp stays a scalar libm call): Cody-Waite range reduction and Cephes' degree-6 polynomial, within
+// 2 ulp of expf; exactly 0 below -87.3 (where expf underflows anyway) and for -inf; NaN stays NaN.
+inline float VectorExp(float x) {
+  const float c = x < -87.3f ? -87.3f : x;  // keeps NaN
+  const float n = std::floor(c * 1.44269504088896341f + 0.5f);
+  const float r = c - n * 0.693359375f + n * 2.12194440e-4f;
+  float poly = 1.9875691500e-4f;
+  poly = poly * r + 1.3981999507e-3f;
+  poly = poly * r + 8.3334519073e-3f;
+  poly = poly * r + 4.1665795894e-2f;
+  poly = poly * r + 1.6666665459e-1f;
+  poly = poly * r + 5.0000001201e-1f;
+  poly = poly * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof two_n);
+  return x < -87.3f ? 0.0f : poly * two_n;
+}
+
+// Eight floats as one value (GCC/Clang vector extension): AVX registers on x86, pairs of NEON ones on ARM.
+typedef float Vec8 __attribute__((vector_size(32)));
+constexpr int64_t kTileCols = 16;  // output columns per PVTile pass: two Vec8 per row
+
+inline Vec8 Load8(const float* p) {
+  Vec8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// out[r][0, 16) += sum over s < n of probs[r][s] * v[s][0, 16) for R rows: a register-blocked micro-kernel (2 * R
+// accumulators stay in registers; each V load serves R rows).
+template <int R>
+void PVTile(const float* probs, int64_t ldp, const float* v, int64_t ldv, int64_t n, float* out, int64_t ldo) {
+  Vec8 acc[R][2] = {};
+  for (int64_t s = 0; s < n; ++s) {
+    const Vec8 v0 = Load8(v + s * ldv), v1 = Load8(v + s * ldv + 8);
+    for (int r = 0; r < R; ++r) {
+      const float w = probs[r * ldp + s];
+      acc[r][0] += w * v0;
+      acc[r][1] += w * v1;
+    }
+  }
+  for (int r = 0; r < R; ++r) {
+    std::memcpy(out + r * ldo, &acc[r][0], sizeof(Vec8));
+    std::memcpy(out + r * ldo + 8, &acc[r][1], sizeof(Vec8));
   }
 }
 
@@ -117,7 +166,7 @@ void AttendBlock(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1)
     const int64_t n = p.causal ? std::min(p.S, i + 1) : p.S;  // keys after n are hidden (probability 0)
     span[r] = n;
     float* score = probs.data() + r * p.S;
-    std::fill(score, score + n, 0.0f);
+    std::fill(score, score + p.S, 0.0f);  // zeros past n too: the P @ V tiles read up to the block's longest row
     TopK(p.q + ((b * p.H + h) * p.L + i) * p.E, p.E, p.topk, idx.data(), val.data());
     for (int64_t j = 0; j < p.topk; ++j) {
       const float qv = val[j];
@@ -125,32 +174,50 @@ void AttendBlock(const Problem& p, int64_t b, int64_t h, int64_t i0, int64_t i1)
       for (int64_t s = 0; s < n; ++s) score[s] += qv * krow[s];
     }
     const float* mask = p.mask->Row(b, h, i);
-    const int64_t mstride = p.mask->stride[3];
+    if (p.mask->stride[3] == 0) {  // one mask value for the whole row
+      for (int64_t s = 0; s < n; ++s) score[s] = score[s] * p.scale + mask[0];
+    } else {
+      for (int64_t s = 0; s < n; ++s) score[s] = score[s] * p.scale + mask[s];
+    }
     float row_max = neg_inf;
-    for (int64_t s = 0; s < n; ++s) {
-      score[s] = score[s] * p.scale + mask[s * mstride];
-      row_max = std::max(row_max, score[s]);
-    }
+    for (int64_t s = 0; s < n; ++s) row_max = std::max(row_max, score[s]);
     const float shift = row_max == neg_inf ? 0.0f : row_max;
-    float sum = 0.0f;
-    for (int64_t s = 0; s < n; ++s) {
-      score[s] = std::exp(score[s] - shift);
-      sum += score[s];
+    for (int64_t s = 0; s < n; ++s) score[s] = VectorExp(score[s] - shift);
+    float lanes[8] = {};  // eight partial sums: independent chains the compiler can vectorize
+    int64_t s = 0;
+    for (; s + 8 <= n; s += 8) {
+      for (int l = 0; l < 8; ++l) lanes[l] += score[s + l];
     }
+    float sum = 0.0f;
+    for (; s < n; ++s) sum += score[s];
+    for (int l = 0; l < 8; ++l) sum += lanes[l];
     norm[r] = sum;
     if (p.lse) p.lse[(b * p.H + h) * p.L + i] = sum == 0.0f ? std::numeric_limits<float>::infinity()
                                                              : shift + std::log(sum);
   }
 
+  // P @ V: 4-row x 16-column register tiles, then the leftover columns.
   const int64_t longest = *std::max_element(span.begin(), span.end());
-  for (int64_t s = 0; s < longest; ++s) {
+  const int64_t tiled = p.Ev - p.Ev % kTileCols;
+  for (int64_t r = 0; r < rows; r += 4) {
+    const int64_t group = std::min<int64_t>(4, rows - r);
+    const float* pr = probs.data() + r * p.S;
+    float* ar = acc.data() + r * p.Ev;
+    for (int64_t e = 0; e < tiled; e += kTileCols) {
+      switch (group) {
+        case 4: PVTile<4>(pr, p.S, v + e, p.Ev, longest, ar + e, p.Ev); break;
+        case 3: PVTile<3>(pr, p.S, v + e, p.Ev, longest, ar + e, p.Ev); break;
+        case 2: PVTile<2>(pr, p.S, v + e, p.Ev, longest, ar + e, p.Ev); break;
+        default: PVTile<1>(pr, p.S, v + e, p.Ev, longest, ar + e, p.Ev); break;
+      }
+    }
+  }
+  for (int64_t s = 0; s < longest && tiled < p.Ev; ++s) {
     const float* vrow = v + s * p.Ev;
     for (int64_t r = 0; r < rows; ++r) {
-      if (s >= span[r]) continue;
       const float w = probs[r * p.S + s];
-      if (w == 0.0f) continue;
       float* a = acc.data() + r * p.Ev;
-      for (int64_t e = 0; e < p.Ev; ++e) a[e] += w * vrow[e];
+      for (int64_t e = tiled; e < p.Ev; ++e) a[e] += w * vrow[e];
     }
   }
   for (int64_t r = 0; r < rows; ++r) {
