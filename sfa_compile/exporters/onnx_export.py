@@ -4,8 +4,9 @@ The model is exported by torch's own exporter (``torch.onnx.export(..., dynamo=T
 translation for ``sfa::flash_sfa``; everything else (projections, RoPE, the learned top-k projection R,
 masks) becomes standard ONNX. Afterwards the model gets the FlashSFA function (onnx_function.py) as a
 model-local function, so runtimes without our plugin still run it exactly; the exporter would inline a
-function given to it, so it is attached after export. The result passes ``onnx.checker`` with full checks (strict shape inference through the function body), and the file
-is written atomically: a failed export leaves nothing at ``path``.
+function given to it, so it is attached after export. The result passes ``onnx.checker`` with full checks
+(strict shape inference runs through the function body), and the file is written atomically: a failed
+export leaves nothing at ``path``.
 """
 
 from __future__ import annotations
@@ -127,9 +128,10 @@ def export_onnx(model: torch.nn.Module, args: tuple = (), path=None, *, kwargs: 
     """Export an SFA model to ONNX at ``path`` (returns the ModelProto; also when ``path`` is None).
 
     ``args``/``kwargs`` are example inputs; ``dynamic_shapes`` follows ``torch.export`` (default: every
-    input dim may vary where the model allows it, so batch and sequence length stay dynamic). ``opset``: default-domain opset
-    (default: the exporter's, at least 18). The model is exported in eval mode. Raises ValueError when the
-    model runs no FlashSFA (convert it with ``sfa_compile.convert`` first).
+    input dim may vary where the model allows it, so batch and sequence length stay dynamic). ``opset``:
+    the default-domain opset (default: the exporter's; at least 18). The model is exported in eval mode
+    and left in the mode it was in. Raises ValueError when the model runs no FlashSFA (convert it with
+    ``sfa_compile.convert`` first).
     """
     if opset is not None and opset < MIN_OPSET:
         raise ValueError(f"export_onnx: opset must be >= {MIN_OPSET} (FlashSFA's function body needs it), got {opset}")

@@ -31,7 +31,7 @@
 
 namespace {
 
-constexpr int64_t kRowBlock = 16;  // query rows per task: P @ V reuses each V row this many times
+constexpr int64_t kRowBlock = 16;  // query rows per task (four 4-row register tiles in P @ V)
 
 // Top-k of |x[0..n)| as (feature, value) pairs; the lower index wins ties. k is small (<= n <= 256 typically).
 void TopK(const float* x, int64_t n, int64_t k, int64_t* idx, float* val) {
@@ -80,7 +80,7 @@ inline Vec8 Load8(const float* p) {
   return v;
 }
 
-// out[r][0, 16) += sum over s < n of probs[r][s] * v[s][0, 16) for R rows: a register-blocked micro-kernel (2 * R
+// out[r][0, 16) = sum over s < n of probs[r][s] * v[s][0, 16) for R rows: a register-blocked micro-kernel (2 * R
 // accumulators stay in registers; each V load serves R rows).
 template <int R>
 void PVTile(const float* probs, int64_t ldp, const float* v, int64_t ldv, int64_t n, float* out, int64_t ldo) {
@@ -135,13 +135,13 @@ struct Problem {
   float* lse;  // may be null
 };
 
-void CompressKeys(const float* k, int64_t rows_per_head, int64_t S, int64_t E, int64_t topk, int64_t head,
-                  float* kt) {
+// Key head ``head`` (S rows of E features) -> its zero-filled feature-major table kt[head][feature][s].
+void CompressKeys(const float* k, int64_t S, int64_t E, int64_t topk, int64_t head, float* kt) {
   std::vector<int64_t> idx(topk);
   std::vector<float> val(topk);
   float* table = kt + head * E * S;
   std::fill(table, table + E * S, 0.0f);
-  for (int64_t s = 0; s < rows_per_head; ++s) {
+  for (int64_t s = 0; s < S; ++s) {
     TopK(k + (head * S + s) * E, E, topk, idx.data(), val.data());
     for (int64_t j = 0; j < topk; ++j) table[idx[j] * S + s] = val[j];
   }
@@ -284,7 +284,7 @@ struct FlashSFAKernel {
     struct Keys { const float* k; float* kt; const Problem* p; } keys{key.GetTensorData<float>(), kt.data(), &p};
     ctx.ParallelFor([](void* data, size_t head) {
       auto* w = static_cast<Keys*>(data);
-      CompressKeys(w->k, w->p->S, w->p->S, w->p->E, w->p->topk, static_cast<int64_t>(head), w->kt);
+      CompressKeys(w->k, w->p->S, w->p->E, w->p->topk, static_cast<int64_t>(head), w->kt);
     }, static_cast<size_t>(p.B * p.Hk), 0, &keys);
 
     const int64_t blocks = (p.L + kRowBlock - 1) / kRowBlock;
