@@ -23,8 +23,9 @@ def single_node_model(topk: int, scale: float, causal: bool, mask_rank: int):
                             causal=int(causal))
     graph = helper.make_graph([node], "flash_sfa", inputs,
                               [helper.make_tensor_value_info(n, TensorProto.FLOAT, output_dims[n]) for n in outputs])
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18),
-                                                    helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
+    # IR version 10, as torch's exporter writes: onnx's newest IR version is newer than some runtimes load.
+    model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
+                                                                   helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     attach_flash_sfa_function(model)
     onnx.checker.check_model(model, full_check=True)
     return model
