@@ -9,6 +9,7 @@ from .explain import explain
 from .exporters.onnx_export import export_onnx
 from .exporters.ort_plugin import ort_session
 from .finetune import finetune
+from .projection import projection_parameters
 from .functional import flash_sfa, flash_sfa_decode
 from .integrations.hf_attention import register as _register_hf
 from .kernels import CompressedFeatures, densify, sparsify
@@ -18,7 +19,7 @@ __version__ = "0.1.0"
 
 __all__ = ["CompressedFeatures", "CompressedKVCache", "SFAConfig", "__version__", "attention_distillation",
            "calibrate", "convert", "densify", "explain", "export_onnx", "finetune", "flash_sfa", "flash_sfa_decode",
-           "load", "ort_session", "save", "sparsify"]
+           "load", "ort_session", "projection_parameters", "save", "sparsify"]
 
 if _register_hf():  # attn_implementation="sfa" works in transformers once sfa_compile is imported
     from .integrations.hf_cache import SFACache as SFACache

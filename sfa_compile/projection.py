@@ -39,6 +39,11 @@ class SFAProjection(nn.Module):
         return (x.view(batch, self.key_heads, heads // self.key_heads, length, dim) @ r[None, :, None]).view(x.shape)
 
 
+def projection_parameters(model) -> set:
+    """The run-time projections' parameters (R of every SFA layer): what FSDP2 must leave unsharded."""
+    return {p for m in model.modules() if isinstance(m, SFAProjection) for p in m.parameters()}
+
+
 def orthogonality_error(r: torch.Tensor) -> float:
     """max |R^T R - I| over key heads (0 for an exact rotation)."""
     eye = torch.eye(r.size(-1), dtype=r.dtype, device=r.device)
