@@ -96,6 +96,25 @@ def _fwd_tile(acc, l_i, m_i, q, K, V, Mask, start_n, rows, offs_n, offs_d, offs_
 
 
 @triton.jit
+def _query_block(Q, K, V, Mask, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sv_b, sv_h, sm_b, sm_h, H, G, L, D,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr):
+    """Prologue shared by the kernels that own a block of query rows (forward, dQ): the block (heaviest causal
+    blocks first: they would finish last otherwise), its batch/head, offsets, the q tile, and K/V/Mask moved
+    to this head."""
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    hk = h // G
+    rows = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_m + offs_d[None, :] * sq_d,
+                mask=(rows[:, None] < L) & (offs_d[None, :] < D), other=0.0)
+    return (start_m, bh, b, h, rows, tl.arange(0, BLOCK_N), offs_d, tl.arange(0, BLOCK_DV), q,
+            K + b * sk_b + hk * sk_h, V + b * sv_b + hk * sv_h, Mask + b * sm_b + h * sm_h)
+
+
+@triton.jit
 def _flash_sfa_fwd_kernel(
     Q, K, V, Mask, Out, Lse,
     sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sk_n, sk_d, sv_b, sv_h, sv_n, sv_d,
@@ -105,21 +124,9 @@ def _flash_sfa_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    # Heaviest causal row blocks first: they finish last otherwise.
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // G
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_m + offs_d[None, :] * sq_d,
-                mask=(rows[:, None] < L) & (offs_d[None, :] < D), other=0.0)
-    K += b * sk_b + hk * sk_h
-    V += b * sv_b + hk * sv_h
-    Mask += b * sm_b + h * sm_h
+    start_m, bh, b, h, rows, offs_n, offs_d, offs_dv, q, K, V, Mask = _query_block(
+        Q, K, V, Mask, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sv_b, sv_h, sm_b, sm_h, H, G, L, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -291,25 +298,14 @@ def _flash_sfa_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     EVEN_D: tl.constexpr,
 ):
-    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
-    bh = tl.program_id(1)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
-    hk = h // G
-    rows = start_m + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    start_m, bh, b, h, rows, offs_n, offs_d, offs_dv, q, K, V, Mask = _query_block(
+        Q, K, V, Mask, sq_b, sq_h, sq_m, sq_d, sk_b, sk_h, sv_b, sv_h, sm_b, sm_h, H, G, L, D,
+        BLOCK_M, BLOCK_N, BLOCK_D, BLOCK_DV)
     row_ok = rows < L
-    q = tl.load(Q + b * sq_b + h * sq_h + rows[:, None] * sq_m + offs_d[None, :] * sq_d,
-                mask=row_ok[:, None] & (offs_d[None, :] < D), other=0.0)
     do = tl.load(dO + b * sd_b + h * sd_h + rows[:, None] * sd_m + offs_dv[None, :] * sd_d,
                  mask=row_ok[:, None] & (offs_dv[None, :] < DV), other=0.0)
     lse = tl.load(Lse + bh.to(tl.int64) * L + rows, mask=row_ok, other=float("inf")) * 1.4426950408889634
     delta = tl.load(Delta + bh.to(tl.int64) * L + rows, mask=row_ok, other=0.0)
-    K += b * sk_b + hk * sk_h
-    V += b * sv_b + hk * sv_h
-    Mask += b * sm_b + h * sm_h
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
 
     bulk, hi = _key_ranges(start_m, S, IS_CAUSAL, MASK_KIND, BLOCK_M, BLOCK_N)
