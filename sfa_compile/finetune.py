@@ -49,8 +49,8 @@ class _TrainingStep(torch.nn.Module):
         if self.anchor_output:
             # FSDP2 re-gathers a module's weights for the backward when gradients reach its output; the Eq. 8
             # term reaches attention inside a layer but not the layer's output, so tie the output in at weight 0.
-            first = out if isinstance(out, torch.Tensor) else next(v for v in out.values() if torch.is_tensor(v))
-            loss = loss + 0.0 * first.sum()
+            values = [out] if torch.is_tensor(out) else out.values() if isinstance(out, dict) else out
+            loss = loss + 0.0 * next(v for v in values if torch.is_tensor(v)).sum()
         return loss
 
 
