@@ -217,3 +217,12 @@ def test_export_leaves_the_model_unchanged():
     assert model.training
     for key, value in model.state_dict().items():
         torch.testing.assert_close(value, before[key], rtol=0, atol=0)
+
+
+def test_cli_export_refuses_models_without_token_inputs(tmp_path):
+    model, inputs, _, _ = build("vit", "eager")
+    sfa_compile.convert(model.eval(), sfa_compile.SFAConfig(topk=4), [inputs], progress=False)
+    sfa_compile.save(model, tmp_path / "vit")
+    with pytest.raises(SystemExit, match="takes other inputs.*export_onnx"):
+        cli_main(["export", str(tmp_path / "vit"), "-o", str(tmp_path / "vit.onnx")])
+    assert not (tmp_path / "vit.onnx").exists()
