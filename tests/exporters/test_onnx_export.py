@@ -58,11 +58,10 @@ def test_op_export_one_node_dynamic_shapes_and_fallback(tmp_path, causal, gqa, m
     q, k, v = _qkv(2, 4, hk, 5, 5 if causal else 7, e, 8, seed=0)
     mask = _mask(mask_kind, 2, 4, 5, k.shape[2], seed=1)
     args = (q, k, v) if mask is None else (q, k, v, mask)
-    kwargs = {} if scale is not None else {"dynamic_shapes": {"q": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},
-                                                              "k": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},
-                                                              "v": {0: torch.export.Dim.AUTO, 2: torch.export.Dim.AUTO},
-                                                              "mask": {2: torch.export.Dim.AUTO,
-                                                                       3: torch.export.Dim.AUTO}}}
+    auto = torch.export.Dim.AUTO
+    batch_and_length = {0: auto, 2: auto}  # the default scale 1/sqrt(head dim) needs a static head dim
+    dynamic = {"q": batch_and_length, "k": batch_and_length, "v": batch_and_length, "mask": {2: auto, 3: auto}}
+    kwargs = {} if scale is not None else {"dynamic_shapes": dynamic}
     path = tmp_path / "attention.onnx"
     proto = sfa_compile.export_onnx(model, args, path, **kwargs)
 
