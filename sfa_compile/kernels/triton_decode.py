@@ -27,6 +27,7 @@ from .triton_topk import LOW_BIT, interpreting, topk_keep
 
 MAX_QUERY_LENGTH = 16
 _MIN_SPLIT_TOKENS = 128
+_LONG_SPLIT_TOKENS = 4096  # splits at least this long stream 32-key blocks 3 deep (H100, interleaved runs)
 
 
 @triton.jit
@@ -151,10 +152,20 @@ def _num_splits(batch_heads: int, n_keys: int) -> int:
     return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
 
 
+def _tiles(n_keys: int, splits: int, block_n: Optional[int], num_stages: Optional[int]) -> tuple[int, int]:
+    """Key block and pipeline depth: long splits (many sequences share the SMs) run 32-key blocks 3 stages
+    deep, short ones 64-key blocks 2 deep (H100, interleaved repeated timings: 1.33-1.39x vs 1.13-1.16x of
+    cuDNN at batch 16 for the former; 64/2 stays best at batch 1, 128k)."""
+    if interpreting():
+        return block_n or 16, num_stages or 1
+    long_splits = triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS
+    return block_n or (32 if long_splits else 64), num_stages or (3 if long_splits else 2)
+
+
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
            num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: int = 4,
-           num_stages: int = 2) -> torch.Tensor:
+           num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of (B, Hq, T, d) queries over the compressed cache; arguments checked by the op."""
     batch, q_heads, q_len, head_dim = query.shape
     key_heads, n_keys = key_values.size(1), key_values.size(2)
@@ -162,7 +173,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
     splits = num_splits or _num_splits(batch * key_heads, n_keys)
-    block_n = block_n or (16 if interpreting() else 64)
+    block_n, num_stages = _tiles(n_keys, splits, block_n, num_stages)
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
     o_part = torch.empty(batch * key_heads * splits * rows, head_dim, dtype=torch.float32, device=query.device)
     m_part = torch.empty(batch * key_heads * splits * rows, dtype=torch.float32, device=query.device)
