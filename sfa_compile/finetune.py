@@ -50,7 +50,8 @@ class _TrainingStep(torch.nn.Module):
             # FSDP2 re-gathers a module's weights for the backward when gradients reach its output; the Eq. 8
             # term reaches attention inside a layer but not the layer's output, so tie the output in at weight 0.
             values = [out] if torch.is_tensor(out) else out.values() if isinstance(out, dict) else out
-            loss = loss + 0.0 * next(v for v in values if torch.is_tensor(v)).sum()
+            anchor = next(v for v in values if torch.is_tensor(v)).sum().nan_to_num(0.0, 0.0, 0.0)  # inf * 0 = NaN
+            loss = loss + 0.0 * anchor
         return loss
 
 
