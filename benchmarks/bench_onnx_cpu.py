@@ -31,7 +31,6 @@ import transformers
 from results_csv import write_csv
 
 import sfa_compile
-from sfa_compile.exporters.ort_plugin import build_plugin
 
 
 class Attention(torch.nn.Module):
@@ -69,13 +68,6 @@ def export(model, args, kwargs, path, sfa: bool):
         else:
             torch.onnx.export(model, tuple(args), path, kwargs=kwargs, dynamo=True, dynamic_shapes=shapes,
                               verbose=False)
-
-
-def session(path, plugin: bool):
-    options = ort.SessionOptions()
-    if plugin:
-        options.register_custom_ops_library(str(build_plugin()))
-    return ort.InferenceSession(path, options, providers=["CPUExecutionProvider"])
 
 
 def median_ms(sess, feeds, repeats):
@@ -122,7 +114,7 @@ def main():
                 feeds = dict(zip(names, (t.numpy() for t in (list(kwargs.values()) or inputs))))
                 first = None
                 for variant, plugin in variants:
-                    sess = session(path, plugin)
+                    sess = sfa_compile.ort_session(path, plugin=plugin)
                     out = sess.run(None, feeds)[0]
                     first = out if first is None else first
                     if workload == "attention" and relative_error(out, expected) > 1e-4:

@@ -40,19 +40,7 @@ _BODY = """
    v = Cast <to: int = 1> (value)
    mask = Cast <to: int = 1> (attn_mask)
 
-   q_abs = Abs (q)
-   q_top, q_idx = TopK <axis: int = -1, largest: int = 1, sorted: int = 1> (q_abs, k_count)
-   q_val = GatherElements <axis: int = -1> (q, q_idx)
-   q_shape = Shape (q)
-   q_zeros = Expand (zero, q_shape)
-   q_sparse = ScatterElements <axis: int = -1> (q_zeros, q_idx, q_val)
-   k_abs = Abs (kf)
-   k_top, k_idx = TopK <axis: int = -1, largest: int = 1, sorted: int = 1> (k_abs, k_count)
-   k_val = GatherElements <axis: int = -1> (kf, k_idx)
-   k_shape = Shape (kf)
-   k_zeros = Expand (zero, k_shape)
-   k_sparse = ScatterElements <axis: int = -1> (k_zeros, k_idx, k_val)
-
+{sparsify_q}{sparsify_k}
    batch = Shape <start: int = 0, end: int = 1> (q)
    heads = Shape <start: int = 1, end: int = 2> (q)
    q_len = Shape <start: int = 2, end: int = 3> (q)
@@ -118,13 +106,26 @@ _BODY = """
 """
 
 
+def _sparsify(x: str, name: str) -> str:
+    """Body lines keeping the ``topk`` largest-magnitude features of ``x`` (zeros elsewhere) as ``{name}_sparse``;
+    TopK breaks ties toward the lower index, as SFA requires."""
+    return (f"   {name}_abs = Abs ({x})\n"
+            f"   {name}_top, {name}_idx = TopK <axis: int = -1, largest: int = 1, sorted: int = 1> "
+            f"({name}_abs, k_count)\n"
+            f"   {name}_val = GatherElements <axis: int = -1> ({x}, {name}_idx)\n"
+            f"   {name}_shape = Shape ({x})\n"
+            f"   {name}_zeros = Expand (zero, {name}_shape)\n"
+            f"   {name}_sparse = ScatterElements <axis: int = -1> ({name}_zeros, {name}_idx, {name}_val)\n")
+
+
 def flash_sfa_function(opset: int):
     """The FunctionProto of com.sfa::FlashSFA for a model whose default-domain opset is ``opset``."""
     import onnx.parser
 
     header = (f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
               f"{OP_NAME} <topk, scale, causal> (query, key, value, attn_mask) => (output, lse)\n")
-    return onnx.parser.parse_function(header + _BODY)
+    body = _BODY.replace("{sparsify_q}", _sparsify("q", "q")).replace("{sparsify_k}", _sparsify("kf", "k"))
+    return onnx.parser.parse_function(header + body)
 
 
 def _schema():

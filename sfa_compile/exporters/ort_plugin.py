@@ -143,7 +143,8 @@ def fetch_headers(dest=None) -> Path:
                 raise PluginUnavailable(f"`{' '.join(cmd[:1] + cmd[-2:])}` failed:\n{result.stderr[-2000:]}\n"
                                         f"{INSTALL_HINT}")
         package = next((apt / "debs").glob("*.deb"))
-        staging = Path(tempfile.mkdtemp(prefix=".onnxruntime-headers-", dir=_ensure_parent(dest)))
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(prefix=".onnxruntime-headers-", dir=dest.parent))
         subprocess.run(["dpkg", "-x", str(package), str(staging)], check=True, capture_output=True)
         if dest.exists():
             shutil.rmtree(dest)
@@ -152,11 +153,6 @@ def fetch_headers(dest=None) -> Path:
     if not (include / HEADER).is_file():
         raise PluginUnavailable(f"{package.name} did not contain {HEADER}; {INSTALL_HINT}")
     return include
-
-
-def _ensure_parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path.parent
 
 
 def register_plugin(options, include_dir=None) -> Path:
