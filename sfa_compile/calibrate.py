@@ -16,7 +16,7 @@ from typing import Iterable
 import torch
 
 from .finetune import call_model, finetune
-from .integrations.hf_attention import observe
+from .observers import observe
 from .progress import progress_bar
 from .projection import SFAProjection
 

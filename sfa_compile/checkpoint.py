@@ -7,6 +7,11 @@ output. Loading is transformers' ``from_pretrained`` with the "sfa" loader (inte
 re-attaching the SFA layers recorded in the config before the weights load; missing or mismatched tensors
 are errors naming the tensor, and pickle weight files are only read with ``torch.load(weights_only=True)``
 (transformers' default).
+
+A converted plain module (a GraphModule from module_conversion.py) saves as ``model.safetensors`` plus
+``sfa_model.json`` (SFA settings, the traced input spec, the source class). Its code is the user's class, so
+loading takes an unconverted instance: ``load(path, model=MyModel(...))`` re-runs the (deterministic) rewrite
+on it, checks that the same attention sites come out, and loads the weights strictly.
 """
 
 from __future__ import annotations
@@ -16,8 +21,17 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import safetensors.torch
+import torch
+
+from .config import SFAConfig
 from .convert import is_hf_model
 from .integrations.hf_attention import register
+from .module_conversion import InputSpec, rewrite_module
+from .projection import check_orthogonal
+
+MODULE_SETTINGS = "sfa_model.json"
+MODULE_WEIGHTS = "model.safetensors"
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
@@ -48,21 +62,34 @@ def atomic_directory(target, force: bool, write) -> Path:
 
 def save(model, path, *, force: bool = False) -> Path:
     """Save a converted model to directory ``path`` atomically (see module docstring)."""
+    if getattr(model, "sfa_settings", None):
+        return atomic_directory(path, force, lambda tmp: _save_module(model, tmp))
     if not is_hf_model(model) or not getattr(model.config, "sfa", None):
-        raise TypeError("save: expected a Hugging Face model converted with sfa_compile.convert")
+        raise TypeError("save: expected a model converted with sfa_compile.convert")
     return atomic_directory(path, force, lambda tmp: model.save_pretrained(tmp))
 
 
-def load(path, **from_pretrained_kwargs):
+def _save_module(model, directory: Path) -> None:
+    safetensors.torch.save_model(model, str(directory / MODULE_WEIGHTS))  # shared tensors are stored once
+    (directory / MODULE_SETTINGS).write_text(json.dumps({"sfa": model.sfa_settings}, indent=2) + "\n")
+
+
+def load(path, model=None, **from_pretrained_kwargs):
     """Load a model saved by ``save`` (or ``save_pretrained`` of a converted model); returns it in eval mode.
 
-    The same as ``from_pretrained`` of its architecture once sfa_compile is imported (the "sfa" loader
-    re-attaches the projections), with errors that say what is wrong with the directory.
+    Hugging Face checkpoints: the same as ``from_pretrained`` of their architecture once sfa_compile is
+    imported (the "sfa" loader re-attaches the projections), with errors that say what is wrong with the
+    directory. Plain modules: ``model`` is an unconverted instance of the saved class.
     """
     path = Path(path)
+    if (path / MODULE_SETTINGS).is_file():
+        return _load_module(path, model)
+    if model is not None:
+        raise ValueError(f"load: {path} is a Hugging Face checkpoint; model= is only for converted plain modules")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise FileNotFoundError(f"load: {path} has no config.json; expected a directory written by sfa_compile.save")
+        raise FileNotFoundError(f"load: {path} has neither config.json nor {MODULE_SETTINGS}; expected a directory "
+                                "written by sfa_compile.save")
     config = json.loads(config_file.read_text())
     if not config.get("sfa"):
         raise ValueError(f"load: {path} is not an SFA checkpoint (config.json has no 'sfa' entry); convert it first")
@@ -71,6 +98,34 @@ def load(path, **from_pretrained_kwargs):
     if cls is None:
         raise ValueError(f"load: unknown architecture {config.get('architectures')!r} in {config_file}")
     return cls.from_pretrained(path, **from_pretrained_kwargs).eval()
+
+
+def _load_module(path: Path, model):
+    settings = json.loads((path / MODULE_SETTINGS).read_text())["sfa"]
+    saved_class = settings["model_class"]
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"load: {path} holds a converted {saved_class}; pass an unconverted instance of it: "
+                        f"sfa_compile.load({str(path)!r}, model=...)")
+    own_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    if own_class != saved_class:
+        raise TypeError(f"load: {path} holds a converted {saved_class}, but model= is a {own_class}")
+    config = SFAConfig.from_dict({k: settings[k] for k in SFAConfig.field_names() if k in settings})
+    was_training = model.training
+    model.eval()
+    try:
+        gm, sites, _ = rewrite_module(model, config, InputSpec(**settings["inputs"]))
+    finally:
+        model.train(was_training)
+    if sites != settings["converted_sites"]:
+        raise ValueError(f"load: converting this {own_class} gives attention sites {sites}, but {path} was saved "
+                         f"with {settings['converted_sites']}; the class changed since the checkpoint was written")
+    try:
+        safetensors.torch.load_model(gm, str(path / MODULE_WEIGHTS), strict=True)
+    except (RuntimeError, OSError) as err:
+        raise ValueError(f"load: the weights in {path / MODULE_WEIGHTS} do not fit this model: {err}") from None
+    check_orthogonal(gm)
+    gm.sfa_settings = settings
+    return gm.eval()
 
 
 def architecture_class(architectures, default=None):

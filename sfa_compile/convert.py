@@ -1,4 +1,4 @@
-"""``convert``: turn a Hugging Face model into an SFA model in place.
+"""``convert``: turn a Hugging Face model into an SFA model in place (plain nn.Modules: module_conversion.py).
 
 Attention layers are found exactly, not by name: one forward pass through the "sfa" attention function
 records every layer that calls it (with the head counts and head dim it sees). Layers whose module path
@@ -12,6 +12,7 @@ The SFA settings are recorded in ``model.config.sfa`` so that checkpoints carry 
 
 from __future__ import annotations
 
+import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -19,8 +20,10 @@ import torch
 from .calibrate import calibrate
 from .config import SFAConfig
 from .finetune import call_model
-from .integrations.hf_attention import ATTN_IMPLEMENTATION, observe, register
+from .integrations.hf_attention import ATTN_IMPLEMENTATION, register
+from .observers import observe
 from .integrations.hf_loading import LOADER_MARKER
+from .module_conversion import InputSpec, rewrite_module, settings
 from .projection import SFAProjection, fold_into_linear
 
 
@@ -91,26 +94,29 @@ def _fold(layout, sfa: SFAProjection, heads: int) -> None:
 
 
 def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Iterable] = None, *,
-            refine_steps: int = 0, fold: bool = True, progress: bool = True):
-    """Make ``model`` an SFA model (in place) and return it.
+            refine_steps: int = 0, fold: bool = True, example=None, progress: bool = True):
+    """Make ``model`` an SFA model and return it.
 
-    Hugging Face models switch to ``attn_implementation="sfa"``. ``calibration``: optional iterable of
-    example inputs (dicts of keyword arguments, tuples, or tensors) used to fit the projections R (principal
-    axes, then ``refine_steps`` of Eq. 8 training); without it R is the identity (plain top-k). ``fold``
-    folds R into the weights where the model has no rotary embeddings and a known projection layout.
+    Hugging Face models are converted in place and switch to ``attn_implementation="sfa"``. Other nn.Modules are
+    traced with torch.fx and rewritten by the backend's passes; the result is a new ``torch.fx.GraphModule``
+    sharing the model's parameters (module_conversion.py), traced from ``example`` (default: the first
+    calibration input), whose tensor arguments become its inputs.
+
+    ``calibration``: optional iterable of example inputs (dicts of keyword arguments, tuples, or tensors) used to
+    fit the projections R (principal axes, then ``refine_steps`` of Eq. 8 training); without it R is the
+    identity (plain top-k). ``fold`` folds R into the weights of Hugging Face models without rotary embeddings
+    and with a known projection layout.
     """
     config = config or SFAConfig()
+    examples = list(calibration) if calibration is not None else []
     if not is_hf_model(model):
-        raise TypeError(
-            f"convert: {type(model).__name__} is not a Hugging Face PreTrainedModel; for other modules use "
-            "torch.compile(model, backend='sfa', options={'topk': ...}), which applies the same rewrite"
-        )
+        return _convert_module(model, config, examples, example, refine_steps, progress)
     if getattr(model.config, "sfa", None):
         raise ValueError("convert: this model is already an SFA model (model.config.sfa is set)")
     register()
-    examples = list(calibration) if calibration is not None else []
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    layers = attention_layers(model, examples[0] if examples else model.dummy_inputs)
+    layers = attention_layers(model, example if example is not None else examples[0] if examples
+                              else model.dummy_inputs)
     if not layers:
         raise ValueError("convert: no attention layer called the attention interface; this model's attention "
                          "is not pluggable through transformers' AttentionInterface")
@@ -139,6 +145,36 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
                         "converted_layers": {p: list(v) for p, v in converted.items()}}
     model.config.quantization_config = dict(LOADER_MARKER)  # plain from_pretrained rebuilds it (hf_loading)
     return model
+
+
+def _convert_module(model, config, examples, example, refine_steps, progress):
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
+    if getattr(model, "sfa_settings", None):
+        raise ValueError("convert: this module is already an SFA model (it has sfa_settings)")
+    example = example if example is not None else examples[0] if examples else None
+    if example is None:
+        raise ValueError(f"convert: {type(model).__name__} is not a Hugging Face model, so it is traced from an "
+                         "example input: pass example=... or calibration=[...] (dicts of keyword arguments, tuples "
+                         "or tensors)")
+    spec = InputSpec.from_example(model, example)
+    was_training = model.training
+    model.eval()  # traced in eval mode: dropout is fixed off in the converted module
+    try:
+        gm, sites, reports = rewrite_module(model, config, spec)
+    finally:
+        model.train(was_training)
+    refused = [r for r in reports if not r.rewritten and config.converts(r.module_path)]
+    if not sites:
+        found = "; ".join(f"{r.module_path or '<root>'}: {r.reason}" for r in refused) or "no attention was found"
+        raise ValueError(f"convert: no attention site of {type(model).__name__} could be rewritten ({found})")
+    if refused:
+        warnings.warn("convert: these attention sites stay dense: " + "; ".join(
+            f"{r.module_path or '<root>'} ({r.reason})" for r in refused), stacklevel=3)
+    gm.sfa_settings = settings(config, spec, sites, type(model))
+    if examples:
+        calibrate(gm, examples, steps=refine_steps, progress=progress)
+    return gm.eval()
 
 
 def attach_projections(model, sfa_settings: dict) -> None:

@@ -17,7 +17,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .integrations.hf_attention import observe
+from .observers import observe
 
 
 class AttentionDistillation:

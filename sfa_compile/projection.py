@@ -50,6 +50,18 @@ def orthogonality_error(r: torch.Tensor) -> float:
     return (r.transpose(-1, -2) @ r - eye).abs().max().item()
 
 
+def check_orthogonal(model) -> None:
+    """Raise ValueError naming the first run-time projection of a loaded ``model`` that is not orthogonal (a
+    corrupt or unloaded checkpoint tensor: R must be orthogonal or dense scores change)."""
+    for name, module in model.named_modules():
+        if isinstance(module, SFAProjection) and module.weight is not None:
+            error = orthogonality_error(module.weight.detach().float())
+            tolerance = 1e-3 if module.weight.dtype in (torch.float32, torch.float64) else 5e-2
+            if not error <= tolerance:  # also catches NaN
+                raise ValueError(f"SFA checkpoint: tensor '{name}.weight' is missing or corrupt (not "
+                                 f"orthogonal: max |R^T R - I| = {error:.3g})")
+
+
 def fold_into_linear(weight: torch.Tensor, bias, r: torch.Tensor, heads: int, head_dim: int, transposed: bool = False):
     """Fold R into a projection producing ``heads`` heads of ``head_dim`` (query heads use R of their key head).
 

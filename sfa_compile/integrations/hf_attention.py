@@ -7,34 +7,19 @@ dense SDPA, so one model can mix both. The function receives q and k after RoPE,
 learned projection belongs. With an ``SFACache`` (hf_cache.py), new tokens after the prompt decode over the
 compressed key cache instead.
 
-Observers (``observe``) see every call: conversion uses them to find attention layers and collect
-calibration statistics, fine-tuning to add the paper's Eq. 8 distillation loss.
+Every call is reported to the observers (observers.py): conversion, calibration and Eq. 8 fine-tuning use them.
 """
 
 from __future__ import annotations
-
-import contextlib
-from typing import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ..functional import flash_sfa, flash_sfa_decode
+from ..observers import notify
 
 ATTN_IMPLEMENTATION = "sfa"
 CACHE_TAG = "_sfa_cache_layer"  # set by SFACache.update on the keys it hands to the attention function
-_observers: list[Callable] = []
-
-
-@contextlib.contextmanager
-def observe(fn: Callable):
-    """Call ``fn(module, query, key, value, attention_mask, output, sdpa_kwargs)`` on every attention call
-    inside the block; query/key are as the layer uses them (after its projection, if any)."""
-    _observers.append(fn)
-    try:
-        yield
-    finally:
-        _observers.remove(fn)
 
 
 def sfa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
@@ -54,8 +39,7 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     else:
         query, key = sfa.project(query), sfa.project(key)
         out = flash_sfa(query, key, value, topk=sfa.topk, **sdpa_kwargs)
-    for fn in list(_observers):
-        fn(module, query, key, value, attention_mask, out, sdpa_kwargs)
+    notify(module, query, key, value, attention_mask, out, sdpa_kwargs)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -17,12 +17,6 @@ LOADER_MARKER = {"quant_method": QUANT_METHOD}
 _registered = False
 
 
-def _orthogonality_tolerance(dtype) -> float:
-    import torch
-
-    return 1e-3 if dtype in (torch.float32, torch.float64) else 5e-2
-
-
 def _check_projection_tensors(model, checkpoint_files) -> None:
     """Name a projection tensor that a safetensors checkpoint lacks or holds with the wrong shape, before
     transformers loads anything (its own report would only log the name)."""
@@ -86,14 +80,9 @@ def register() -> None:
             return model
 
         def _process_model_after_weight_loading(self, model, **kwargs):
-            from ..projection import SFAProjection, orthogonality_error
+            from ..projection import check_orthogonal
 
-            for name, module in model.named_modules():
-                if isinstance(module, SFAProjection) and module.weight is not None:
-                    error = orthogonality_error(module.weight.detach().float())
-                    if not error <= _orthogonality_tolerance(module.weight.dtype):  # also catches NaN
-                        raise ValueError(f"SFA checkpoint: tensor '{name}.weight' is missing or corrupt (not "
-                                         f"orthogonal: max |R^T R - I| = {error:.3g})")
+            check_orthogonal(model)
             model.config.quantization_config = dict(LOADER_MARKER)
             return model
 

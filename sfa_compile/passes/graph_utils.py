@@ -44,11 +44,13 @@ def static_int(value: Any) -> Optional[int]:
 
 
 def module_path(node: fx.Node) -> str:
-    """Dotted path of the innermost module a node came from, e.g. 'transformer.h.0.attn'."""
-    stack = node.meta.get("nn_module_stack") or {}
+    """Dotted path of the innermost module of the model's own code a node came from, e.g. 'transformer.h.0.attn'
+    (torch.nn built-ins such as an nn.Softmax module are skipped: the attention layer is the one that owns them)."""
+    stack = [(path, kind) for path, kind in (node.meta.get("nn_module_stack") or {}).values()
+             if not getattr(kind, "__module__", "").startswith("torch.nn.modules")]
     if not stack:
         return ""
-    path = list(stack.values())[-1][0]
+    path = stack[-1][0]
     for prefix in ("L['self'].", "L['self']", "L['model'].", "L['model']"):
         if path.startswith(prefix):
             path = path[len(prefix):]
@@ -70,9 +72,12 @@ def is_cast(node: Any) -> bool:
 
 def constant_value(node: Any) -> Optional[float]:
     """Evaluate a scalar that depends on no graph input (a Python number, torch.full/tensor of one, sqrt
-    of one, arithmetic of those); None if it is not such a constant."""
+    of one, arithmetic of those, or a value shape analysis proved constant: meta "sfa_static_value", set by
+    module_conversion.py); None if it is not such a constant."""
     if isinstance(node, bool):
         return None
+    if isinstance(node, fx.Node) and "sfa_static_value" in node.meta:
+        return node.meta["sfa_static_value"]
     if isinstance(node, (int, float)):
         return float(node)
     if not isinstance(node, fx.Node) or node.op != "call_function":

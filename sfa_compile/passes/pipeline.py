@@ -46,8 +46,9 @@ def _report(match, rewritten: bool, reason: str = "") -> SiteReport:
                       _gqa_ratio(match, peeled), rewritten, reason)
 
 
-def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True) -> list:
-    """Find every attention site in ``gm`` and (if ``rewrite``) rewrite the accepted ones in place."""
+def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True, make_site=None) -> list:
+    """Find every attention site in ``gm`` and (if ``rewrite``) rewrite the accepted ones in place
+    (``make_site``: see rewrite_attention)."""
     reports = []
     for finder in FINDERS:
         for found in finder(gm):
@@ -59,7 +60,7 @@ def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True) ->
                 reports.append(_report(found, False, "explain only"))
             else:
                 summary = _report(found, True)  # read shapes before the rewrite erases nodes
-                reason = rewrite_attention(gm, found, config.topk)
+                reason = rewrite_attention(gm, found, config.topk, make_site)
                 reports.append(summary if reason is None else _report(found, False, reason))
     if rewrite:
         gm.graph.eliminate_dead_code()

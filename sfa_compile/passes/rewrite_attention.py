@@ -5,12 +5,17 @@ combined, -inf where a keep term is False), repeated K/V heads undone into ``ena
 and its first output (the second, the log-sum-exp, serves the backward), and a dtype cast when the
 matched subgraph produced another dtype. Then erases the old subgraph. Refuses (returns a reason) when
 topk exceeds the site's head dim.
+
+With ``make_site`` (offline conversion of plain modules, module_conversion.py) the op call is instead a call of
+the submodule ``make_site(match, query, key)`` (fake values) adds to the graph module and names (None: refuse): an
+SFAAttention that owns the site's projection R and takes SDPA's arguments.
 """
 
 from __future__ import annotations
 
+import math
 import operator
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -66,23 +71,36 @@ def _undo_head_repeat(match: AttentionMatch) -> tuple[fx.Node, fx.Node, bool]:
     return match.key, match.value, False
 
 
-def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int) -> Optional[str]:
+def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int,
+                      make_site: Optional[Callable] = None) -> Optional[str]:
     """Replace one site by sfa::flash_sfa; returns None on success or the reason it refused."""
     q_value = example(match.query)
     head_dim = static_int(q_value.size(-1))
     if topk > head_dim:
         return f"topk {topk} exceeds the head dim {head_dim}"
     graph, fake_mode = gm.graph, q_value.fake_mode
+    key, value, enable_gqa = _undo_head_repeat(match)
+    site = make_site(match, q_value, example(key)) if make_site is not None else None
+    if make_site is not None and site is None:
+        return "conversion needs 3-D or 4-D query and key of the same rank"
     with graph.inserting_before(match.output):
-        key, value, enable_gqa = _undo_head_repeat(match)
         mask = _mask_node(graph, fake_mode, match.mask, q_value.dtype)
-        seed = None
-        if match.dropout_p > 0.0:
-            seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
-        call = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default,
-                     match.query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale,
-                     enable_gqa, seed)
-        out = _emit(graph, fake_mode, "call_function", operator.getitem, call, 0)
+        args = (match.query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale, enable_gqa)
+        if make_site is None:
+            seed = None
+            if match.dropout_p > 0.0:
+                seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+            call = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default, *args, seed)
+            out = _emit(graph, fake_mode, "call_function", operator.getitem, call, 0)
+        else:
+            # The default scale is written out: the site's head dim is static, an exporter may not see it so.
+            scale = match.scale if match.scale is not None else 1.0 / math.sqrt(head_dim)
+            out = graph.call_module(site, (match.query, key, value),
+                                    dict(attn_mask=mask, dropout_p=match.dropout_p, is_causal=match.is_causal,
+                                         scale=scale, enable_gqa=enable_gqa))
+            fake_args = torch.fx.node.map_arg(args, lambda n: n.meta.get("example_value"))
+            with fake_mode:
+                out.meta["example_value"] = torch.ops.sfa.flash_sfa.default(*fake_args, None)[0]
         expected_dtype = example(match.output).dtype
         if expected_dtype != q_value.dtype:
             out = _emit(graph, fake_mode, "call_method", "to", out, expected_dtype)
