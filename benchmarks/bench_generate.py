@@ -4,7 +4,9 @@ prompt, dense SDPA vs SFA with the compressed key cache, on one GPU.
 Per setting: prefill the prompt (timed), then greedy-decode ``--new-tokens`` tokens one forward at a time
 (timed; tokens/s = batch * new tokens / decode time). Dense runs Hugging Face's DynamicCache and StaticCache
 with attn_implementation="sdpa"; SFA runs the converted model (run-time projections, RoPE) with SFACache.
-Cache bytes: the tokens cached at the end (SFACache.nbytes vs K + V of the dense cache) against the
+CUDA-graph rows: the same model with a static cache (StaticCache / SFACache(max_cache_len=...)), prompt eager, every
+decode step after two eager ones replayed from one captured graph (graph_generate); "vs dense" compares them with
+the dense CUDA-graph row. Cache bytes: the tokens cached at the end (SFACache.nbytes vs K + V of the dense cache) against the
 formula (k*(s_val+s_idx) + d*s_val) / (2*d*s_val).
 
     python benchmarks/bench_generate.py [--prompt 32768] [--new-tokens 128] [--batch 1] [--topks 8 16]
@@ -53,6 +55,53 @@ def generate(model, cache, prompt, new_tokens):
     return prefill, prompt.size(0) * (new_tokens - 1) / decode, torch.cat(generated, 1)
 
 
+@torch.no_grad()
+def graph_generate(model, cache, prompt, new_tokens, warmup=2):
+    """Like ``generate`` with a static cache, but every decode step after ``warmup`` eager ones replays one CUDA
+    graph: the step (mask update, forward, greedy pick, position advance) reads and writes device buffers only.
+    Decode tokens/s counts the replayed steps. Returns (prefill s, decode tokens/s, tokens)."""
+    batch, length = prompt.shape
+    capacity = cache.layers[0].max_cache_len
+    device = prompt.device
+    mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # 4-D: used as is by transformers
+    mask[..., :length] = True
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1,
+                cache_position=torch.arange(length, device=device))
+    token = out.logits[:, -1:].argmax(-1)
+    torch.cuda.synchronize()
+    prefill = time.perf_counter() - start
+    tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=device)
+    tokens[:, :1] = token
+    position = torch.tensor([length], device=device)
+
+    def step():
+        mask.index_fill_(-1, position, True)
+        out = model(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
+                    position_ids=position.expand(batch, 1), attention_mask=mask)
+        token.copy_(out.logits[:, -1:].argmax(-1))
+        tokens.index_copy_(1, position - length + 1, token)
+        position.add_(1)
+
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(warmup):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    replays = new_tokens - 1 - warmup
+    torch.cuda.synchronize()
+    start = time.perf_counter()
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    return prefill, batch * replays / (time.perf_counter() - start), tokens
+
+
 def dense_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
@@ -84,18 +133,36 @@ def main():
         print(f"| dense SDPA | {name} | {prefill:.2f} | {tps:.1f} | 1.00x | 1.000 | |", flush=True)
         del cache
         torch.cuda.empty_cache()
+    cache = StaticCache(model.config, max_cache_len=args.prompt + args.new_tokens)
+    prefill, tps, dense_tokens = graph_generate(model, cache, prompt, args.new_tokens)
+    graph_dense = tps
+    print(f"| dense SDPA | StaticCache + CUDA graph | {prefill:.2f} | {tps:.1f} | 1.00x (graph) | 1.000 | |", flush=True)
+    del cache
+    torch.cuda.empty_cache()
     best_dense = max(rows.values())
     for topk in args.topks:
         sfa = sfa_compile.convert(copy.deepcopy(model), sfa_compile.SFAConfig(topk=topk), progress=False)
         generate(sfa, SFACache(sfa), prompt[:, :1024], 4)
         cache = SFACache(sfa)
-        prefill, tps, _ = generate(sfa, cache, prompt, args.new_tokens)
+        prefill, tps, eager_tokens = generate(sfa, cache, prompt, args.new_tokens)
         formula = (topk * (2 + 1) + 128 * 2) / (2 * 128 * 2)
         print(f"| SFA topk {topk} | SFACache | {prefill:.2f} | {tps:.1f} | {tps / best_dense:.2f}x | "
               f"{cache.nbytes / dense_cache_bytes:.4f} | {formula:.4f} |", flush=True)
+        del cache
+        torch.cuda.empty_cache()
+        prefill, tps, static_tokens = generate(sfa, SFACache(sfa, max_cache_len=args.prompt + args.new_tokens),
+                                               prompt, args.new_tokens)
+        same = (static_tokens == eager_tokens).all(0).long().cumprod(0).sum().item()
+        print(f"| SFA topk {topk} | SFACache static | {prefill:.2f} | {tps:.1f} | {tps / best_dense:.2f}x | | | "
+              f"first {same}/{args.new_tokens} tokens equal the growing cache's", flush=True)
+        torch.cuda.empty_cache()
+        cache = SFACache(sfa, max_cache_len=args.prompt + args.new_tokens)
+        prefill, tps, tokens = graph_generate(sfa, cache, prompt, args.new_tokens)
+        same = (tokens == static_tokens).all(0).long().cumprod(0).sum().item()
+        print(f"| SFA topk {topk} | SFACache static + CUDA graph | {prefill:.2f} | {tps:.1f} | "
+              f"{tps / graph_dense:.2f}x (graph) | | | first {same}/{args.new_tokens} tokens equal eager static", flush=True)
         del sfa, cache
         torch.cuda.empty_cache()
-
 
 if __name__ == "__main__":
     main()

@@ -61,3 +61,43 @@ def test_cache_refuses_models_without_sfa_attention():
     model, _, _, _ = build("llama", "sdpa")
     with pytest.raises(ValueError, match="attn_implementation='sfa'"):
         SFACache(model)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_static_cache_generates_what_the_growing_cache_does(name):
+    """max_cache_len: fixed buffers, masks over the whole capacity, decode over all slots bounded by the device
+    lengths; same tokens as the growing cache, with left padding."""
+    model, _, inputs, _ = sfa_model(name, 4)
+    inputs = dict(inputs)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    inputs["attention_mask"][0, :2] = 0
+    length = inputs["input_ids"].size(1) + 10
+    static = SFACache(model, max_cache_len=length + 3)
+    got = generate(model, inputs, static)
+    assert torch.equal(got, generate(model, inputs, SFACache(model)))
+    store = static.layers[0].store
+    assert store.fixed and store.capacity == length + 3 and store.views()[2].size(2) == length + 3
+    with pytest.raises(ValueError, match="fixed capacity"):
+        generate(model, inputs, SFACache(model, max_cache_len=length - 2))
+    with pytest.raises(ValueError, match="max_cache_len must be a positive integer"):
+        SFACache(model, max_cache_len=0)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("topk", [None, 4])
+def test_decode_step_replayed_from_a_cuda_graph_generates_the_eager_tokens(topk):
+    """A static SFACache makes the whole decode step capturable: benchmarks/bench_generate.py's CUDA-graph loop
+    generates what eager decoding with the same cache generates."""
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).parents[1] / "benchmarks" / "bench_generate.py"
+    spec = importlib.util.spec_from_file_location("bench_generate", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    model, _, inputs, _ = sfa_model("qwen3", topk)
+    model.cuda()
+    prompt = inputs["input_ids"][:1].cuda()
+    eager = generate(model, {"input_ids": prompt}, SFACache(model, max_cache_len=prompt.size(1) + 16), n=12)
+    _, _, tokens = bench.graph_generate(model, SFACache(model, max_cache_len=prompt.size(1) + 16), prompt, 12)
+    assert torch.equal(tokens, eager[:, prompt.size(1):])

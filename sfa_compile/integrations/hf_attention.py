@@ -34,6 +34,9 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     cache_layer = getattr(key, CACHE_TAG, None)
     if sfa is not None and cache_layer is not None and cache_layer.past_length > 0:
         return _decode(sfa, cache_layer, query, attention_mask, scaling)
+    if attention_mask is not None and attention_mask.size(-1) > key.size(-2) and cache_layer is not None:
+        # A static SFACache's prompt: the mask spans the cache's capacity, the keys are its first tokens.
+        sdpa_kwargs["attn_mask"] = attention_mask = attention_mask[..., :key.size(-2)]
     if sfa is None:
         out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
     else:

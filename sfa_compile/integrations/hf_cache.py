@@ -8,12 +8,16 @@ a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cach
 attention function the current tokens' keys tagged with their cache layer: the first call (the prompt)
 runs the prefill kernel on them, later calls decode over the compressed cache (``flash_sfa_decode``). The
 tag only means something to the "sfa" attention function, so the cache refuses models that do not use it.
+
+With ``max_cache_len`` the cache is static, like transformers' StaticCache: every layer allocates its capacity up
+front and never moves, attention masks span the capacity, and a decode step reads only device state (lengths
+on the device), so the whole step can be captured in a CUDA graph and replayed (benchmarks/bench_generate.py).
 """
 
 from __future__ import annotations
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from ..kernels.kv_cache import CompressedKVCache
 from .hf_attention import ATTN_IMPLEMENTATION, CACHE_TAG
@@ -26,17 +30,19 @@ class SFACacheLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, projection):
+    def __init__(self, projection, max_cache_len: int | None = None):
         super().__init__()
-        self.projection = projection
+        self.projection, self.max_cache_len = projection, max_cache_len
         self.store: CompressedKVCache | None = None
         self.past_length = 0  # tokens cached before the latest update
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, key_heads, length, head_dim = key_states.shape
         self.dtype, self.device = value_states.dtype, value_states.device
+        static = self.max_cache_len is not None
         self.store = CompressedKVCache(batch, key_heads, head_dim, self.projection.topk, value_states.dtype,
-                                       value_states.device, capacity=length + 256)
+                                       value_states.device, capacity=self.max_cache_len if static else length + 256,
+                                       fixed=static)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
@@ -49,13 +55,15 @@ class SFACacheLayer(CacheLayerMixin):
         return key_states, value_states
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        if self.max_cache_len is not None:
+            return self.max_cache_len, 0
         return self.get_seq_length() + query_length, 0
 
     def get_seq_length(self) -> int:
         return self.store.max_length if self.is_initialized else 0
 
     def get_max_length(self) -> int:
-        return -1
+        return -1 if self.max_cache_len is None else self.max_cache_len
 
     @property
     def nbytes(self) -> int:
@@ -81,9 +89,10 @@ class SFACacheLayer(CacheLayerMixin):
 
 
 class SFACache(Cache):
-    """Cache for ``model.generate`` on an SFA model: compressed keys in SFA layers, dense elsewhere."""
+    """Cache for ``model.generate`` on an SFA model: compressed keys in SFA layers, dense elsewhere; static (fixed
+    buffers, CUDA-graph friendly) with ``max_cache_len``."""
 
-    def __init__(self, model):
+    def __init__(self, model, max_cache_len: int | None = None):
         if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             raise ValueError("SFACache needs a model that runs attn_implementation='sfa' (convert it with "
                              "sfa_compile.convert or load it with sfa_compile.load)")
@@ -92,7 +101,11 @@ class SFACache(Cache):
         if not projections:
             raise ValueError("SFACache: the model has no SFA attention layer with a layer_idx; nothing to compress")
         n_layers = model.config.get_text_config().num_hidden_layers
-        super().__init__(layers=[SFACacheLayer(projections[i]) if i in projections else DynamicLayer()
+        if max_cache_len is not None and (isinstance(max_cache_len, bool) or not isinstance(max_cache_len, int)
+                                          or max_cache_len < 1):
+            raise ValueError(f"SFACache: max_cache_len must be a positive integer, got {max_cache_len!r}")
+        dense = (lambda: DynamicLayer()) if max_cache_len is None else (lambda: StaticLayer(max_cache_len))
+        super().__init__(layers=[SFACacheLayer(projections[i], max_cache_len) if i in projections else dense()
                                  for i in range(n_layers)])
 
     @property

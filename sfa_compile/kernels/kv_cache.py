@@ -4,7 +4,9 @@ Per sequence b, key head h and cached token s: ``key_values[b, h, s]`` holds the
 the model dtype and ``key_indices[b, h, s]`` their feature indices (uint8, int16 when the head dim exceeds
 256), ascending; ``values[b, h, s]`` is the dense value row. Sequences have their own lengths (``lengths``,
 int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). Buffers grow by
-a quarter (at least 256 tokens) when full. Bytes per token and key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense
+a quarter (at least 256 tokens) when full, unless the capacity is ``fixed``: then the buffers never move and
+``views`` always spans the whole capacity (slots past a sequence's length are ignored by the decode kernel), so
+a decode step depends on device state only and can be replayed from a CUDA graph. Bytes per token and key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense
 (DESIGN.md section 1); ``nbytes`` counts the cached tokens, ``capacity_nbytes`` the allocation.
 """
 
@@ -32,9 +34,10 @@ class CompressedKVCache:
     """Growable compressed cache for (batch, key heads, tokens, head dim) keys and values."""
 
     def __init__(self, batch: int, key_heads: int, head_dim: int, topk: int, dtype: torch.dtype,
-                 device=None, capacity: int = 256):
+                 device=None, capacity: int = 256, fixed: bool = False):
         check_topk(topk, head_dim, "CompressedKVCache")
         self.batch, self.key_heads, self.head_dim, self.topk = batch, key_heads, head_dim, topk
+        self.fixed = fixed
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
         self.host_lengths = [0] * batch
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
@@ -93,6 +96,9 @@ class CompressedKVCache:
             raise ValueError(f"CompressedKVCache.append: counts {counts} must give 0..{length} tokens for each of "
                              f"{batch} sequences")
         needed = max(n + c for n, c in zip(self.host_lengths, counts))
+        if needed > self.capacity and self.fixed:
+            raise ValueError(f"CompressedKVCache.append: {needed} tokens exceed the fixed capacity {self.capacity}; "
+                             "create the cache with a larger capacity (SFACache: max_cache_len)")
         if needed > self.capacity:
             self._allocate(max(needed, self.capacity + max(256, self.capacity // 4)))
         if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16, torch.float32):
@@ -113,13 +119,14 @@ class CompressedKVCache:
             self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32))
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(key values, key indices, values) over the first ``max_length`` tokens, no copies."""
-        n = self.max_length
+        """(key values, key indices, values) over the first ``max_length`` tokens (a fixed cache: all slots), no
+        copies."""
+        n = self.capacity if self.fixed else self.max_length
         return self.key_values[:, :, :n], self.key_indices[:, :, :n], self.values[:, :, :n]
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) of shape (batch, key heads, max_length, d): the SFA-sparsified keys (zeros at
-        dropped features) and the values; positions past a sequence's length are zero."""
+        """(keys, values) of shape (batch, key heads, max_length (fixed: capacity), d): the SFA-sparsified keys
+        (zeros at dropped features) and the values; positions past a sequence's length are zero."""
         return dense_cache(*self.views(), self.lengths, self.head_dim)
 
     @classmethod

@@ -30,6 +30,12 @@ _MIN_SPLIT_TOKENS = 128
 _LONG_SPLIT_TOKENS = 4096  # splits at least this long stream 32-key blocks 3 deep (H100, interleaved runs)
 
 
+def _min_rows(block_d: int) -> int:
+    """Score rows per program at least: Triton 3.6 fails to compile 2 rows, and 4 rows at head dim 16 (thread
+    locality pass; H100 probe over group 1/2/4, head dim 16/32/128, topk 4/8/16, with and without masks)."""
+    return 8 if block_d <= 16 else 4
+
+
 @triton.jit
 def _decode_split_kernel(
     Q, KVAL, KIDX, V, LENGTHS, MASK, O_PART, M_PART, L_PART,
@@ -184,7 +190,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     else:
         mask_strides, mask_arg = (0, 0, 0, 0), lengths
     block_d = max(triton.next_power_of_2(head_dim), 16)
-    m_real = max(triton.next_power_of_2(rows), 4)  # 2 rows fail to compile in Triton 3.6 (thread locality)
+    m_real = max(triton.next_power_of_2(rows), _min_rows(block_d))
     _decode_split_kernel[(splits, batch * key_heads)](
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
         scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits,
