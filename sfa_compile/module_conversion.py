@@ -1,6 +1,6 @@
 """Offline conversion of plain nn.Modules (not Hugging Face models): the backend's rewrite on a torch.fx trace.
 
-``convert_module`` traces the model with torch.fx (torch.nn built-ins such as Linear stay calls of their
+``rewrite_module`` traces the model with torch.fx (torch.nn built-ins such as Linear stay calls of their
 module, Softmax and Dropout are traced through so hand-written attention is visible), records shapes with fake
 tensors, runs the same pass pipeline as ``torch.compile(backend="sfa")`` and returns a ``torch.fx.GraphModule``
 that shares the model's parameters (same state_dict names) and owns, per rewritten site, an ``SFAAttention``
@@ -27,13 +27,13 @@ from torch import nn
 from .config import SFAConfig
 from .functional import flash_sfa
 from .observers import notify
+from .passes.graph_utils import STATIC_VALUE
 from .passes.pipeline import run_pipeline
 from .projection import SFAProjection
 
 log = logging.getLogger("sfa_compile")
 
 SITE_NAME = "sfa_attention"
-STATIC_VALUE = "sfa_static_value"  # node.meta key read by passes.graph_utils.constant_value
 TRACED_THROUGH = (nn.Softmax, nn.Dropout)  # torch.nn modules inlined so attention built from them is found
 JSON_CONSTANTS = (type(None), bool, int, float, str)
 

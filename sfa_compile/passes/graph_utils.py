@@ -14,6 +14,7 @@ MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
+STATIC_VALUE = "sfa_static_value"  # node.meta: a scalar proven constant (module_conversion.py), read by constant_value
 MASK_FILL_VALUES = {float("-inf")} | {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32,
                                                                   torch.float64)}
 
@@ -72,12 +73,12 @@ def is_cast(node: Any) -> bool:
 
 def constant_value(node: Any) -> Optional[float]:
     """Evaluate a scalar that depends on no graph input (a Python number, torch.full/tensor of one, sqrt
-    of one, arithmetic of those, or a value shape analysis proved constant: meta "sfa_static_value", set by
+    of one, arithmetic of those, or a value shape analysis proved constant: meta STATIC_VALUE, set by
     module_conversion.py); None if it is not such a constant."""
     if isinstance(node, bool):
         return None
-    if isinstance(node, fx.Node) and "sfa_static_value" in node.meta:
-        return node.meta["sfa_static_value"]
+    if isinstance(node, fx.Node) and STATIC_VALUE in node.meta:
+        return node.meta[STATIC_VALUE]
     if isinstance(node, (int, float)):
         return float(node)
     if not isinstance(node, fx.Node) or node.op != "call_function":
