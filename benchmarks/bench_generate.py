@@ -38,14 +38,19 @@ def qwen3_06b(vocab: int):
     return model.eval()
 
 
-@torch.no_grad()
-def generate(model, cache, prompt, new_tokens):
+def timed_prefill(model, cache, prompt, **kwargs):
+    """Run the prompt into ``cache``; returns (seconds, greedy first token)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
     token = out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
-    prefill = time.perf_counter() - start
+    return time.perf_counter() - start, token
+
+
+@torch.no_grad()
+def generate(model, cache, prompt, new_tokens):
+    prefill, token = timed_prefill(model, cache, prompt)
     generated = [token]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
@@ -67,13 +72,7 @@ def graph_generate(model, cache, prompt, new_tokens, warmup=2):
     device = prompt.device
     mask = torch.zeros(batch, 1, 1, capacity, dtype=torch.bool, device=device)  # 4-D: used as is by transformers
     mask[..., :length] = True
-    torch.cuda.synchronize()
-    start = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1,
-                cache_position=torch.arange(length, device=device))
-    token = out.logits[:, -1:].argmax(-1)
-    torch.cuda.synchronize()
-    prefill = time.perf_counter() - start
+    prefill, token = timed_prefill(model, cache, prompt, cache_position=torch.arange(length, device=device))
     tokens = torch.zeros(batch, new_tokens, dtype=torch.long, device=device)
     tokens[:, :1] = token
     position = torch.tensor([length], device=device)

@@ -110,12 +110,7 @@ def _load_module(path: Path, model):
     if own_class != saved_class:
         raise TypeError(f"load: {path} holds a converted {saved_class}, but model= is a {own_class}")
     config = SFAConfig.from_dict({k: settings[k] for k in SFAConfig.field_names() if k in settings})
-    was_training = model.training
-    model.eval()
-    try:
-        gm, sites, _ = rewrite_module(model, config, InputSpec(**settings["inputs"]))
-    finally:
-        model.train(was_training)
+    gm, sites, _ = rewrite_module(model, config, InputSpec(**settings["inputs"]))
     if sites != settings["converted_sites"]:
         raise ValueError(f"load: converting this {own_class} gives attention sites {sites}, but {path} was saved "
                          f"with {settings['converted_sites']}; the class changed since the checkpoint was written")

@@ -158,12 +158,7 @@ def _convert_module(model, config, examples, example, refine_steps, progress):
                          "example input: pass example=... or calibration=[...] (dicts of keyword arguments, tuples "
                          "or tensors)")
     spec = InputSpec.from_example(model, example)
-    was_training = model.training
-    model.eval()  # traced in eval mode: dropout is fixed off in the converted module
-    try:
-        gm, sites, reports = rewrite_module(model, config, spec)
-    finally:
-        model.train(was_training)
+    gm, sites, reports = rewrite_module(model, config, spec)
     refused = [r for r in reports if not r.rewritten and config.converts(r.module_path)]
     if not sites:
         found = "; ".join(f"{r.module_path or '<root>'}: {r.reason}" for r in refused) or "no attention was found"

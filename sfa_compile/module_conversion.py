@@ -193,10 +193,16 @@ def _record_shapes(gm: fx.GraphModule, spec: InputSpec, device) -> None:
 def rewrite_module(model: nn.Module, config: SFAConfig, spec: InputSpec) -> tuple[fx.GraphModule, dict, list]:
     """Trace ``model`` and rewrite its attention sites into SFAAttention calls with identity R.
 
-    Returns (graph module, {site module path: [query heads, key heads, head dim]}, pipeline reports).
-    Deterministic for a given model class and spec, which is what loading a checkpoint relies on.
+    Traced in eval mode (dropout fixed off in the result); the model's own mode is restored. Returns (graph
+    module, {site module path: [query heads, key heads, head dim]}, pipeline reports). Deterministic for a given
+    model class and spec, which is what loading a checkpoint relies on.
     """
-    gm = _trace(model, spec)
+    was_training = model.training
+    model.eval()
+    try:
+        gm = _trace(model, spec)
+    finally:
+        model.train(was_training)
     device = _device(model)
     _record_shapes(gm, spec, device)
     sites: dict[str, list] = {}
