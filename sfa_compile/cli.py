@@ -74,13 +74,14 @@ def _export(args: argparse.Namespace) -> int:
 
     _check_output(args.output, args.force)
     model = load(args.model_dir)
-    if "input_ids" not in inspect.signature(model.forward).parameters or not getattr(model.config, "vocab_size", 0):
+    parameters = inspect.signature(model.forward).parameters
+    if "input_ids" not in parameters or not getattr(model.config, "vocab_size", 0):
         raise SystemExit(f"sfa-compile: export builds token-id example inputs; {type(model).__name__} takes other "
                          "inputs: call sfa_compile.export_onnx(model, args, path, kwargs=...) with your own")
     model.config.use_cache = False  # the exported graph computes outputs, not a KV cache
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=generator)}
-    if "attention_mask" in inspect.signature(model.forward).parameters:
+    if "attention_mask" in parameters:
         inputs["attention_mask"] = torch.ones(args.batch, args.length, dtype=torch.long)
     onnx_model = export_onnx(model, (), args.output, kwargs=inputs, opset=args.opset)
     print(f"exported {len(flash_sfa_nodes(onnx_model))} FlashSFA nodes (inputs: {', '.join(inputs)}; batch and "
