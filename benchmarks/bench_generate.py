@@ -7,10 +7,14 @@ with attn_implementation="sdpa"; SFA runs the converted model (run-time projecti
 CUDA-graph rows: the same model with a static cache (StaticCache / SFACache(max_cache_len=...)), prompt eager, every
 decode step after two eager ones replayed from one captured graph (graph_generate); "vs dense" compares them with
 the faster dense CUDA-graph row: transformers' "sdpa" (which repeats K/V to every query head when a mask is given)
-or the same SDPA with enable_gqa. Cache bytes: the tokens cached at the end (SFACache.nbytes vs K + V of the dense cache) against the
-formula (k*(s_val+s_idx) + d*s_val) / (2*d*s_val).
+or the same SDPA with enable_gqa. With --compile, also rows whose decode step is torch.compile'd (Inductor,
+fullgraph) before capture: dense SDPA with enable_gqa + StaticCache and SFA + static SFACache, compared with each
+other. Every graph row is checked against the same steps run without the graph. Cache bytes: the tokens cached
+at the end (SFACache.nbytes vs K + V of the dense cache) against the formula (k*(s_val+s_idx) + d*s_val) /
+(2*d*s_val).
 
     python benchmarks/bench_generate.py [--prompt 32768] [--new-tokens 128] [--batch 1] [--topks 8 16]
+                                        [--compile] [--skip-eager]
 """
 
 import argparse
@@ -63,10 +67,13 @@ def generate(model, cache, prompt, new_tokens):
 
 
 @torch.no_grad()
-def graph_generate(model, cache, prompt, new_tokens, warmup=2):
+def graph_generate(model, cache, prompt, new_tokens, warmup=2, forward=None):
     """Like ``generate`` with a static cache, but every decode step after ``warmup`` eager ones replays one CUDA
     graph: the step (mask update, forward, greedy pick, position advance) reads and writes device buffers only.
-    Decode tokens/s counts the replayed steps. Returns (prefill s, decode tokens/s, tokens)."""
+    ``forward``: what runs the decode steps (default the model; e.g. a torch.compile'd ``model.forward``, which
+    compiles in the warm-up steps); the prompt always runs through the model. Decode tokens/s counts the
+    replayed steps. Returns (prefill s, decode tokens/s, tokens)."""
+    forward = forward or model
     batch, length = prompt.shape
     capacity = cache.layers[0].max_cache_len
     device = prompt.device
@@ -79,8 +86,8 @@ def graph_generate(model, cache, prompt, new_tokens, warmup=2):
 
     def step():
         mask.index_fill_(-1, position, True)
-        out = model(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
-                    position_ids=position.expand(batch, 1), attention_mask=mask)
+        out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
+                      position_ids=position.expand(batch, 1), attention_mask=mask)
         token.copy_(out.logits[:, -1:].argmax(-1))
         tokens.index_copy_(1, position - length + 1, token)
         position.add_(1)
@@ -119,14 +126,24 @@ def leading_equal(a, b) -> int:
     return (a == b).all(0).long().cumprod(0).sum().item()
 
 
-def replay_check(model, make_cache, prompt, new_tokens, tokens) -> str:
-    """The CUDA-graph tokens against the same steps run eagerly (all but the last step before capture)."""
-    _, _, eager = graph_generate(model, make_cache(), prompt, new_tokens, warmup=new_tokens - 2)
+def replay_check(model, make_cache, prompt, new_tokens, tokens, forward=None) -> str:
+    """The CUDA-graph tokens against the same steps run without the graph (all but the last step before capture)."""
+    _, _, eager = graph_generate(model, make_cache(), prompt, new_tokens, warmup=new_tokens - 2, forward=forward)
     return f"first {leading_equal(tokens, eager)}/{new_tokens} tokens equal the same steps run eagerly"
 
 
 def dense_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
+
+
+def graph_row(label, cache_label, model, make_cache, prompt, new_tokens, baseline, forward=None):
+    """One CUDA-graph row: time, check against the same steps without the graph, print; returns tokens/s."""
+    prefill, tps, tokens = graph_generate(model, make_cache(), prompt, new_tokens, forward=forward)
+    check = replay_check(model, make_cache, prompt, new_tokens, tokens, forward=forward)
+    ratio = f"{tps / baseline:.2f}x" if baseline else "1.00x"
+    print(f"| {label} | {cache_label} | {prefill:.2f} | {tps:.1f} | {ratio} | | | {check}", flush=True)
+    torch.cuda.empty_cache()
+    return tps
 
 
 def main():
@@ -136,65 +153,71 @@ def main():
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--topks", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--vocab", type=int, default=151936)
+    parser.add_argument("--compile", action="store_true",
+                        help="also rows whose decode step is torch.compile'd (Inductor) and replayed from a CUDA graph")
+    parser.add_argument("--skip-eager", action="store_true", help="only the CUDA-graph rows")
     args = parser.parse_args()
     model = qwen3_06b(args.vocab)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt), device="cuda")
+    capacity = args.prompt + args.new_tokens
     print(f"{datetime.date.today()} {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; Qwen3-0.6B shape (random weights, bf16), batch {args.batch}, prompt "
           f"{args.prompt}, {args.new_tokens} new tokens, greedy")
     print("| attention | cache | prefill s | decode tokens/s | vs dense (best cache) | cache bytes vs dense | formula | "
           "tokens |")
     print("|---|---|---|---|---|---|---|---|")
-    rows = {}
     generate(model, DynamicCache(config=model.config), prompt[:, :1024], 4)  # warm up kernels
-    for name, make in (("DynamicCache", lambda: DynamicCache(config=model.config)),
-                       ("StaticCache", lambda: StaticCache(model.config, max_cache_len=args.prompt + args.new_tokens))):
-        cache = make()
-        prefill, tps, _ = generate(model, cache, prompt, args.new_tokens)
-        rows[name] = tps
-        if name == "DynamicCache":
-            dense_cache_bytes = dense_bytes(cache)
-        print(f"| dense SDPA | {name} | {prefill:.2f} | {tps:.1f} | 1.00x | 1.000 | |", flush=True)
-        del cache
-        torch.cuda.empty_cache()
-    static_dense = functools.partial(StaticCache, model.config, max_cache_len=args.prompt + args.new_tokens)
+    rows = {}
+    if not args.skip_eager:
+        for name, make in (("DynamicCache", lambda: DynamicCache(config=model.config)),
+                           ("StaticCache", lambda: StaticCache(model.config, max_cache_len=capacity))):
+            cache = make()
+            prefill, tps, _ = generate(model, cache, prompt, args.new_tokens)
+            rows[name] = tps
+            if name == "DynamicCache":
+                dense_cache_bytes = dense_bytes(cache)
+            print(f"| dense SDPA | {name} | {prefill:.2f} | {tps:.1f} | 1.00x | 1.000 | |", flush=True)
+            del cache
+            torch.cuda.empty_cache()
+    static_dense = functools.partial(StaticCache, model.config, max_cache_len=capacity)
     transformers.AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
     transformers.AttentionMaskInterface.register("sdpa_gqa", transformers.masking_utils.sdpa_mask)
     graph_rows = {}
     for implementation in ("sdpa", "sdpa_gqa"):
         model.set_attn_implementation(implementation)
-        prefill, tps, tokens = graph_generate(model, static_dense(), prompt, args.new_tokens)
-        graph_rows[implementation] = tps
-        check = replay_check(model, static_dense, prompt, args.new_tokens, tokens)
         label = "dense SDPA" if implementation == "sdpa" else "dense SDPA, enable_gqa (no K/V repeat)"
-        print(f"| {label} | StaticCache + CUDA graph | {prefill:.2f} | {tps:.1f} | "
-              f"{tps / graph_rows['sdpa']:.2f}x (graph) | 1.000 | | {check}", flush=True)
-        torch.cuda.empty_cache()
-    model.set_attn_implementation("sdpa")
+        graph_rows[implementation] = graph_row(label, "StaticCache + CUDA graph", model, static_dense, prompt,
+                                               args.new_tokens, graph_rows.get("sdpa"))
     graph_dense = max(graph_rows.values())
-    best_dense = max(rows.values())
+    compiled_dense = None
+    if args.compile:  # model is on "sdpa_gqa" here
+        compiled_dense = graph_row("dense SDPA, enable_gqa", "StaticCache + torch.compile + CUDA graph", model,
+                                   static_dense, prompt, args.new_tokens, None,
+                                   forward=torch.compile(model.forward, fullgraph=True))
+    model.set_attn_implementation("sdpa")
     for topk in args.topks:
         sfa = sfa_compile.convert(copy.deepcopy(model), sfa_compile.SFAConfig(topk=topk), progress=False)
-        generate(sfa, SFACache(sfa), prompt[:, :1024], 4)
-        cache = SFACache(sfa)
-        prefill, tps, eager_tokens = generate(sfa, cache, prompt, args.new_tokens)
-        formula = (topk * (2 + 1) + 128 * 2) / (2 * 128 * 2)
-        print(f"| SFA topk {topk} | SFACache | {prefill:.2f} | {tps:.1f} | {tps / best_dense:.2f}x | "
-              f"{cache.nbytes / dense_cache_bytes:.4f} | {formula:.4f} |", flush=True)
-        del cache
-        torch.cuda.empty_cache()
-        static_sfa = functools.partial(SFACache, sfa, max_cache_len=args.prompt + args.new_tokens)
-        prefill, tps, static_tokens = generate(sfa, static_sfa(), prompt, args.new_tokens)
-        print(f"| SFA topk {topk} | SFACache static | {prefill:.2f} | {tps:.1f} | {tps / best_dense:.2f}x | | | "
-              f"first {leading_equal(static_tokens, eager_tokens)}/{args.new_tokens} tokens equal the growing "
-              "cache's", flush=True)
-        torch.cuda.empty_cache()
-        cache = static_sfa()
-        prefill, tps, tokens = graph_generate(sfa, cache, prompt, args.new_tokens)
-        check = replay_check(sfa, static_sfa, prompt, args.new_tokens, tokens)
-        print(f"| SFA topk {topk} | SFACache static + CUDA graph | {prefill:.2f} | {tps:.1f} | "
-              f"{tps / graph_dense:.2f}x (graph) | | | {check}", flush=True)
-        del sfa, cache
+        static_sfa = functools.partial(SFACache, sfa, max_cache_len=capacity)
+        if not args.skip_eager:
+            generate(sfa, SFACache(sfa), prompt[:, :1024], 4)
+            cache = SFACache(sfa)
+            prefill, tps, eager_tokens = generate(sfa, cache, prompt, args.new_tokens)
+            formula = (topk * (2 + 1) + 128 * 2) / (2 * 128 * 2)
+            print(f"| SFA topk {topk} | SFACache | {prefill:.2f} | {tps:.1f} | {tps / max(rows.values()):.2f}x | "
+                  f"{cache.nbytes / dense_cache_bytes:.4f} | {formula:.4f} |", flush=True)
+            del cache
+            torch.cuda.empty_cache()
+            prefill, tps, static_tokens = generate(sfa, static_sfa(), prompt, args.new_tokens)
+            print(f"| SFA topk {topk} | SFACache static | {prefill:.2f} | {tps:.1f} | {tps / max(rows.values()):.2f}x "
+                  f"| | | first {leading_equal(static_tokens, eager_tokens)}/{args.new_tokens} tokens equal the "
+                  "growing cache's", flush=True)
+            torch.cuda.empty_cache()
+        graph_row(f"SFA topk {topk}", "SFACache static + CUDA graph", sfa, static_sfa, prompt, args.new_tokens,
+                  graph_dense)
+        if args.compile:
+            graph_row(f"SFA topk {topk}", "SFACache static + torch.compile + CUDA graph", sfa, static_sfa, prompt,
+                      args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
+        del sfa
         torch.cuda.empty_cache()
 
 

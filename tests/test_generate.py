@@ -101,3 +101,45 @@ def test_decode_step_replayed_from_a_cuda_graph_generates_the_eager_tokens(topk)
     eager = generate(model, {"input_ids": prompt}, SFACache(model, max_cache_len=prompt.size(1) + 16), n=12)
     _, _, tokens = bench.graph_generate(model, SFACache(model, max_cache_len=prompt.size(1) + 16), prompt, 12)
     assert torch.equal(tokens, eager[:, prompt.size(1):])
+
+
+def decode_steps(model, step, prompt, n=6):
+    """Greedy tokens: the prompt through the model, then ``n - 1`` single-token steps through ``step``; after the
+    first step any recompilation raises (fail_on_recompile)."""
+    cache = SFACache(model, max_cache_len=prompt.size(1) + n)
+    try:
+        with torch.no_grad():
+            token = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            tokens = [token]
+            for i in range(n - 1):
+                position = torch.tensor([prompt.size(1) + i])
+                out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
+                           position_ids=position[None])
+                token = out.logits[:, -1:].argmax(-1)
+                tokens.append(token)
+                if i == 0:
+                    torch.compiler.set_stance("fail_on_recompile")
+    finally:
+        torch.compiler.set_stance("default")
+    return torch.cat(tokens, 1), cache
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_compiled_decode_steps_generate_the_eager_tokens_without_recompiling(name):
+    """torch.compile(fullgraph=True) of the decode step with a static SFACache: the append (a mutating custom
+    op) and the decode read device state only, so one compilation serves every token (a recompilation would
+    raise under the fail_on_recompile stance) and the tokens equal eager decoding. A second model with another
+    topk compiles too (Dynamo then makes topk a symbolic int). A compiled call longer than the decode kernel
+    takes is refused with a message naming the fix."""
+    torch._dynamo.reset()
+    for topk in (4, None):
+        model, _, inputs, _ = sfa_model(name, topk)
+        prompt = inputs["input_ids"][:1]
+        want, _ = decode_steps(model, model, prompt)
+        got, cache = decode_steps(model, torch.compile(model.forward, fullgraph=True, backend="aot_eager"), prompt)
+        assert torch.equal(got, want), topk
+        assert cache.layers[0].store.host_lengths == [prompt.size(1) + 5]  # read back from the device lengths
+    long_prompt = torch.randint(1, 50, (1, 17))
+    compiled = torch.compile(model.forward, backend="aot_eager")
+    with pytest.raises(ValueError, match="at most 16"), torch.no_grad():
+        compiled(input_ids=long_prompt, past_key_values=SFACache(model, max_cache_len=32), use_cache=True)

@@ -32,7 +32,7 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
                        dropout_p=dropout if module.training else 0.0, enable_gqa=key.shape[1] != query.shape[1])
     sfa = getattr(module, "sfa", None)
     cache_layer = getattr(key, CACHE_TAG, None)
-    if sfa is not None and cache_layer is not None and cache_layer.past_length > 0:
+    if sfa is not None and cache_layer is not None and cache_layer.attends_over_cache(query.size(2)):
         return _decode(sfa, cache_layer, query, attention_mask, scaling)
     if attention_mask is not None and attention_mask.size(-1) > key.size(-2) and cache_layer is not None:
         # A static SFACache's prompt: the mask spans the cache's capacity, the keys are its first tokens.

@@ -11,7 +11,10 @@ tag only means something to the "sfa" attention function, so the cache refuses m
 
 With ``max_cache_len`` the cache is static, like transformers' StaticCache: every layer allocates its capacity up
 front and never moves, attention masks span the capacity, and a decode step reads only device state (lengths
-on the device), so the whole step can be captured in a CUDA graph and replayed (benchmarks/bench_generate.py).
+on the device), so the whole step can be captured in a CUDA graph and replayed (benchmarks/bench_generate.py),
+or compiled: under ``torch.compile`` a step appends through the ``sfa::compressed_cache_append`` op without
+touching host lengths (no recompilation per token), reports its length as a device tensor as StaticLayer does,
+and attends over the cache (up to 16 new tokens per compiled call; run the prompt uncompiled).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
 from ..kernels.kv_cache import CompressedKVCache
+from ..kernels.checks import MAX_QUERY_LENGTH
 from .hf_attention import ATTN_IMPLEMENTATION, CACHE_TAG
 
 
@@ -27,14 +31,14 @@ class SFACacheLayer(CacheLayerMixin):
     """One SFA attention layer: compressed keys (after the layer's projection) and dense values."""
 
     is_sliding = False
-    is_compileable = False
     is_croppable = True
 
     def __init__(self, projection, max_cache_len: int | None = None):
         super().__init__()
         self.projection, self.max_cache_len = projection, max_cache_len
+        self.is_compileable = max_cache_len is not None
         self.store: CompressedKVCache | None = None
-        self.past_length = 0  # tokens cached before the latest update
+        self.past_length: int | None = 0  # tokens cached before the latest update; None: a compiled update
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, key_heads, length, head_dim = key_states.shape
@@ -43,24 +47,50 @@ class SFACacheLayer(CacheLayerMixin):
         self.store = CompressedKVCache(batch, key_heads, head_dim, self.projection.topk, value_states.dtype,
                                        value_states.device, capacity=self.max_cache_len if static else length + 256,
                                        fixed=static)
+        if static and not torch.compiler.is_compiling():
+            # Fixed addresses: cudagraph-replaying compiled code ("reduce-overhead") must not copy the cache.
+            for t in (self.store.key_values, self.store.key_indices, self.store.values, self.store.lengths):
+                torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        self.past_length = self.store.max_length
         with torch.no_grad():
-            self.store.append(self.projection.project(key_states), value_states)
+            keys = self.projection.project(key_states)
+            if not torch.compiler.is_compiling():
+                self.past_length = self.store.max_length
+                self.store.append(keys, value_states)
+            elif self.max_cache_len is None:
+                raise ValueError("SFACache under torch.compile needs a static cache: SFACache(model, max_cache_len=N)")
+            else:
+                self.past_length = None  # host lengths are not read in compiled code: they would specialize it
+                self.store.append_on_device(keys, value_states)
         setattr(key_states, CACHE_TAG, self)
         return key_states, value_states
+
+    def attends_over_cache(self, query_length: int) -> bool:
+        """Whether this call's queries attend over the compressed cache (tokens were cached before them) rather
+        than over this call's own keys; a compiled call always does, with at most 16 queries."""
+        if self.past_length is not None:
+            return self.past_length > 0
+        if query_length > MAX_QUERY_LENGTH:
+            raise ValueError(f"SFACache: a compiled step got {query_length} new tokens; compiled steps attend over the "
+                             f"compressed cache with at most {MAX_QUERY_LENGTH}. Run the prompt uncompiled "
+                             "(transformers' generate does) or feed it in chunks of at most 16 tokens")
+        return True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.max_cache_len is not None:
             return self.max_cache_len, 0
         return self.get_seq_length() + query_length, 0
 
-    def get_seq_length(self) -> int:
-        return self.store.max_length if self.is_initialized else 0
+    def get_seq_length(self) -> int | torch.Tensor:
+        if not self.is_initialized:
+            return 0
+        if self.max_cache_len is not None:
+            return self.store.lengths.max()  # a device tensor, as StaticLayer: no host sync, no recompilation
+        return self.store.max_length
 
     def get_max_length(self) -> int:
         return -1 if self.max_cache_len is None else self.max_cache_len

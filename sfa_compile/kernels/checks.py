@@ -14,6 +14,7 @@ from typing import Optional
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+MAX_QUERY_LENGTH = 16  # query tokens per call of the Triton decode kernel (speculative decoding fits)
 
 
 def gqa_group_size(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool) -> int:
@@ -46,7 +47,8 @@ def default_scale(query: torch.Tensor, scale: Optional[float]) -> float:
 
 
 def check_topk(topk, head_dim: int, caller: str) -> None:
-    if isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= head_dim:
+    # SymInt: torch.compile makes an int dynamic once it has seen it change (models with different topk).
+    if isinstance(topk, bool) or not isinstance(topk, (int, torch.SymInt)) or not 1 <= topk <= head_dim:
         raise ValueError(f"{caller}: topk must be an integer in [1, head dim = {head_dim}], got {topk!r}")
 
 
@@ -176,3 +178,23 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
         if not ok or attn_mask.dim() != 4:
             raise ValueError(f"{name}: attn_mask {tuple(attn_mask.shape)} must be 4-D and broadcast to "
                              f"{(batch, q_heads, q_len, n_keys)}")
+
+
+def check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts) -> None:
+    """Raise ValueError for new keys/values that do not fit a compressed cache's layout."""
+    name = "compressed_cache_append"
+    batch, key_heads, _, head_dim = values.shape
+    if new_keys.dim() != 4 or new_keys.shape[:2] != (batch, key_heads) or new_keys.size(3) != head_dim \
+            or new_values.shape != new_keys.shape:
+        raise ValueError(f"{name}: keys {tuple(new_keys.shape)} and values {tuple(new_values.shape)} must both be "
+                         f"(batch {batch}, key heads {key_heads}, tokens, head dim {head_dim})")
+    if key_values.shape[:3] != values.shape[:3] or key_indices.shape != key_values.shape:
+        raise ValueError(f"{name}: cache buffers {tuple(key_values.shape)}, {tuple(key_indices.shape)}, "
+                         f"{tuple(values.shape)} do not form one cache")
+    for label, t in (("lengths", lengths), ("counts", counts)):
+        if t is not None and (t.shape != (batch,) or t.dtype != torch.int32):
+            raise ValueError(f"{name}: {label} must be int32 of shape ({batch},), got {t.dtype} {tuple(t.shape)}")
+    tensors = (key_values, key_indices, values, lengths, new_keys, new_values) + ((counts,) if counts is not None
+                                                                                   else ())
+    if len({t.device for t in tensors}) != 1:
+        raise ValueError(f"{name}: all inputs must be on one device, got {[str(t.device) for t in tensors]}")

@@ -3,11 +3,14 @@
 Per sequence b, key head h and cached token s: ``key_values[b, h, s]`` holds the ``topk`` kept key features in
 the model dtype and ``key_indices[b, h, s]`` their feature indices (uint8, int16 when the head dim exceeds
 256), ascending; ``values[b, h, s]`` is the dense value row. Sequences have their own lengths (``lengths``,
-int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). Buffers grow by
-a quarter (at least 256 tokens) when full, unless the capacity is ``fixed``: then the buffers never move and
-``views`` always spans the whole capacity (slots past a sequence's length are ignored by the decode kernel), so
-a decode step depends on device state only and can be replayed from a CUDA graph. Bytes per token and key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense
-(DESIGN.md section 1); ``nbytes`` counts the cached tokens, ``capacity_nbytes`` the allocation.
+int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). Writes go through
+the ``sfa::compressed_cache_append`` op, which reads and advances the device lengths. Buffers grow by a quarter
+(at least 256 tokens) when full, unless the capacity is ``fixed``: then the buffers never move and ``views``
+always spans the whole capacity (slots past a sequence's length are ignored by the decode kernel), so a decode
+step depends on device state only and can be replayed from a CUDA graph or compiled (``append_on_device``
+skips the host mirror, which is re-read from the device when next needed). Bytes per token and key head:
+topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense (DESIGN.md section 1); ``nbytes`` counts the cached
+tokens, ``capacity_nbytes`` the allocation.
 """
 
 from __future__ import annotations
@@ -30,6 +33,20 @@ def dense_cache(key_values: torch.Tensor, key_indices: torch.Tensor, values: tor
     return keys, torch.where(valid, values, zero)
 
 
+def append_reference(key_values: torch.Tensor, key_indices: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
+                     new_keys: torch.Tensor, new_values: torch.Tensor, counts: Optional[torch.Tensor]) -> None:
+    """The ``sfa::compressed_cache_append`` op in PyTorch: write at each sequence's length, advance it."""
+    length, capacity = new_keys.size(2), values.size(2)
+    compressed = sparsify(new_keys, key_values.size(-1))
+    counts_list = [length] * new_keys.size(0) if counts is None else counts.tolist()
+    for b, (start, count) in enumerate(zip(lengths.tolist(), counts_list)):
+        n = max(0, min(count, capacity - start))
+        key_values[b, :, start:start + n] = compressed.values[b, :, :n].to(key_values.dtype)
+        key_indices[b, :, start:start + n] = compressed.indices[b, :, :n].to(key_indices.dtype)
+        values[b, :, start:start + n] = new_values[b, :, :n].to(values.dtype)
+    lengths.add_(length if counts is None else counts).clamp_(max=capacity)
+
+
 class CompressedKVCache:
     """Growable compressed cache for (batch, key heads, tokens, head dim) keys and values."""
 
@@ -39,7 +56,7 @@ class CompressedKVCache:
         self.batch, self.key_heads, self.head_dim, self.topk = batch, key_heads, head_dim, topk
         self.fixed = fixed
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
-        self.host_lengths = [0] * batch
+        self._host_lengths: Optional[list[int]] = [0] * batch  # None: only the device lengths are current
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._allocate(max(capacity, 1))
 
@@ -53,6 +70,17 @@ class CompressedKVCache:
             if used:
                 buffer[:, :, :used] = getattr(self, name)[:, :, :used]
             setattr(self, name, buffer)
+
+    @property
+    def host_lengths(self) -> list[int]:
+        """Per-sequence lengths on the host (read back from the device after ``append_on_device``)."""
+        if self._host_lengths is None:
+            self._host_lengths = self.lengths.tolist()
+        return self._host_lengths
+
+    @host_lengths.setter
+    def host_lengths(self, lengths: list[int]) -> None:
+        self._host_lengths = list(lengths)
 
     @property
     def capacity(self) -> int:
@@ -101,22 +129,24 @@ class CompressedKVCache:
                              "create the cache with a larger capacity (SFACache: max_cache_len)")
         if needed > self.capacity:
             self._allocate(max(needed, self.capacity + max(256, self.capacity // 4)))
-        if keys.is_cuda and keys.dtype in (torch.float16, torch.bfloat16, torch.float32):
-            from .triton_decode import append_compressed
+        from . import ops
 
-            append_compressed(self, keys, values, None if uniform else counts)
-        else:
-            compressed = sparsify(keys, self.topk)
-            for b, (start, count) in enumerate(zip(self.host_lengths, counts)):
-                stop = start + count
-                self.key_values[b, :, start:stop] = compressed.values[b, :, :count].to(self.dtype)
-                self.key_indices[b, :, start:stop] = compressed.indices[b, :, :count]
-                self.values[b, :, start:stop] = values[b, :, :count].to(self.dtype)
+        counts_t = None if uniform else torch.tensor(counts, dtype=torch.int32, device=self.device)
+        ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
+                                       counts_t)
         self.host_lengths = [n + c for n, c in zip(self.host_lengths, counts)]
-        if uniform:
-            self.lengths += length  # on the device: no host synchronization in the decode loop
-        else:
-            self.lengths.copy_(torch.tensor(self.host_lengths, dtype=torch.int32))
+
+    def append_on_device(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Append T tokens to every sequence of a fixed cache touching device state only (no host reads, so a
+        compiled decode step never specializes on lengths); the capacity is not checked: tokens past it are
+        dropped. The host lengths are re-read from the device when next needed."""
+        if not self.fixed:
+            raise ValueError("CompressedKVCache.append_on_device needs a fixed capacity (the buffers cannot grow "
+                             "without host lengths)")
+        from . import ops
+
+        ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values)
+        self._host_lengths = None
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(key values, key indices, values) over the first ``max_length`` tokens (a fixed cache: all slots), no

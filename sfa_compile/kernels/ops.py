@@ -1,4 +1,5 @@
-"""Registration of the ``sfa::flash_sfa`` custom op and its backward, once, for every device.
+"""Registration of the custom ops, once, for every device: ``sfa::flash_sfa`` and its backward,
+``sfa::flash_sfa_decode`` (attention over a compressed key cache) and ``sfa::compressed_cache_append``.
 
 The op returns (output, lse): lse is the float32 log-sum-exp of each query row's masked, scaled scores
 (+inf for a row whose keys are all masked), saved for the backward so that it never recomputes the softmax
@@ -15,7 +16,9 @@ from typing import Optional
 
 import torch
 
-from .checks import check_decode_args, check_flash_sfa_args, default_scale, output_shape, score_shape
+from .checks import (MAX_QUERY_LENGTH, check_append_args, check_decode_args, check_flash_sfa_args, default_scale,
+                     output_shape, score_shape)
+from .kv_cache import append_reference
 from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
 
 
@@ -151,7 +154,7 @@ def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk,
     check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
     from . import triton_decode
 
-    if query.size(2) > triton_decode.MAX_QUERY_LENGTH or query.dtype == torch.float64 or query.size(3) > 256:
+    if query.size(2) > MAX_QUERY_LENGTH or query.dtype == torch.float64 or query.size(3) > 256:
         return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask)
     return triton_decode.decode(query, key_values, key_indices, value, lengths, topk,
                                 default_scale(query, scale), attn_mask)
@@ -161,3 +164,37 @@ def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk,
 def _flash_sfa_decode_fake(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
     check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
     return query.new_empty(query.shape)
+
+
+@torch.library.custom_op("sfa::compressed_cache_append", mutates_args=("key_values", "key_indices", "values", "lengths"))
+def compressed_cache_append_op(
+    key_values: torch.Tensor,
+    key_indices: torch.Tensor,
+    values: torch.Tensor,
+    lengths: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    counts: Optional[torch.Tensor] = None,
+) -> None:
+    """Append (B, Hk, T, d) keys (compressed to top-k here) and values to a compressed cache (kv_cache.py
+    layout) at each sequence's device length, then advance ``lengths`` by T (or ``counts[b]``). Device state
+    only, so a decode step that appends stays traceable and replayable; tokens past the capacity are dropped
+    (callers that know the host lengths check the capacity first)."""
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+    append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+
+
+@compressed_cache_append_op.register_kernel("cuda")
+def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_keys, new_values, counts=None):
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+    if new_keys.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+    from . import triton_decode
+
+    triton_decode.append_compressed(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+    lengths.add_(new_keys.size(2) if counts is None else counts).clamp_(max=values.size(2))
+
+
+@compressed_cache_append_op.register_fake
+def _compressed_cache_append_fake(key_values, key_indices, values, lengths, new_keys, new_values, counts=None):
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts)

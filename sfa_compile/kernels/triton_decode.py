@@ -25,7 +25,6 @@ import triton.language as tl
 
 from .triton_topk import LOW_BIT, interpreting, topk_keep
 
-MAX_QUERY_LENGTH = 16
 _MIN_SPLIT_TOKENS = 128
 _LONG_SPLIT_TOKENS = 4096  # splits at least this long stream 32-key blocks 3 deep (H100, interleaved runs)
 
@@ -209,7 +208,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
 @triton.jit
 def _append_kernel(
     KEYS, VALUES, KVAL, KIDX, VCACHE, STARTS, COUNTS,
-    n_rows, key_heads, length, head_dim, topk,
+    n_rows, key_heads, length, head_dim, topk, capacity,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
     ckb, ckh, cks,
@@ -230,6 +229,9 @@ def _append_kernel(
     keep = topk_keep(x, ok, topk, LOW_BIT)
     slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # ascending feature order
     pos = tl.load(STARTS + b, mask=row_ok, other=0) + n
+    row_ok = row_ok & (pos < capacity)  # a full fixed cache under torch.compile: drop, never write past it
+    ok = ok & row_ok[:, None]
+    keep = keep & row_ok[:, None]
     tl.store(KVAL + (b * ckb + h * ckh + pos * cks)[:, None] + slot, x.to(KVAL.dtype.element_ty), mask=keep)
     tl.store(KIDX + (b * cib + h * cih + pos * cis)[:, None] + slot, cols[None, :].to(KIDX.dtype.element_ty)
              + tl.zeros_like(slot).to(KIDX.dtype.element_ty), mask=keep)
@@ -237,19 +239,20 @@ def _append_kernel(
     tl.store(VCACHE + (b * cvb + h * cvh + pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty), mask=ok)
 
 
-def append_compressed(cache, keys: torch.Tensor, values: torch.Tensor, counts: Optional[list]) -> None:
-    """Write compressed keys and dense values at each sequence's current length (cache already grown); all
-    T tokens of every sequence, or the first ``counts[b]``."""
+def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value_cache: torch.Tensor,
+                      lengths: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                      counts: Optional[torch.Tensor]) -> None:
+    """Write compressed keys and dense values at each sequence's device length: all T tokens of every
+    sequence, or the first ``counts[b]``; rows past the capacity are dropped. ``lengths`` is not advanced."""
     batch, heads, length, head_dim = keys.shape
     n_rows = batch * heads * length
     if n_rows == 0:
         return
-    counts_t = cache.lengths if counts is None else torch.tensor(counts, dtype=torch.int32, device=keys.device)
     block_r = 16
     _append_kernel[(triton.cdiv(n_rows, block_r),)](
-        keys, values, cache.key_values, cache.key_indices, cache.values, cache.lengths, counts_t,
-        n_rows, heads, length, head_dim, cache.topk, *keys.stride(), *values.stride(),
-        *cache.key_values.stride()[:3], *cache.key_indices.stride()[:3], *cache.values.stride()[:3],
+        keys, values, key_values, key_indices, value_cache, lengths, lengths if counts is None else counts,
+        n_rows, heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
+        *key_values.stride()[:3], *key_indices.stride()[:3], *value_cache.stride()[:3],
         BLOCK_R=block_r, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[keys.dtype],
         RAGGED=counts is not None, num_warps=4,
     )

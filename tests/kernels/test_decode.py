@@ -107,6 +107,32 @@ def test_decode_argument_errors():
         flash_sfa_decode(torch.randn(2, 2, 1, 16), cache, attn_mask=torch.zeros(2, 1, 1, 3))
 
 
+def test_append_op_writes_at_the_device_lengths_and_drops_tokens_past_the_capacity():
+    """sfa::compressed_cache_append (what a compiled decode step calls): starts at each sequence's device
+    length, advances it, never writes past the capacity (the lengths stop there)."""
+    torch.manual_seed(4)
+    cache = CompressedKVCache(2, 3, 16, 4, torch.float32, DEVICE, capacity=10, fixed=True)
+    for t in (cache.key_values, cache.values):
+        t.fill_(float("nan"))
+    first_k, first_v = torch.randn(2, 3, 4, 16, device=DEVICE), torch.randn(2, 3, 4, 16, device=DEVICE)
+    cache.append(first_k, first_v, [4, 1])
+    keys, values = torch.randn(2, 3, 7, 16, device=DEVICE), torch.randn(2, 3, 7, 16, device=DEVICE)
+    cache.append_on_device(keys, values)
+    assert cache.lengths.tolist() == [10, 8] and cache.host_lengths == [10, 8]  # host lengths read back
+    want = sparsify(keys, 4)
+    for b, start in enumerate([4, 1]):
+        n = min(7, 10 - start)
+        torch.testing.assert_close(cache.key_values[b, :, start:start + n], want.values[b, :, :n], rtol=0, atol=0)
+        torch.testing.assert_close(cache.key_indices[b, :, start:start + n], want.indices[b, :, :n], rtol=0, atol=0)
+        torch.testing.assert_close(cache.values[b, :, start:start + n], values[b, :, :n], rtol=0, atol=0)
+    assert cache.values[1, :, 8:].isnan().all()  # never written
+    with pytest.raises(ValueError, match="fixed capacity"):
+        CompressedKVCache(1, 3, 16, 4, torch.float32, DEVICE).append_on_device(keys[:1], values[:1])
+    with pytest.raises(ValueError, match="lengths must be int32"):
+        ops.compressed_cache_append_op(cache.key_values, cache.key_indices, cache.values, cache.lengths.long(), keys,
+                                       values)
+
+
 # --- Triton kernels ---------------------------------------------------------------------------------------
 
 def _triton():
@@ -127,7 +153,8 @@ def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
     got.append(want.to_dense()[0][:, :, :1].to(DEVICE), want.to_dense()[1][:, :, :1].to(DEVICE))
     for t in (got.key_values, got.values):
         t[:, :, 1:].fill_(float("nan"))
-    triton_decode.append_compressed(got, keys, values, [6, 2])
+    counts = torch.tensor([6, 2], dtype=torch.int32, device=DEVICE)
+    triton_decode.append_compressed(got.key_values, got.key_indices, got.values, got.lengths, keys, values, counts)
     got.host_lengths = [7, 3]
     got.lengths.copy_(torch.tensor([7, 3]))
     for name in ("key_values", "key_indices", "values"):
@@ -137,10 +164,17 @@ def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
     # Uniform appends (the decode loop) read the start positions from the device lengths.
     uniform = CompressedKVCache(2, 3, head_dim, topk, dtype, DEVICE, capacity=8)
     uniform.lengths.fill_(1)
-    triton_decode.append_compressed(uniform, keys, values, None)
+    triton_decode.append_compressed(uniform.key_values, uniform.key_indices, uniform.values, uniform.lengths, keys,
+                                    values, None)
     for name in ("key_values", "key_indices", "values"):
         torch.testing.assert_close(getattr(uniform, name)[0, :, 1:7].cpu(), getattr(want, name)[0, :, 1:7],
                                    rtol=0, atol=0)
+    # A full fixed cache (compiled decoding cannot check the capacity on the host): rows past it are dropped.
+    full = CompressedKVCache(2, 3, head_dim, topk, dtype, DEVICE, capacity=8)
+    full.values.fill_(float("nan"))
+    full.lengths.fill_(5)
+    triton_decode.append_compressed(full.key_values, full.key_indices, full.values, full.lengths, keys, values, None)
+    torch.testing.assert_close(full.values[:, :, 5:].cpu(), values[:, :, :3].cpu(), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
