@@ -81,10 +81,10 @@ def run_case(batch, context, topk, q_len, sweep):
     scale = HEAD_DIM ** -0.5
     variants = {"auto": {}}
     if sweep:
-        auto = triton_decode._num_splits(batch * KV_HEADS, context)
+        auto = triton_decode._launch_config(batch * KV_HEADS, context, None, None, None, None)[0]
         variants.update({f"splits={s},block={b},warps={w},stages={st}": dict(num_splits=s, block_n=b, num_warps=w,
                                                                             num_stages=st)
-                         for s in sorted({max(1, auto // 2), auto, 2 * auto}) for b in (32, 64) for w in (4,)
+                         for s in sorted({max(1, auto // 2), auto, 2 * auto}) for b in (32, 64) for w in (2, 4)
                          for st in (2, 3)})
     times = {}
     for name, kw in variants.items():

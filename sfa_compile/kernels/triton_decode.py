@@ -26,7 +26,7 @@ import triton.language as tl
 from .triton_topk import LOW_BIT, interpreting, topk_keep
 
 _MIN_SPLIT_TOKENS = 128
-_LONG_SPLIT_TOKENS = 4096  # splits at least this long stream 32-key blocks 3 deep (H100, interleaved runs)
+_LONG_SPLIT_TOKENS = 4096  # base splits at least this long get four times the splits (see _launch_config)
 
 
 def _min_rows(block_d: int) -> int:
@@ -149,27 +149,25 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _num_splits(batch_heads: int, n_keys: int) -> int:
+def _launch_config(batch_heads: int, n_keys: int, num_splits: Optional[int], block_n: Optional[int],
+                   num_warps: Optional[int], num_stages: Optional[int]) -> tuple[int, int, int, int]:
+    """(splits, key block, warps, stages), each unless given. About four programs per multiprocessor with splits
+    of >= 128 keys, 64-key blocks 2 stages deep. When that leaves long splits (>= 4096 keys: many sequences), four
+    times the splits with 32-key blocks, 2 warps, 2 stages: H100, 5 interleaved rounds, batch 16, 32k/128k, topk
+    8/16: 1.43-1.53x of cuDNN against 1.34-1.40x for 5 splits x 32-key blocks x 4 warps x 3 stages; batch 1 at
+    128k keeps the short-split configuration (1.39x; benchmarks/RESULTS.md)."""
     if interpreting():
-        return max(1, min(4, triton.cdiv(n_keys, 16)))
+        return num_splits or max(1, min(4, triton.cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
     sms = _multiprocessors(torch.cuda.current_device())
-    # About four programs per multiprocessor (H100 sweep, benchmarks/RESULTS.md), splits of >= 128 keys.
-    return max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
-
-
-def _tiles(n_keys: int, splits: int, block_n: Optional[int], num_stages: Optional[int]) -> tuple[int, int]:
-    """Key block and pipeline depth: long splits (many sequences share the SMs) run 32-key blocks 3 stages
-    deep, short ones 64-key blocks 2 deep (H100, interleaved repeated timings: 1.33-1.39x vs 1.13-1.16x of
-    cuDNN at batch 16 for the former; 64/2 stays best at batch 1, 128k)."""
-    if interpreting():
-        return block_n or 16, num_stages or 1
-    long_splits = triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS
-    return block_n or (32 if long_splits else 64), num_stages or (3 if long_splits else 2)
+    splits = max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+    if triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS:
+        return num_splits or 4 * splits, block_n or 32, num_warps or 2, num_stages or 2
+    return num_splits or splits, block_n or 64, num_warps or 4, num_stages or 2
 
 
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
-           num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: int = 4,
+           num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
            num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of (B, Hq, T, d) queries over the compressed cache; arguments checked by the op."""
     batch, q_heads, q_len, head_dim = query.shape
@@ -177,8 +175,8 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     group = q_heads // key_heads
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
-    splits = num_splits or _num_splits(batch * key_heads, n_keys)
-    block_n, num_stages = _tiles(n_keys, splits, block_n, num_stages)
+    splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, num_splits, block_n, num_warps,
+                                                            num_stages)
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
     o_part = torch.empty(batch * key_heads * splits * rows, head_dim, dtype=torch.float32, device=query.device)
     m_part = torch.empty(batch * key_heads * splits * rows, dtype=torch.float32, device=query.device)
