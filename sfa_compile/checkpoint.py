@@ -27,7 +27,7 @@ import torch
 from .config import SFAConfig
 from .convert import is_hf_model
 from .integrations.hf_attention import register
-from .module_conversion import InputSpec, rewrite_module
+from .module_conversion import InputSpec, qualified_name, rewrite_module
 from .projection import check_orthogonal
 
 MODULE_SETTINGS = "sfa_model.json"
@@ -106,7 +106,7 @@ def _load_module(path: Path, model):
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"load: {path} holds a converted {saved_class}; pass an unconverted instance of it: "
                         f"sfa_compile.load({str(path)!r}, model=...)")
-    own_class = f"{type(model).__module__}.{type(model).__qualname__}"
+    own_class = qualified_name(type(model))
     if own_class != saved_class:
         raise TypeError(f"load: {path} holds a converted {saved_class}, but model= is a {own_class}")
     config = SFAConfig.from_dict({k: settings[k] for k in SFAConfig.field_names() if k in settings})

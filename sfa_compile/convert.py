@@ -109,14 +109,14 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
     """
     config = config or SFAConfig()
     examples = list(calibration) if calibration is not None else []
+    example = example if example is not None else examples[0] if examples else None
     if not is_hf_model(model):
         return _convert_module(model, config, examples, example, refine_steps, progress)
     if getattr(model.config, "sfa", None):
         raise ValueError("convert: this model is already an SFA model (model.config.sfa is set)")
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
-    layers = attention_layers(model, example if example is not None else examples[0] if examples
-                              else model.dummy_inputs)
+    layers = attention_layers(model, example if example is not None else model.dummy_inputs)
     if not layers:
         raise ValueError("convert: no attention layer called the attention interface; this model's attention "
                          "is not pluggable through transformers' AttentionInterface")
@@ -152,7 +152,6 @@ def _convert_module(model, config, examples, example, refine_steps, progress):
         raise TypeError(f"convert: expected a torch.nn.Module, got {type(model).__name__}")
     if getattr(model, "sfa_settings", None):
         raise ValueError("convert: this module is already an SFA model (it has sfa_settings)")
-    example = example if example is not None else examples[0] if examples else None
     if example is None:
         raise ValueError(f"convert: {type(model).__name__} is not a Hugging Face model, so it is traced from an "
                          "example input: pass example=... or calibration=[...] (dicts of keyword arguments, tuples "

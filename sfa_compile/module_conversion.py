@@ -228,4 +228,9 @@ def rewrite_module(model: nn.Module, config: SFAConfig, spec: InputSpec) -> tupl
 def settings(config: SFAConfig, spec: InputSpec, sites: dict, model_class: type) -> dict[str, Any]:
     """What a checkpoint of a converted plain module records (``model.sfa_settings``)."""
     return {**config.to_dict(), "projection": "runtime", "converted_sites": sites, "inputs": spec.to_dict(),
-            "model_class": f"{model_class.__module__}.{model_class.__qualname__}"}
+            "model_class": qualified_name(model_class)}
+
+
+def qualified_name(cls: type) -> str:
+    """``module.Class`` of a model class, as a checkpoint records it."""
+    return f"{cls.__module__}.{cls.__qualname__}"

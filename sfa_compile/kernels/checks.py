@@ -161,12 +161,8 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
                          f"{key_values.dtype}, {value.dtype}")
     if key_indices.dtype not in (torch.uint8, torch.int16):
         raise ValueError(f"{name}: key_indices must be uint8 or int16, got {key_indices.dtype}")
-    if lengths.shape != (batch,) or lengths.dtype != torch.int32:
-        raise ValueError(f"{name}: lengths must be int32 of shape ({batch},), got {lengths.dtype} "
-                         f"{tuple(lengths.shape)}")
-    tensors = (query, key_values, key_indices, value, lengths) + ((attn_mask,) if attn_mask is not None else ())
-    if len({t.device for t in tensors}) != 1:
-        raise ValueError(f"{name}: all inputs must be on one device, got {[str(t.device) for t in tensors]}")
+    _check_lengths(name, "lengths", lengths, batch)
+    _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask)
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"{name}: attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
@@ -191,10 +187,18 @@ def check_append_args(key_values, key_indices, values, lengths, new_keys, new_va
     if key_values.shape[:3] != values.shape[:3] or key_indices.shape != key_values.shape:
         raise ValueError(f"{name}: cache buffers {tuple(key_values.shape)}, {tuple(key_indices.shape)}, "
                          f"{tuple(values.shape)} do not form one cache")
-    for label, t in (("lengths", lengths), ("counts", counts)):
-        if t is not None and (t.shape != (batch,) or t.dtype != torch.int32):
-            raise ValueError(f"{name}: {label} must be int32 of shape ({batch},), got {t.dtype} {tuple(t.shape)}")
-    tensors = (key_values, key_indices, values, lengths, new_keys, new_values) + ((counts,) if counts is not None
-                                                                                   else ())
+    _check_lengths(name, "lengths", lengths, batch)
+    if counts is not None:
+        _check_lengths(name, "counts", counts, batch)
+    _check_one_device(name, key_values, key_indices, values, lengths, new_keys, new_values, counts)
+
+
+def _check_lengths(name: str, label: str, t: torch.Tensor, batch: int) -> None:
+    if t.shape != (batch,) or t.dtype != torch.int32:
+        raise ValueError(f"{name}: {label} must be int32 of shape ({batch},), got {t.dtype} {tuple(t.shape)}")
+
+
+def _check_one_device(name: str, *tensors: Optional[torch.Tensor]) -> None:
+    tensors = [t for t in tensors if t is not None]
     if len({t.device for t in tensors}) != 1:
         raise ValueError(f"{name}: all inputs must be on one device, got {[str(t.device) for t in tensors]}")

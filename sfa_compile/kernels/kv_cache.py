@@ -44,6 +44,11 @@ def append_reference(key_values: torch.Tensor, key_indices: torch.Tensor, values
         key_values[b, :, start:start + n] = compressed.values[b, :, :n].to(key_values.dtype)
         key_indices[b, :, start:start + n] = compressed.indices[b, :, :n].to(key_indices.dtype)
         values[b, :, start:start + n] = new_values[b, :, :n].to(values.dtype)
+    advance_lengths(lengths, length, counts, capacity)
+
+
+def advance_lengths(lengths: torch.Tensor, length: int, counts: Optional[torch.Tensor], capacity: int) -> None:
+    """After an append: every sequence grew by ``length`` tokens (or ``counts[b]``), at most to the capacity."""
     lengths.add_(length if counts is None else counts).clamp_(max=capacity)
 
 

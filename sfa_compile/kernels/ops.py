@@ -18,7 +18,7 @@ import torch
 
 from .checks import (MAX_QUERY_LENGTH, check_append_args, check_decode_args, check_flash_sfa_args, default_scale,
                      output_shape, score_shape)
-from .kv_cache import append_reference
+from .kv_cache import advance_lengths, append_reference
 from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
 
 
@@ -192,7 +192,7 @@ def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_
     from . import triton_decode
 
     triton_decode.append_compressed(key_values, key_indices, values, lengths, new_keys, new_values, counts)
-    lengths.add_(new_keys.size(2) if counts is None else counts).clamp_(max=values.size(2))
+    advance_lengths(lengths, new_keys.size(2), counts, values.size(2))
 
 
 @compressed_cache_append_op.register_fake
