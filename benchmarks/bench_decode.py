@@ -2,9 +2,13 @@
 
 Attention only: one new query token per sequence (or --query-length), GQA 32 query / 8 key heads, d = 128,
 bf16. Each case first checks the Triton decode against the reference op on the same cache (must pass),
-then times with CUDA events (triton.testing.do_bench, median). Bandwidth counts the bytes a step must read:
-compressed keys + dense V for SFA, K + V for dense. The copy ceiling is measured in the same run
-(device-to-device copy, read + write bytes / time).
+then times every kernel twice: with CUDA events around back-to-back eager calls (triton.testing.do_bench,
+median; includes host launch time where it exceeds the GPU time) and replayed from a CUDA graph
+(do_bench_cudagraph: GPU time only, as in graph-captured or compiled generation). "SFA + R" is the decode
+with a learned projection (a converted model's layer): the query projection and top-k run in one small kernel
+before the split kernel. Bandwidth counts the bytes a step must read: compressed keys + dense V for SFA,
+K + V for dense. The copy ceiling is measured in the same run (device-to-device copy, read + write bytes /
+time).
 
     python benchmarks/bench_decode.py [--topks 8 16] [--cases 16x32768 16x131072 1x8192 1x131072]
                                       [--sweep] [--csv out.csv]
@@ -33,6 +37,10 @@ def bench(fn):
     return triton.testing.do_bench(fn, warmup=20, rep=100, return_mode="median")
 
 
+def bench_graph(fn):
+    return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+
+
 def copy_bandwidth() -> float:
     x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
     y = torch.empty_like(x)
@@ -51,22 +59,26 @@ def host_time(fn, calls=200) -> float:
     return elapsed / calls * 1e6
 
 
-def dense_time(q, k, v, backend):
+def dense_times(q, k, v, backend) -> tuple[float, float]:
+    """(events ms, graph ms) of SDPA with one backend; NaN where it cannot run these shapes."""
     try:
         with sdpa_kernel(BACKENDS[backend]):
             F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
-            return bench(lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+            call = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
+            return bench(call), bench_graph(call)
     except RuntimeError:
-        return float("nan")  # backend unavailable for these shapes
+        return float("nan"), float("nan")
 
 
-def check(cache, q, topk):
+def check(cache, q, topk, rotation):
     kv, ki, v = cache.views()
-    got = triton_decode.decode(q, kv, ki, v, cache.lengths, topk, HEAD_DIM ** -0.5, None)
-    want = ops.flash_sfa_decode_reference(q, kv, ki, v, cache.lengths, topk)
-    err = (got.float() - want.float()).abs().max().item()
-    if not err < 2e-2:
-        raise SystemExit(f"decode disagrees with the reference: max error {err}")
+    for projection in (None, rotation):
+        got = triton_decode.decode(q, kv, ki, v, cache.lengths, topk, HEAD_DIM ** -0.5, None, projection)
+        want = ops.flash_sfa_decode_reference(q, kv, ki, v, cache.lengths, topk, projection=projection)
+        err = (got.float() - want.float()).abs().max().item()
+        if not err < 2e-2:
+            raise SystemExit(f"decode (projection: {projection is not None}) disagrees with the reference: max "
+                             f"error {err}")
 
 
 def run_case(batch, context, topk, q_len, sweep):
@@ -74,9 +86,10 @@ def run_case(batch, context, topk, q_len, sweep):
     k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
     v = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
     q = torch.randn(batch, Q_HEADS, q_len, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
+    rotation = torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, device="cuda", generator=g))[0].to(DTYPE)
     cache = CompressedKVCache.from_dense(k, v, topk)
     if batch * context <= 16 * 32768:
-        check(cache, q, topk)
+        check(cache, q, topk, rotation)
     kv, ki, vc = cache.views()
     scale = HEAD_DIM ** -0.5
     variants = {"auto": {}}
@@ -94,15 +107,24 @@ def run_case(batch, context, topk, q_len, sweep):
         except RuntimeError as err:  # a sweep variant Triton cannot compile: reported, not timed
             print(f"  skipped {name}: {str(err).splitlines()[0][:80]}", flush=True)
     best = min(times, key=times.get)
-    host_us = host_time(lambda: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None))
-    dense = {name: dense_time(q, k, v, name) for name in BACKENDS}
-    fastest_dense = min(t for t in dense.values() if t == t)
+    decode = lambda: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None)  # noqa: E731
+    host_us = host_time(decode)
+    sfa_graph = bench_graph(decode)
+    projected_graph = bench_graph(lambda: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None,
+                                                               rotation))
+    dense = {name: dense_times(q, k, v, name) for name in BACKENDS}
+    fastest_dense = min(t[0] for t in dense.values() if t[0] == t[0])
+    fastest_graph = min(t[1] for t in dense.values() if t[1] == t[1])
     sfa_bytes, dense_bytes = cache.nbytes, 2 * k.numel() * k.element_size()
-    return dict(batch=batch, context=context, topk=topk, q_len=q_len, flash_ms=dense["flash"],
-                cudnn_ms=dense["cudnn"], sfa_ms=times["auto"], best_ms=times[best], best_variant=best,
+    return dict(batch=batch, context=context, topk=topk, q_len=q_len, flash_ms=dense["flash"][0],
+                cudnn_ms=dense["cudnn"][0], sfa_ms=times["auto"], best_ms=times[best], best_variant=best,
                 speedup=fastest_dense / times["auto"], best_speedup=fastest_dense / times[best],
+                flash_graph_ms=dense["flash"][1], cudnn_graph_ms=dense["cudnn"][1], sfa_graph_ms=sfa_graph,
+                graph_speedup=fastest_graph / sfa_graph, sfa_r_graph_ms=projected_graph,
+                r_graph_speedup=fastest_graph / projected_graph,
                 byte_ratio=dense_bytes / sfa_bytes, sfa_tbs=sfa_bytes / times["auto"] / 1e9,
-                dense_tbs=dense_bytes / fastest_dense / 1e9, host_us=host_us)
+                sfa_graph_tbs=sfa_bytes / sfa_graph / 1e9, dense_tbs=dense_bytes / fastest_dense / 1e9,
+                host_us=host_us)
 
 
 def main():
@@ -117,9 +139,10 @@ def main():
     print(f"{datetime.date.today()} {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
           f"{triton.__version__}; GQA {Q_HEADS}/{KV_HEADS}, d {HEAD_DIM}, bf16, query length {args.query_length}; "
           f"copy bandwidth {ceiling:.2f} TB/s")
-    print("| batch | context | topk | flash ms | cuDNN ms | SFA ms | SFA vs best dense | byte ratio | SFA TB/s "
-          "(% of copy) | dense TB/s | host us/call | best variant (speedup) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("| batch | context | topk | flash ms | cuDNN ms | SFA ms | SFA vs best dense | graph: flash / cuDNN / SFA / "
+          "SFA + R ms | graph: SFA, SFA + R vs best dense | byte ratio | SFA TB/s (% of copy), graph | dense TB/s | "
+          "host us/call | best variant (speedup) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for topk in args.topks:
         for case in args.cases:
@@ -127,8 +150,11 @@ def main():
             r = run_case(batch, context, topk, args.query_length, args.sweep)
             rows.append(r)
             print(f"| {batch} | {context} | {topk} | {r['flash_ms']:.3f} | {r['cudnn_ms']:.3f} | {r['sfa_ms']:.3f} | "
-                  f"{r['speedup']:.2f}x | {r['byte_ratio']:.2f} | {r['sfa_tbs']:.2f} ({100 * r['sfa_tbs'] / ceiling:.0f}%)"
-                  f" | {r['dense_tbs']:.2f} | {r['host_us']:.0f} | {r['best_variant']} ({r['best_speedup']:.2f}x) |", flush=True)
+                  f"{r['speedup']:.2f}x | {r['flash_graph_ms']:.3f} / {r['cudnn_graph_ms']:.3f} / "
+                  f"{r['sfa_graph_ms']:.3f} / {r['sfa_r_graph_ms']:.3f} | {r['graph_speedup']:.2f}x, "
+                  f"{r['r_graph_speedup']:.2f}x | {r['byte_ratio']:.2f} | {r['sfa_graph_tbs']:.2f} "
+                  f"({100 * r['sfa_graph_tbs'] / ceiling:.0f}%) | {r['dense_tbs']:.2f} | {r['host_us']:.0f} | "
+                  f"{r['best_variant']} ({r['best_speedup']:.2f}x) |", flush=True)
             torch.cuda.empty_cache()
     if args.csv:
         write_csv(args.csv, rows)

@@ -42,11 +42,12 @@ def flash_sfa(
 
 
 def flash_sfa_decode(query: torch.Tensor, cache: "CompressedKVCache", *, scale: Optional[float] = None,
-                     attn_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     attn_mask: Optional[torch.Tensor] = None, projection: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SFA of the newest ``query`` tokens (batch, query heads, T <= 16 for the fast path, d) over a
     ``CompressedKVCache`` that already holds their keys: query t of T attends to the keys up to its own
     position (lengths[b] - T + t), GQA when the cache has fewer heads. ``attn_mask``: optional boolean
-    (True = attend) broadcasting to (batch, query heads, T, cached tokens)."""
+    (True = attend) broadcasting to (batch, query heads, T, cached tokens). ``projection``: R (key heads, d, d)
+    the cache's keys were appended with; the queries are projected by it inside the kernel."""
     key_values, key_indices, values = cache.views()
     return ops.flash_sfa_decode_op(query, key_values, key_indices, values, cache.lengths, cache.topk, scale,
-                                   attn_mask)
+                                   attn_mask, projection)

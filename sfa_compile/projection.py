@@ -12,6 +12,8 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrizations, parametrize
 
+from .kernels.topk import project_by_key_head
+
 
 class SFAProjection(nn.Module):
     """The SFA state of one attention layer: its ``topk`` and, unless folded away, R (key heads, d, d).
@@ -32,11 +34,7 @@ class SFAProjection(nn.Module):
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, heads, length, d) with heads a multiple of key_heads -> x R of its key head."""
-        if self.weight is None:
-            return x
-        batch, heads, length, dim = x.shape
-        r = self.weight.to(x.dtype)
-        return (x.view(batch, self.key_heads, heads // self.key_heads, length, dim) @ r[None, :, None]).view(x.shape)
+        return x if self.weight is None else project_by_key_head(x, self.weight)
 
 
 def projection_parameters(model) -> set:

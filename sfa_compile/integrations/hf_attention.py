@@ -52,7 +52,8 @@ def _decode(sfa, cache_layer, query, attention_mask, scaling):
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise ValueError("SFACache decoding needs a boolean attention mask (the 'sfa' mask function gives one); "
                          f"got {attention_mask.dtype}")
-    out = flash_sfa_decode(sfa.project(query), cache_layer.store, scale=scaling, attn_mask=attention_mask)
+    out = flash_sfa_decode(query, cache_layer.store, scale=scaling, attn_mask=attention_mask,
+                           projection=cache_layer.weight)  # the R the cached keys were compressed with
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -3,8 +3,8 @@
     model = sfa_compile.load("out/")      # or any model converted with attn_implementation="sfa"
     out = model.generate(**inputs, past_key_values=SFACache(model), max_new_tokens=128)
 
-Each SFA layer's keys are projected by the layer's R, compressed to top-k values + indices and appended to
-a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache. ``update`` hands the
+Each SFA layer's keys are projected by the layer's R (inside the append kernel), compressed to top-k values +
+indices and appended to a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache. ``update`` hands the
 attention function the current tokens' keys tagged with their cache layer: the first call (the prompt)
 runs the prefill kernel on them, later calls decode over the compressed cache (``flash_sfa_decode``). The
 tag only means something to the "sfa" attention function, so the cache refuses models that do not use it.
@@ -38,6 +38,7 @@ class SFACacheLayer(CacheLayerMixin):
         self.projection, self.max_cache_len = projection, max_cache_len
         self.is_compileable = max_cache_len is not None
         self.store: CompressedKVCache | None = None
+        self.weight: torch.Tensor | None = None
         self.past_length: int | None = 0  # tokens cached before the latest update; None: a compiled update
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -47,25 +48,28 @@ class SFACacheLayer(CacheLayerMixin):
         self.store = CompressedKVCache(batch, key_heads, head_dim, self.projection.topk, value_states.dtype,
                                        value_states.device, capacity=self.max_cache_len if static else length + 256,
                                        fixed=static)
+        # R as the kernels use it (the model dtype), converted once: keys are compressed and queries projected with it.
+        weight = self.projection.weight
+        self.weight = None if weight is None else weight.detach().to(value_states.dtype)
         if static and not torch.compiler.is_compiling():
             # Fixed addresses: cudagraph-replaying compiled code ("reduce-overhead") must not copy the cache.
-            for t in (self.store.key_values, self.store.key_indices, self.store.values, self.store.lengths):
-                torch._dynamo.mark_static_address(t)
+            for t in (self.store.key_values, self.store.key_indices, self.store.values, self.store.lengths, self.weight):
+                if t is not None:
+                    torch._dynamo.mark_static_address(t)
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         with torch.no_grad():
-            keys = self.projection.project(key_states)
             if not torch.compiler.is_compiling():
                 self.past_length = self.store.max_length
-                self.store.append(keys, value_states)
+                self.store.append(key_states, value_states, projection=self.weight)
             elif self.max_cache_len is None:
                 raise ValueError("SFACache under torch.compile needs a static cache: SFACache(model, max_cache_len=N)")
             else:
                 self.past_length = None  # host lengths are not read in compiled code: they would specialize it
-                self.store.append_on_device(keys, value_states)
+                self.store.append_on_device(key_states, value_states, projection=self.weight)
         setattr(key_states, CACHE_TAG, self)
         return key_states, value_states
 
@@ -100,7 +104,7 @@ class SFACacheLayer(CacheLayerMixin):
         return self.store.nbytes if self.is_initialized else 0
 
     def reset(self) -> None:
-        self.store, self.is_initialized, self.past_length = None, False, 0
+        self.store, self.weight, self.is_initialized, self.past_length = None, None, False, 0
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

@@ -139,7 +139,19 @@ def check_flash_sfa_args(
         )
 
 
-def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask) -> None:
+def check_projection(name: str, projection: Optional[torch.Tensor], key_heads: int, head_dim: int,
+                     device: torch.device) -> None:
+    """R of every key head, (key heads, d, d), floating point, beside the other inputs (or None)."""
+    if projection is None:
+        return
+    if projection.shape != (key_heads, head_dim, head_dim) or not projection.is_floating_point():
+        raise ValueError(f"{name}: projection must be a float tensor (key heads {key_heads}, d {head_dim}, d "
+                         f"{head_dim}), got {projection.dtype} {tuple(projection.shape)}")
+    if projection.device != device:
+        raise ValueError(f"{name}: projection is on {projection.device}, the other inputs on {device}")
+
+
+def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection=None) -> None:
     """Raise ValueError for decode inputs that do not form one compressed cache and query block."""
     name = "flash_sfa_decode"
     if query.dim() != 4 or key_values.dim() != 4 or key_indices.shape != key_values.shape or value.dim() != 4:
@@ -163,6 +175,7 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
         raise ValueError(f"{name}: key_indices must be uint8 or int16, got {key_indices.dtype}")
     _check_lengths(name, "lengths", lengths, batch)
     _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask)
+    check_projection(name, projection, key_heads, head_dim, query.device)
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"{name}: attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
@@ -176,7 +189,8 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
                              f"{(batch, q_heads, q_len, n_keys)}")
 
 
-def check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts) -> None:
+def check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts,
+                      projection=None) -> None:
     """Raise ValueError for new keys/values that do not fit a compressed cache's layout."""
     name = "compressed_cache_append"
     batch, key_heads, _, head_dim = values.shape
@@ -191,6 +205,7 @@ def check_append_args(key_values, key_indices, values, lengths, new_keys, new_va
     if counts is not None:
         _check_lengths(name, "counts", counts, batch)
     _check_one_device(name, key_values, key_indices, values, lengths, new_keys, new_values, counts)
+    check_projection(name, projection, key_heads, head_dim, values.device)
 
 
 def _check_lengths(name: str, label: str, t: torch.Tensor, batch: int) -> None:

@@ -21,6 +21,7 @@ import torch
 
 from .checks import check_topk
 from .compressed import densify, index_dtype, sparsify
+from .topk import project_by_key_head
 
 
 def dense_cache(key_values: torch.Tensor, key_indices: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
@@ -34,8 +35,11 @@ def dense_cache(key_values: torch.Tensor, key_indices: torch.Tensor, values: tor
 
 
 def append_reference(key_values: torch.Tensor, key_indices: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     new_keys: torch.Tensor, new_values: torch.Tensor, counts: Optional[torch.Tensor]) -> None:
+                     new_keys: torch.Tensor, new_values: torch.Tensor, counts: Optional[torch.Tensor],
+                     projection: Optional[torch.Tensor] = None) -> None:
     """The ``sfa::compressed_cache_append`` op in PyTorch: write at each sequence's length, advance it."""
+    if projection is not None:
+        new_keys = project_by_key_head(new_keys, projection)
     length, capacity = new_keys.size(2), values.size(2)
     compressed = sparsify(new_keys, key_values.size(-1))
     counts_list = [length] * new_keys.size(0) if counts is None else counts.tolist()
@@ -115,9 +119,11 @@ class CompressedKVCache:
     def capacity_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.key_values, self.key_indices, self.values))
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None) -> None:
+    def append(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None,
+               projection: Optional[torch.Tensor] = None) -> None:
         """Append (batch, key heads, T, d) keys and values: every sequence gets T tokens, or only the first
-        ``counts[b]`` of them (ragged batches). Keys are compressed here (top-k by magnitude)."""
+        ``counts[b]`` of them (ragged batches). Keys are projected by ``projection`` R (key heads, d, d) when
+        given and compressed here (top-k by magnitude)."""
         batch, heads, length, dim = keys.shape
         if (batch, heads, dim) != (self.batch, self.key_heads, self.head_dim) or values.shape != keys.shape:
             raise ValueError(f"CompressedKVCache.append: keys {tuple(keys.shape)} and values {tuple(values.shape)} "
@@ -138,10 +144,11 @@ class CompressedKVCache:
 
         counts_t = None if uniform else torch.tensor(counts, dtype=torch.int32, device=self.device)
         ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
-                                       counts_t)
+                                       counts_t, projection)
         self.host_lengths = [n + c for n, c in zip(self.host_lengths, counts)]
 
-    def append_on_device(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+    def append_on_device(self, keys: torch.Tensor, values: torch.Tensor,
+                         projection: Optional[torch.Tensor] = None) -> None:
         """Append T tokens to every sequence of a fixed cache touching device state only (no host reads, so a
         compiled decode step never specializes on lengths); the capacity is not checked: tokens past it are
         dropped. The host lengths are re-read from the device when next needed."""
@@ -150,7 +157,8 @@ class CompressedKVCache:
                              "without host lengths)")
         from . import ops
 
-        ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values)
+        ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
+                                       None, projection)
         self._host_lengths = None
 
     def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

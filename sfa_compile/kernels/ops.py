@@ -143,26 +143,33 @@ def flash_sfa_decode_op(
     topk: int,
     scale: Optional[float] = None,
     attn_mask: Optional[torch.Tensor] = None,
+    projection: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """Attention of a few new query tokens over a compressed key cache (kv_cache.py layout); inference only."""
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
-    return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask)
+    """Attention of a few new query tokens over a compressed key cache (kv_cache.py layout); inference only.
+    ``projection``: R (key heads, d, d) applied to the queries before their top-k (the cached keys were
+    projected by the same R when appended), fused into the kernel."""
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
+    return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
+                                      projection)
 
 
 @flash_sfa_decode_op.register_kernel("cuda")
-def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
+def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
+                           projection=None):
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
     from . import triton_decode
 
     if query.size(2) > MAX_QUERY_LENGTH or query.dtype == torch.float64 or query.size(3) > 256:
-        return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask)
+        return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
+                                          projection)
     return triton_decode.decode(query, key_values, key_indices, value, lengths, topk,
-                                default_scale(query, scale), attn_mask)
+                                default_scale(query, scale), attn_mask, projection)
 
 
 @flash_sfa_decode_op.register_fake
-def _flash_sfa_decode_fake(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask)
+def _flash_sfa_decode_fake(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
+                           projection=None):
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
     return query.new_empty(query.shape)
 
 
@@ -175,26 +182,32 @@ def compressed_cache_append_op(
     new_keys: torch.Tensor,
     new_values: torch.Tensor,
     counts: Optional[torch.Tensor] = None,
+    projection: Optional[torch.Tensor] = None,
 ) -> None:
-    """Append (B, Hk, T, d) keys (compressed to top-k here) and values to a compressed cache (kv_cache.py
-    layout) at each sequence's device length, then advance ``lengths`` by T (or ``counts[b]``). Device state
-    only, so a decode step that appends stays traceable and replayable; tokens past the capacity are dropped
-    (callers that know the host lengths check the capacity first)."""
-    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts)
-    append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+    """Append (B, Hk, T, d) keys (projected by ``projection`` R (Hk, d, d) when given, then compressed to top-k
+    here) and values to a compressed cache (kv_cache.py layout) at each sequence's device length, then advance
+    ``lengths`` by T (or ``counts[b]``). Device state only, so a decode step that appends stays traceable and
+    replayable; tokens past the capacity are dropped (callers that know the host lengths check the capacity
+    first)."""
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+    append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
 
 
 @compressed_cache_append_op.register_kernel("cuda")
-def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_keys, new_values, counts=None):
-    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts)
-    if new_keys.dtype not in (torch.float16, torch.bfloat16, torch.float32):
-        return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
+                                  projection=None):
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+    if new_keys.dtype not in (torch.float16, torch.bfloat16, torch.float32) or (projection is not None
+                                                                                and new_keys.size(3) > 256):
+        return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
     from . import triton_decode
 
-    triton_decode.append_compressed(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+    triton_decode.append_compressed(key_values, key_indices, values, lengths, new_keys, new_values, counts,
+                                    projection)
     advance_lengths(lengths, new_keys.size(2), counts, values.size(2))
 
 
 @compressed_cache_append_op.register_fake
-def _compressed_cache_append_fake(key_values, key_indices, values, lengths, new_keys, new_values, counts=None):
-    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts)
+def _compressed_cache_append_fake(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
+                                  projection=None):
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)

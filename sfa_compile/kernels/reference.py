@@ -19,7 +19,7 @@ import torch
 
 from .checks import default_scale, gqa_group_size, output_shape
 from .kv_cache import dense_cache
-from .topk import sparsify_dense
+from .topk import project_by_key_head, sparsify_dense
 
 SCORE_CHUNK_ELEMENTS = 1 << 24
 
@@ -211,9 +211,13 @@ def flash_sfa_backward_reference(
     return dq.to(query.dtype), dk.to(key.dtype), dv.to(value.dtype), d_mask
 
 
-def flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None):
-    """Decode over a compressed cache: queries (B, Hq, T, d) aligned to the end of each sequence (query t
-    sees keys up to lengths[b] - T + t), keys restored from (values, indices), then ``flash_sfa_reference``."""
+def flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
+                               projection=None):
+    """Decode over a compressed cache: queries (B, Hq, T, d), projected by R of their key head when a
+    ``projection`` is given, aligned to the end of each sequence (query t sees keys up to lengths[b] - T + t),
+    keys restored from (values, indices), then ``flash_sfa_reference``."""
+    if projection is not None:
+        query = project_by_key_head(query, projection)
     q_len = query.size(2)
     keys, value = dense_cache(key_values, key_indices, value, lengths, query.size(3))
     positions = torch.arange(keys.size(2), device=query.device)

@@ -22,6 +22,14 @@ def topk_mask(x: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.zeros_like(x, dtype=torch.bool).scatter_(-1, topk_indices(x, topk), True)
 
 
+def project_by_key_head(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x (batch, heads, length, d) @ R of each head's key head, R (key heads, d, d) with heads a multiple of key
+    heads (the learned projection applied before top-k); in x's dtype, as the kernels compute it."""
+    batch, heads, length, dim = x.shape
+    key_heads = r.size(0)
+    return (x.view(batch, key_heads, heads // key_heads, length, dim) @ r.to(x.dtype)[None, :, None]).view(x.shape)
+
+
 def sparsify_dense(x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(x with dropped features set to 0, keep mask). Uses where, not a multiply, so inf/NaN in dropped
     features cannot leak into the result."""

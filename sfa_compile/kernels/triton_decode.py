@@ -2,16 +2,19 @@
 
 Decode (query length 1..16): one program per (sequence, key head, split of the cached tokens). It loads the
 query rows of the key head's whole GQA group (group x query length rows), takes their top-k in registers
-(``topk_keep``), then streams its split of the cache once: per block of keys it loads the compressed keys
+(``topk_keep``; with a projection R, a first small kernel projects and sparsifies the query rows once per key
+head instead), then streams its split of the cache once: per block of keys it loads the compressed keys
 (values + indices) and dense V, forms the scores by gathering the kept key features' query entries from the
 register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x slower than
 dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to the 16
 rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel
-merges the splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up to length - T + t), sequences have their own lengths, and an optional
-boolean mask (True = attend) broadcasts like SDPA's.
+merges the splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up
+to length - T + t), sequences have their own lengths, and an optional boolean mask (True = attend) broadcasts
+like SDPA's.
 
-Append: one program per block of rows (sequence, key head, new token) computes the top-k of the key row,
-writes the kept values and their ascending indices at the sequence's current length, and copies V.
+Append: one program per (sequence, key head, block of 16 new tokens) projects the key rows by R when given,
+computes their top-k, writes the kept values and their ascending indices at the sequence's current length,
+and copies V.
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def _decode_split_kernel(
     svb, svh, svs,
     smb, smh, smt, sms,
     M_REAL: tl.constexpr, REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRESPARSE: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
@@ -62,7 +66,10 @@ def _decode_split_kernel(
     q_ok = row_ok[:, None] & col_ok[None, :]
     heads = hk * group + g
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + t[:, None] * sqt + cols[None, :] * sqd, mask=q_ok, other=0.0)
-    q = tl.where(topk_keep(q, q_ok, topk, LOW_BIT), q.to(tl.float32), 0.0)
+    if PRESPARSE:  # projected and sparsified by _prepare_query_kernel: at most topk non-zeros per row
+        q = q.to(tl.float32)
+    else:
+        q = tl.where(topk_keep(q, q_ok, topk, LOW_BIT), q.to(tl.float32), 0.0)
 
     length = tl.load(LENGTHS + b)
     last = length - q_len + t  # the last key each row sees (causal, aligned to the sequence end)
@@ -111,6 +118,43 @@ def _decode_split_kernel(
     tl.store(O_PART + acc_part[:, None] * head_dim + cols[None, :], acc, mask=acc_ok)
     tl.store(M_PART + part, m_i, mask=row_ok)
     tl.store(L_PART + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def _project(X, row_offsets, sxd, row_ok, r_base, srf, sre, head_dim, BLOCK_D: tl.constexpr,
+             PRECISION: tl.constexpr):
+    """Rows X[row_offsets] (>= 16 of them; d features ``sxd`` apart) @ R of one key head, accumulated in float32
+    and rounded to X's dtype, as x @ R.to(x.dtype)."""
+    cols = tl.arange(0, BLOCK_D)
+    col_ok = cols < head_dim
+    x = tl.load(X + row_offsets[:, None] + cols[None, :] * sxd, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
+    r = tl.load(r_base + cols[:, None] * srf + cols[None, :] * sre, mask=col_ok[:, None] & col_ok[None, :], other=0.0)
+    return tl.dot(x, r.to(X.dtype.element_ty), input_precision=PRECISION).to(X.dtype.element_ty)
+
+
+@triton.jit
+def _prepare_query_kernel(
+    Q, R, OUT, topk, head_dim, q_len, group, key_heads,
+    sqb, sqh, sqt, sqd,
+    srh, srf, sre,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The query rows of one (sequence, key head): projected by R, all but their top-k features zeroed, written
+    contiguous (B, Hq, T, d) for the split kernel (PRESPARSE), so no split program repeats the top-k."""
+    bh = tl.program_id(0)
+    b = (bh // key_heads).to(tl.int64)
+    hk = bh % key_heads
+    rows = tl.arange(0, BLOCK_M)
+    row_ok = rows < group * q_len
+    heads = hk * group + rows // q_len
+    t = rows % q_len
+    cols = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (cols < head_dim)[None, :]
+    q = _project(Q, b * sqb + heads * sqh + t * sqt, sqd, row_ok, R + hk * srh, srf, sre, head_dim, BLOCK_D,
+                 PRECISION)
+    q = tl.where(topk_keep(q, ok, topk, LOW_BIT), q, 0.0)
+    out_rows = (b * key_heads * group + heads) * q_len + t
+    tl.store(OUT + out_rows[:, None] * head_dim + cols[None, :], q, mask=ok)
 
 
 @triton.jit
@@ -167,14 +211,25 @@ def _launch_config(batch_heads: int, n_keys: int, num_splits: Optional[int], blo
 
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
-           num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
-           num_stages: Optional[int] = None) -> torch.Tensor:
-    """Attention of (B, Hq, T, d) queries over the compressed cache; arguments checked by the op."""
+           projection: Optional[torch.Tensor] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
+           num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+    """Attention of (B, Hq, T, d) queries (projected by ``projection[key head]`` first when given) over the
+    compressed cache; arguments checked by the op."""
     batch, q_heads, q_len, head_dim = query.shape
     key_heads, n_keys = key_values.size(1), key_values.size(2)
     group = q_heads // key_heads
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
+    block_d = max(triton.next_power_of_2(head_dim), 16)
+    precision = "ieee" if query.dtype == torch.float32 else "tf32"
+    if projection is not None:
+        sparse_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        _prepare_query_kernel[(batch * key_heads,)](
+            query, projection, sparse_query, topk, head_dim, q_len, group, key_heads, *query.stride(),
+            *projection.stride(), BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d,
+            LOW_BIT=LOW_BIT[query.dtype], PRECISION=precision, num_warps=4,
+        )
+        query = sparse_query
     splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, num_splits, block_n, num_warps,
                                                             num_stages)
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
@@ -186,7 +241,6 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         mask_strides, mask_arg = mask.stride(), mask
     else:
         mask_strides, mask_arg = (0, 0, 0, 0), lengths
-    block_d = max(triton.next_power_of_2(head_dim), 16)
     m_real = max(triton.next_power_of_2(rows), _min_rows(block_d))
     _decode_split_kernel[(splits, batch * key_heads)](
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
@@ -194,7 +248,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
         M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_K=max(triton.next_power_of_2(topk), 2), LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None,
-        PRECISION="ieee" if query.dtype == torch.float32 else "tf32", num_warps=num_warps, num_stages=num_stages,
+        PRESPARSE=projection is not None, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(batch * key_heads * rows,)](
         o_part, m_part, l_part, out, head_dim, q_len, group, key_heads, splits, *out.stride(),
@@ -205,52 +259,63 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
 
 @triton.jit
 def _append_kernel(
-    KEYS, VALUES, KVAL, KIDX, VCACHE, STARTS, COUNTS,
-    n_rows, key_heads, length, head_dim, topk, capacity,
+    KEYS, VALUES, R, KVAL, KIDX, VCACHE, STARTS, COUNTS,
+    key_heads, length, head_dim, topk, capacity,
     skb, skh, skn, skd,
     svb, svh, svn, svd,
+    srh, srf, sre,
     ckb, ckh, cks,
     cib, cih, cis,
     cvb, cvh, cvs,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, RAGGED: tl.constexpr,
+    HAS_R: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    n = rows % length
-    h = (rows // length) % key_heads
-    b = rows // (length * key_heads)
+    n = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # new tokens of one (sequence, key head)
+    bh = tl.program_id(1)
+    b = (bh // key_heads).to(tl.int64)
+    h = bh % key_heads
     cols = tl.arange(0, BLOCK_D)
-    row_ok = rows < n_rows
+    col_ok = cols < head_dim
+    row_ok = n < length
     if RAGGED:
-        row_ok = row_ok & (n < tl.load(COUNTS + b, mask=row_ok, other=0))
-    ok = row_ok[:, None] & (cols < head_dim)[None, :]
-    x = tl.load(KEYS + (b * skb + h * skh + n * skn)[:, None] + cols[None, :] * skd, mask=ok, other=0.0)
+        row_ok = row_ok & (n < tl.load(COUNTS + b))
+    ok = row_ok[:, None] & col_ok[None, :]
+    key_rows = b * skb + h * skh + n * skn
+    if HAS_R:
+        x = _project(KEYS, key_rows, skd, row_ok, R + h * srh, srf, sre, head_dim, BLOCK_D, PRECISION)
+    else:
+        x = tl.load(KEYS + key_rows[:, None] + cols[None, :] * skd, mask=ok, other=0.0)
     keep = topk_keep(x, ok, topk, LOW_BIT)
     slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # ascending feature order
-    pos = tl.load(STARTS + b, mask=row_ok, other=0) + n
+    pos = tl.load(STARTS + b) + n
     row_ok = row_ok & (pos < capacity)  # a full fixed cache under torch.compile: drop, never write past it
     ok = ok & row_ok[:, None]
     keep = keep & row_ok[:, None]
-    tl.store(KVAL + (b * ckb + h * ckh + pos * cks)[:, None] + slot, x.to(KVAL.dtype.element_ty), mask=keep)
-    tl.store(KIDX + (b * cib + h * cih + pos * cis)[:, None] + slot, cols[None, :].to(KIDX.dtype.element_ty)
+    tl.store(KVAL + b * ckb + h * ckh + (pos * cks)[:, None] + slot, x.to(KVAL.dtype.element_ty), mask=keep)
+    tl.store(KIDX + b * cib + h * cih + (pos * cis)[:, None] + slot, cols[None, :].to(KIDX.dtype.element_ty)
              + tl.zeros_like(slot).to(KIDX.dtype.element_ty), mask=keep)
-    v = tl.load(VALUES + (b * svb + h * svh + n * svn)[:, None] + cols[None, :] * svd, mask=ok, other=0.0)
-    tl.store(VCACHE + (b * cvb + h * cvh + pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty), mask=ok)
+    v = tl.load(VALUES + b * svb + h * svh + n[:, None] * svn + cols[None, :] * svd, mask=ok, other=0.0)
+    tl.store(VCACHE + b * cvb + h * cvh + (pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty),
+             mask=ok)
 
 
 def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value_cache: torch.Tensor,
                       lengths: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      counts: Optional[torch.Tensor]) -> None:
-    """Write compressed keys and dense values at each sequence's device length: all T tokens of every
-    sequence, or the first ``counts[b]``; rows past the capacity are dropped. ``lengths`` is not advanced."""
+                      counts: Optional[torch.Tensor], projection: Optional[torch.Tensor] = None) -> None:
+    """Write compressed keys (projected by ``projection[key head]`` first when given) and dense values at each
+    sequence's device length: all T tokens of every sequence, or the first ``counts[b]``; rows past the capacity
+    are dropped. ``lengths`` is not advanced."""
     batch, heads, length, head_dim = keys.shape
-    n_rows = batch * heads * length
-    if n_rows == 0:
+    if batch * heads * length == 0:
         return
-    block_r = 16
-    _append_kernel[(triton.cdiv(n_rows, block_r),)](
-        keys, values, key_values, key_indices, value_cache, lengths, lengths if counts is None else counts,
-        n_rows, heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
+    block_r = 16  # tl.dot's smallest row count (the projection)
+    _append_kernel[(triton.cdiv(length, block_r), batch * heads)](
+        keys, values, keys if projection is None else projection, key_values, key_indices, value_cache, lengths,
+        lengths if counts is None else counts,
+        heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
+        *(projection.stride() if projection is not None else (0, 0, 0)),
         *key_values.stride()[:3], *key_indices.stride()[:3], *value_cache.stride()[:3],
         BLOCK_R=block_r, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[keys.dtype],
-        RAGGED=counts is not None, num_warps=4,
+        RAGGED=counts is not None, HAS_R=projection is not None,
+        PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4,
     )

@@ -13,6 +13,7 @@ from sfa_compile import flash_sfa, sparsify
 from sfa_compile.functional import flash_sfa_decode
 from sfa_compile.kernels import ops
 from sfa_compile.kernels.kv_cache import CompressedKVCache
+from sfa_compile.kernels.topk import project_by_key_head
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -198,10 +199,74 @@ def test_triton_decode_matches_reference(dtype, q_len, group, lengths, masked, p
     want = ops.flash_sfa_decode_reference(query.double(), kv.double(), ki, v.double(), cache.lengths, topk, None,
                                           mask)
     naive = ops.flash_sfa_decode_reference(query, kv, ki, v, cache.lengths, topk, None, mask)
-    for splits in (None, 3):
+    for splits in (None, 3, 7):  # 7: more splits than one merge step takes at 64 rows, some of them empty
         got = triton_decode.decode(query, kv, ki, v, cache.lengths, topk, head_dim ** -0.5, mask, num_splits=splits)
         floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
         base = (naive.double() - want).abs().max().item()
         assert (got.double() - want).abs().max().item() <= 2 * base + floor
         if masked:
             assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+def _rotations(key_heads, head_dim, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.linalg.qr(torch.randn(key_heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0].float()
+
+
+@pytest.mark.parametrize("dtype,q_len", [(torch.float32, 2), (torch.float16, 2), (torch.float32, 11)])
+def test_triton_projection_fused_into_append_and_decode(dtype, q_len, poisoned):
+    """R given to the append and decode kernels equals projecting keys and queries beforehand (what the
+    reference does); with topk = d an orthogonal R leaves attention unchanged."""
+    triton_decode = _triton()
+    torch.manual_seed(4)
+    batch, key_heads, group, head_dim, topk, lengths = 2, 2, 3, 24, 5, [23, 9]
+    r = _rotations(key_heads, head_dim).to(DEVICE)
+    keys = torch.randn(batch, key_heads, 23, head_dim, dtype=dtype, device=DEVICE)
+    values = torch.randn_like(keys)
+    query = torch.randn(batch, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)  # 6 or 33 rows per key head
+    counts = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
+    fused = CompressedKVCache(batch, key_heads, head_dim, topk, dtype, DEVICE, capacity=30)
+    triton_decode.append_compressed(fused.key_values, fused.key_indices, fused.values, fused.lengths, keys, values,
+                                    counts, r)
+    fused.lengths.copy_(counts)
+    fused.host_lengths = lengths
+    projected = CompressedKVCache(batch, key_heads, head_dim, topk, dtype, DEVICE, capacity=30)
+    projected.append(project_by_key_head(keys, r), values, lengths)
+    for b, n in enumerate(lengths):
+        assert torch.equal(fused.key_indices[b, :, :n], projected.key_indices[b, :, :n])
+        torch.testing.assert_close(fused.key_values[b, :, :n], projected.key_values[b, :, :n])
+        assert torch.equal(fused.values[b, :, :n], projected.values[b, :, :n])
+    kv, ki, v = projected.views()
+    q_projected = project_by_key_head(query, r)
+    want = ops.flash_sfa_decode_reference(q_projected.double(), kv.double(), ki, v.double(), projected.lengths, topk)
+    naive = ops.flash_sfa_decode_reference(q_projected, kv, ki, v, projected.lengths, topk)
+    got = triton_decode.decode(query, kv, ki, v, projected.lengths, topk, head_dim ** -0.5, None, r, num_splits=3)
+    floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
+    assert (got.double() - want).abs().max().item() <= 2 * (naive.double() - want).abs().max().item() + floor
+    # topk = d: the rotation changes nothing (q R . k R = q . k), the result is dense attention.
+    full = CompressedKVCache(batch, key_heads, head_dim, head_dim, dtype, DEVICE, capacity=30)
+    full.append(keys, values, lengths, projection=r)
+    kv, ki, v = full.views()
+    got = triton_decode.decode(query, kv, ki, v, full.lengths, head_dim, head_dim ** -0.5, None, r)
+    dense = dense_decode(query.double(), keys.double(), values.double(), lengths, head_dim)
+    torch.testing.assert_close(got.double(), dense, rtol=0, atol=50 * torch.finfo(dtype).eps)
+
+
+def test_projection_argument_of_the_ops():
+    """The ops' ``projection`` means "project by R of the key head first", on every device; bad R is refused."""
+    torch.manual_seed(5)
+    r = _rotations(2, 16, seed=1).to(DEVICE)
+    keys = torch.randn(1, 2, 6, 16, device=DEVICE)
+    values = torch.randn(1, 2, 6, 16, device=DEVICE)
+    query = torch.randn(1, 4, 1, 16, device=DEVICE)
+    fused = CompressedKVCache(1, 2, 16, 4, torch.float32, DEVICE, capacity=8)
+    fused.append(keys, values, projection=r)
+    plain = CompressedKVCache(1, 2, 16, 4, torch.float32, DEVICE, capacity=8)
+    plain.append(project_by_key_head(keys, r), values)
+    assert torch.equal(fused.key_indices[:, :, :6], plain.key_indices[:, :, :6])
+    torch.testing.assert_close(flash_sfa_decode(query, fused, projection=r),
+                               flash_sfa_decode(project_by_key_head(query, r), plain))
+    with pytest.raises(ValueError, match="projection must be a float tensor"):
+        flash_sfa_decode(query, fused, projection=r[:1])
+    with pytest.raises(ValueError, match="projection must be a float tensor"):
+        fused.append(keys, values, projection=r.to(torch.int32))
