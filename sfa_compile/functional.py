@@ -42,7 +42,8 @@ def flash_sfa(
 
 
 def flash_sfa_decode(query: torch.Tensor, cache: "CompressedKVCache", *, scale: Optional[float] = None,
-                     attn_mask: Optional[torch.Tensor] = None, projection: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     attn_mask: Optional[torch.Tensor] = None,
+                     projection: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SFA of the newest ``query`` tokens (batch, query heads, T <= 16 for the fast path, d) over a
     ``CompressedKVCache`` that already holds their keys: query t of T attends to the keys up to its own
     position (lengths[b] - T + t), GQA when the cache has fewer heads. ``attn_mask``: optional boolean

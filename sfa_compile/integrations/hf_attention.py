@@ -33,7 +33,7 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     sfa = getattr(module, "sfa", None)
     cache_layer = getattr(key, CACHE_TAG, None)
     if sfa is not None and cache_layer is not None and cache_layer.attends_over_cache(query.size(2)):
-        return _decode(sfa, cache_layer, query, attention_mask, scaling)
+        return _decode(cache_layer, query, attention_mask, scaling)
     if attention_mask is not None and attention_mask.size(-1) > key.size(-2) and cache_layer is not None:
         # A static SFACache's prompt: the mask spans the cache's capacity, the keys are its first tokens.
         sdpa_kwargs["attn_mask"] = attention_mask = attention_mask[..., :key.size(-2)]
@@ -46,7 +46,7 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode(sfa, cache_layer, query, attention_mask, scaling):
+def _decode(cache_layer, query, attention_mask, scaling):
     """New tokens of a generation with an SFACache: attend over the compressed cache, which already holds
     their keys (observers are not called: no dense keys exist here)."""
     if attention_mask is not None and attention_mask.dtype != torch.bool:

@@ -4,10 +4,11 @@
     out = model.generate(**inputs, past_key_values=SFACache(model), max_new_tokens=128)
 
 Each SFA layer's keys are projected by the layer's R (inside the append kernel), compressed to top-k values +
-indices and appended to a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache. ``update`` hands the
-attention function the current tokens' keys tagged with their cache layer: the first call (the prompt)
-runs the prefill kernel on them, later calls decode over the compressed cache (``flash_sfa_decode``). The
-tag only means something to the "sfa" attention function, so the cache refuses models that do not use it.
+indices and appended to a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache.
+``update`` hands the attention function the current tokens' keys tagged with their cache layer: the first
+call (the prompt) runs the prefill kernel on them, later calls decode over the compressed cache
+(``flash_sfa_decode``). The tag only means something to the "sfa" attention function, so the cache refuses
+models that do not use it.
 
 With ``max_cache_len`` the cache is static, like transformers' StaticCache: every layer allocates its capacity up
 front and never moves, attention masks span the capacity, and a decode step reads only device state (lengths
@@ -48,12 +49,13 @@ class SFACacheLayer(CacheLayerMixin):
         self.store = CompressedKVCache(batch, key_heads, head_dim, self.projection.topk, value_states.dtype,
                                        value_states.device, capacity=self.max_cache_len if static else length + 256,
                                        fixed=static)
-        # R as the kernels use it (the model dtype), converted once: keys are compressed and queries projected with it.
+        # R in the model dtype, converted once: the kernels compress keys and project queries with it.
         weight = self.projection.weight
         self.weight = None if weight is None else weight.detach().to(value_states.dtype)
         if static and not torch.compiler.is_compiling():
             # Fixed addresses: cudagraph-replaying compiled code ("reduce-overhead") must not copy the cache.
-            for t in (self.store.key_values, self.store.key_indices, self.store.values, self.store.lengths, self.weight):
+            store = self.store
+            for t in (store.key_values, store.key_indices, store.values, store.lengths, self.weight):
                 if t is not None:
                     torch._dynamo.mark_static_address(t)
         self.is_initialized = True

@@ -223,7 +223,7 @@ def test_triton_projection_fused_into_append_and_decode(dtype, q_len, poisoned):
     r = _rotations(key_heads, head_dim).to(DEVICE)
     keys = torch.randn(batch, key_heads, 23, head_dim, dtype=dtype, device=DEVICE)
     values = torch.randn_like(keys)
-    query = torch.randn(batch, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)  # 6 or 33 rows per key head
+    query = torch.randn(batch, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)  # 6 or 33 rows/head
     counts = torch.tensor(lengths, dtype=torch.int32, device=DEVICE)
     fused = CompressedKVCache(batch, key_heads, head_dim, topk, dtype, DEVICE, capacity=30)
     triton_decode.append_compressed(fused.key_values, fused.key_indices, fused.values, fused.lengths, keys, values,
