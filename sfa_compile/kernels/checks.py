@@ -139,16 +139,12 @@ def check_flash_sfa_args(
         )
 
 
-def check_projection(name: str, projection: Optional[torch.Tensor], key_heads: int, head_dim: int,
-                     device: torch.device) -> None:
-    """R of every key head, (key heads, d, d), floating point, beside the other inputs (or None)."""
-    if projection is None:
-        return
-    if projection.shape != (key_heads, head_dim, head_dim) or not projection.is_floating_point():
+def _check_projection(name: str, projection: Optional[torch.Tensor], key_heads: int, head_dim: int) -> None:
+    """R of every key head, (key heads, d, d), floating point (or None); its device is checked with the others."""
+    if projection is not None and (projection.shape != (key_heads, head_dim, head_dim)
+                                   or not projection.is_floating_point()):
         raise ValueError(f"{name}: projection must be a float tensor (key heads {key_heads}, d {head_dim}, d "
                          f"{head_dim}), got {projection.dtype} {tuple(projection.shape)}")
-    if projection.device != device:
-        raise ValueError(f"{name}: projection is on {projection.device}, the other inputs on {device}")
 
 
 def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection=None) -> None:
@@ -174,8 +170,8 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
     if key_indices.dtype not in (torch.uint8, torch.int16):
         raise ValueError(f"{name}: key_indices must be uint8 or int16, got {key_indices.dtype}")
     _check_lengths(name, "lengths", lengths, batch)
-    _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask)
-    check_projection(name, projection, key_heads, head_dim, query.device)
+    _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask, projection)
+    _check_projection(name, projection, key_heads, head_dim)
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"{name}: attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
@@ -204,8 +200,8 @@ def check_append_args(key_values, key_indices, values, lengths, new_keys, new_va
     _check_lengths(name, "lengths", lengths, batch)
     if counts is not None:
         _check_lengths(name, "counts", counts, batch)
-    _check_one_device(name, key_values, key_indices, values, lengths, new_keys, new_values, counts)
-    check_projection(name, projection, key_heads, head_dim, values.device)
+    _check_one_device(name, key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+    _check_projection(name, projection, key_heads, head_dim)
 
 
 def _check_lengths(name: str, label: str, t: torch.Tensor, batch: int) -> None:
