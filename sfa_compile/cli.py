@@ -58,7 +58,9 @@ def _finetune(args: argparse.Namespace) -> int:
     data = text_examples(args.model_dir, model.config, args.sentences, labels=causal_lm)
     task = (lambda out, example: out.loss) if causal_lm else None
     losses = finetune(model, data, args.steps, lr=args.lr, model_lr=args.model_lr, lam=args.lam, task_loss=task,
-                      train_model=args.train_model)
+                      train_model=args.train_model, straight_through=args.straight_through,
+                      sparsity_weight=args.sparsity_weight, warmup_topks=args.warmup_topks,
+                      final_lr_factor=args.final_lr_factor)
     save(model, args.output, force=args.force)
     print(f"fine-tuned {args.steps} steps (loss {losses[0]:.4f} -> {losses[-1]:.4f}) -> {args.output}")
     return 0
@@ -103,6 +105,14 @@ def _build_plugin(args: argparse.Namespace) -> int:
     return 0
 
 
+def _finetune_defaults():
+    import inspect
+
+    from .finetune import finetune
+
+    return inspect.signature(finetune).parameters
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sfa-compile", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -114,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     from .config import SFAConfig
 
     defaults = SFAConfig()
+    tuning = _finetune_defaults()
     conv = sub.add_parser("convert", help="convert a Hugging Face model directory into an SFA checkpoint")
     conv.add_argument("model_dir", help="directory with config.json and weights (save_pretrained layout)")
     conv.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
@@ -130,10 +141,19 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
     tune.add_argument("--steps", type=int, default=100)
     tune.add_argument("--sentences", type=int, default=256, help="built-in sentences to train on")
-    tune.add_argument("--lr", type=float, default=1e-3, help="learning rate of the projections")
-    tune.add_argument("--model-lr", type=float, default=2e-5, help="learning rate of the model's weights")
-    tune.add_argument("--lam", type=float, default=1.0, help="weight of the Eq. 8 distillation term")
+    tune.add_argument("--lr", type=float, default=tuning["lr"].default, help="learning rate of the projections")
+    tune.add_argument("--model-lr", type=float, default=tuning["model_lr"].default,
+                      help="learning rate of the model's weights")
+    tune.add_argument("--lam", type=float, default=tuning["lam"].default, help="weight of the Eq. 8 distillation term")
     tune.add_argument("--train-model", action="store_true", help="also train the model's own weights")
+    tune.add_argument("--straight-through", action="store_true",
+                      help="straight-through top-k gradients: dropped features learn whether to enter the kept set")
+    tune.add_argument("--sparsity-weight", type=float, default=tuning["sparsity_weight"].default,
+                      help="weight of the penalty on the energy top-k drops (default: %(default)s)")
+    tune.add_argument("--warmup-topks", type=int, nargs="+", default=tuning["warmup_topks"].default, metavar="K",
+                      help="gradual sparsification: larger top-k values for the first steps (e.g. 16 12 for topk 8)")
+    tune.add_argument("--final-lr-factor", type=float, default=tuning["final_lr_factor"].default,
+                      help="learning rates times this for the last quarter of the steps (default: %(default)s)")
     tune.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     tune.set_defaults(func=_finetune)
 

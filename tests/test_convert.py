@@ -168,8 +168,10 @@ def test_cli_convert_and_finetune(tmp_path, capsys):
     assert "converted 2 attention layers" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="--force"):
         cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa")])
-    assert cli_main(["finetune", str(tmp_path / "sfa"), "-o", str(tmp_path / "tuned"), "--steps", "2",
-                     "--sentences", "8"]) == 0
+    assert cli_main(["finetune", str(tmp_path / "sfa"), "-o", str(tmp_path / "tuned"), "--steps", "3",
+                     "--sentences", "8", "--straight-through", "--sparsity-weight", "0.3", "--warmup-topks", "8",
+                     "--final-lr-factor", "0.25"]) == 0
     tuned = sfa_compile.load(tmp_path / "tuned")
     before = sfa_compile.load(tmp_path / "sfa")
     assert not torch.equal(tuned.model.layers[0].self_attn.sfa.weight, before.model.layers[0].self_attn.sfa.weight)
+    assert tuned.config.sfa["topk"] == tuned.model.layers[0].self_attn.sfa.topk == 4  # not a warm-up value

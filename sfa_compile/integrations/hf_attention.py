@@ -15,8 +15,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from ..functional import flash_sfa, flash_sfa_decode
+from ..functional import flash_sfa_decode
 from ..observers import notify
+from ..straight_through import sfa_attention
 
 ATTN_IMPLEMENTATION = "sfa"
 CACHE_TAG = "_sfa_cache_layer"  # set by SFACache.update on the keys it hands to the attention function
@@ -41,7 +42,7 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
     else:
         query, key = sfa.project(query), sfa.project(key)
-        out = flash_sfa(query, key, value, topk=sfa.topk, **sdpa_kwargs)
+        out = sfa_attention(query, key, value, topk=sfa.topk, **sdpa_kwargs)
     notify(module, query, key, value, attention_mask, out, sdpa_kwargs)
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,0 +1,46 @@
+"""Straight-through top-k for fine-tuning, and the attention call every SFA site makes.
+
+SFA's gradient reaches only the kept features (DESIGN.md section 1), so training can sharpen the features
+already kept but never learns that a dropped one should have been kept. Inside ``straight_through_topk()``,
+SFA sites instead sparsify q and k with a straight-through estimator (Bengio et al. 2013; as SR-STE trains
+N:M sparse weights): the forward pass is unchanged (the same top-k values, exact softmax), while a dropped
+feature receives the gradient it would get if it were kept, so features can enter and leave the kept set.
+``finetune(..., straight_through=True)`` uses it; measured on all-MiniLM-L6-v2 in benchmarks/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+from .functional import flash_sfa
+from .kernels.topk import topk_mask
+
+_active = [0]  # nesting depth of straight_through_topk blocks
+
+
+@contextlib.contextmanager
+def straight_through_topk():
+    """SFA sites run with straight-through top-k gradients inside the block."""
+    _active[0] += 1
+    try:
+        yield
+    finally:
+        _active[0] -= 1
+
+
+def _straight_through(x: torch.Tensor, topk: int) -> torch.Tensor:
+    """x's top-k features (the others 0) in the forward pass; the identity's gradient in the backward pass.
+    Dropped features are finite (inf and NaN always rank first), so ``x - x.detach()`` is exactly 0 there."""
+    return torch.where(topk_mask(x.detach(), topk), x, x - x.detach())
+
+
+def sfa_attention(query, key, value, *, topk: int, **sdpa_kwargs) -> torch.Tensor:
+    """``flash_sfa`` of projected q and k, or inside ``straight_through_topk()`` the same forward values
+    through SDPA on straight-through sparsified q and k (its backward then gives every feature a gradient)."""
+    if not _active[0] or not torch.is_grad_enabled():
+        return flash_sfa(query, key, value, topk=topk, **sdpa_kwargs)
+    return F.scaled_dot_product_attention(_straight_through(query, topk), _straight_through(key, topk), value,
+                                          **sdpa_kwargs)

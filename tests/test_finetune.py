@@ -1,0 +1,139 @@
+"""Fine-tuning levers that make top-k learnable: straight-through top-k, the dropped-energy penalty, gradual
+sparsification and the final learning-rate factor."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hf_models import build
+from torch.optim.optimizer import register_optimizer_step_pre_hook
+
+import sfa_compile
+from sfa_compile.distill import dropped_energy
+from sfa_compile.kernels.topk import sparsify_dense
+from sfa_compile.module_conversion import SFAAttention
+from sfa_compile.observers import observe
+from sfa_compile.straight_through import sfa_attention, straight_through_topk
+
+
+def _qkv(seed=0, heads=4, key_heads=2, length=9, dim=16):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(2, heads, length, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    k = torch.randn(2, key_heads, length, dim, generator=g, dtype=torch.float64, requires_grad=True)
+    v = torch.randn(2, key_heads, length, dim, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+@pytest.mark.parametrize("masking", ["causal", "bool_mask"])
+def test_straight_through_keeps_the_forward_and_passes_gradients_to_dropped_features(masking):
+    q, k, v = _qkv()
+    mask = torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1)) > 0.3
+    mask[..., 0] = True  # no fully masked rows
+    kwargs = dict(is_causal=True) if masking == "causal" else dict(attn_mask=mask)
+    grad_out = torch.randn(2, 4, 9, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+
+    exact = sfa_attention(q, k, v, topk=4, enable_gqa=True, **kwargs)
+    dq_exact, = torch.autograd.grad(exact, q, grad_out)
+    with straight_through_topk():
+        ste = sfa_attention(q, k, v, topk=4, enable_gqa=True, **kwargs)
+    dq_ste, dk_ste = torch.autograd.grad(ste, (q, k), grad_out)
+    torch.testing.assert_close(ste, exact)
+
+    # Expected: SDPA on the sparsified q and k taken as leaves; its gradient reaches every feature.
+    qs, keep = sparsify_dense(q.detach(), 4)
+    ks = sparsify_dense(k.detach(), 4)[0]
+    qs.requires_grad_(True)
+    ks.requires_grad_(True)
+    dense = F.scaled_dot_product_attention(qs, ks, v, enable_gqa=True, **kwargs)
+    dqs, dks = torch.autograd.grad(dense, (qs, ks), grad_out)
+    torch.testing.assert_close(dq_ste, dqs)
+    torch.testing.assert_close(dk_ste, dks)
+    assert (dq_ste[~keep] != 0).any()
+    assert (dq_exact[~keep] == 0).all()  # outside the block, SFA's gradient skips dropped features
+
+
+def test_straight_through_reaches_converted_plain_module_sites():
+    site = SFAAttention(key_heads=1, head_dim=16, topk=4).double()
+    q, k, v = _qkv(heads=1, key_heads=1)
+    keep = sparsify_dense(q.detach(), 4)[1]
+    with straight_through_topk():
+        dq, = torch.autograd.grad(site(q, k, v).sum(), q)
+    assert (dq[~keep] != 0).any()
+
+
+def test_straight_through_reaches_hugging_face_sites():
+    def q_proj_grad(model, inputs, straight):
+        model.zero_grad()
+        with straight_through_topk() if straight else torch.enable_grad():
+            model(**inputs).logits.square().mean().backward()
+        return model.model.layers[0].self_attn.q_proj.weight.grad.clone()
+
+    model, inputs, _, _ = build("llama", "eager")
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), progress=False)
+    assert not torch.allclose(q_proj_grad(model, inputs, True), q_proj_grad(model, inputs, False))
+
+
+def test_dropped_energy_by_hand():
+    x = torch.tensor([[3.0, -1.0, 2.0, 0.5], [0.0, 0.0, 0.0, 0.0]])
+    # Row 0 keeps 3 and 2, drops 1 + 0.25 of 14.25; the all-zero row counts 0.
+    assert dropped_energy(x, 2).item() == pytest.approx(1.25 / 14.25 / 2)
+    assert dropped_energy(x, 4).item() == 0.0
+
+
+def _converted_llama(topk=4):
+    model, inputs, _, head_dim = build("llama", "eager")
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=topk), [inputs], progress=False)
+    return model, inputs
+
+
+def test_sparsity_weight_adds_the_dropped_energy_term():
+    model, inputs = _converted_llama()
+    with torch.no_grad(), sfa_compile.attention_distillation(sparsity=True) as distill:
+        model(**inputs)
+        energy = distill.dropped_energy().item()
+    assert 0.0 < energy < 1.0
+    first = [sfa_compile.finetune(copy.deepcopy(model), [inputs], 1, sparsity_weight=w, train_mode=False,
+                                  progress=False)[0] for w in (0.0, 0.5)]
+    assert first[1] - first[0] == pytest.approx(0.5 * energy, rel=1e-4)
+
+
+def test_warmup_topks_and_final_lr_factor_follow_the_schedule():
+    model, inputs = _converted_llama()
+    layer = model.model.layers[0].self_attn
+    seen, lrs = [], []
+    handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
+    try:
+        with observe(lambda module, *rest: seen.append(module.sfa.topk) if module is layer else None):
+            sfa_compile.finetune(model, [inputs], 8, lr=1e-3, warmup_topks=(12, 8), final_lr_factor=0.5,
+                                 progress=False)
+    finally:
+        handle.remove()
+    assert seen == [12, 12, 8, 8, 4, 4, 4, 4]  # steps // (2 + 2) = 2 steps per warm-up value
+    assert lrs == pytest.approx([1e-3] * 6 + [5e-4] * 2)  # the last quarter at half the rate
+    assert all(m.sfa.topk == 4 for m in (lay.self_attn for lay in model.model.layers))
+
+
+def test_topk_restored_when_training_fails():
+    model, inputs = _converted_llama()
+
+    def failing(out, example):
+        raise RuntimeError("task loss failed")
+
+    with pytest.raises(RuntimeError, match="task loss failed"):
+        sfa_compile.finetune(model, [inputs], 4, warmup_topks=(8,), task_loss=failing, progress=False)
+    assert model.model.layers[0].self_attn.sfa.topk == 4
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(warmup_topks=(4,)), "above the model's topk"),
+    (dict(warmup_topks=(17,)), "at most its head dim"),
+    (dict(warmup_topks=(8, 6, 5), steps=4), "need at least 5 steps"),
+    (dict(sparsity_weight=-1.0), "sparsity_weight must be >= 0"),
+    (dict(final_lr_factor=0.0), "final_lr_factor > 0"),
+])
+def test_bad_schedules_are_refused(kwargs, message):
+    model, inputs = _converted_llama()
+    steps = kwargs.pop("steps", 8)
+    with pytest.raises(ValueError, match=message):
+        sfa_compile.finetune(model, [inputs], steps, progress=False, **kwargs)
