@@ -12,8 +12,8 @@ merges the splits' partial results. Rows are aligned to the end of each sequence
 to length - T + t), sequences have their own lengths, and an optional boolean mask (True = attend) broadcasts
 like SDPA's.
 
-Append: one program per (sequence, key head, block of 16 new tokens) projects the key rows by R when given,
-computes their top-k, writes the kept values and their ascending indices at the sequence's current length,
+Append: one program per (sequence, key head, block of 16 new tokens) projects the key rows by R when given
+(above head dim 128, R runs as a torch matmul before either kernel), computes their top-k, writes the kept values and their ascending indices at the sequence's current length,
 and copies V.
 """
 
@@ -26,9 +26,13 @@ import torch
 import triton
 import triton.language as tl
 
+from .topk import project_by_key_head
 from .triton_topk import LOW_BIT, interpreting, topk_keep
 
 _MIN_SPLIT_TOKENS = 128
+# The fused projection loads R as one (d, d) tile per program: measured and tested on the GPU up to d = 128.
+# Beyond that the tile (64K elements at d = 256) would spill registers, so R runs as a torch matmul first.
+_MAX_FUSED_PROJECTION_DIM = 128
 _LONG_SPLIT_TOKENS = 4096  # base splits at least this long get four times the splits (see _launch_config)
 
 
@@ -216,6 +220,8 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     """Attention of (B, Hq, T, d) queries (projected by ``projection[key head]`` first when given) over the
     compressed cache; arguments checked by the op."""
     batch, q_heads, q_len, head_dim = query.shape
+    if projection is not None and head_dim > _MAX_FUSED_PROJECTION_DIM:
+        query, projection = project_by_key_head(query, projection), None
     key_heads, n_keys = key_values.size(1), key_values.size(2)
     group = q_heads // key_heads
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -308,6 +314,8 @@ def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value
     batch, heads, length, head_dim = keys.shape
     if batch * heads * length == 0:
         return
+    if projection is not None and head_dim > _MAX_FUSED_PROJECTION_DIM:
+        keys, projection = project_by_key_head(keys, projection), None
     block_r = 16  # tl.dot's smallest row count (the projection)
     _append_kernel[(triton.cdiv(length, block_r), batch * heads)](
         keys, values, keys if projection is None else projection, key_values, key_indices, value_cache, lengths,

@@ -213,13 +213,15 @@ def _rotations(key_heads, head_dim, seed=0):
     return torch.linalg.qr(torch.randn(key_heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0].float()
 
 
-@pytest.mark.parametrize("dtype,q_len", [(torch.float32, 2), (torch.float16, 2), (torch.float32, 11)])
-def test_triton_projection_fused_into_append_and_decode(dtype, q_len, poisoned):
+@pytest.mark.parametrize("dtype,q_len,head_dim", [(torch.float32, 2, 24), (torch.float16, 2, 24),
+                                                  (torch.float32, 11, 24), (torch.float16, 1, 160)])
+def test_triton_projection_fused_into_append_and_decode(dtype, q_len, head_dim, poisoned):
     """R given to the append and decode kernels equals projecting keys and queries beforehand (what the
-    reference does); with topk = d an orthogonal R leaves attention unchanged."""
+    reference does); with topk = d an orthogonal R leaves attention unchanged. Head dim 160 takes the path
+    that projects in torch before the kernels."""
     triton_decode = _triton()
     torch.manual_seed(4)
-    batch, key_heads, group, head_dim, topk, lengths = 2, 2, 3, 24, 5, [23, 9]
+    batch, key_heads, group, topk, lengths = 2, 2, 3, 5, [23, 9]
     r = _rotations(key_heads, head_dim).to(DEVICE)
     keys = torch.randn(batch, key_heads, 23, head_dim, dtype=dtype, device=DEVICE)
     values = torch.randn_like(keys)
