@@ -4,11 +4,13 @@ A plain PyTorch loop. It trains the projections R (kept orthogonal) and, with ``
 own weights. Three optional levers make top-k itself learnable (all measured on all-MiniLM-L6-v2 at topk 8,
 benchmarks/RESULTS.md): straight-through top-k gradients (straight_through.py), a penalty on the energy top-k
 drops (distill.py), and gradual sparsification (the first stages run at larger top-k values) with the learning
-rates lowered for the last quarter of the steps. Under ``torchrun`` (torch.distributed initialized) the model is wrapped in
-DistributedDataParallel after the projections are parametrized, so every process holds the same R. A model
-already sharded with FSDP2 (``fully_shard``) is trained as it is; its projections must stay unsharded
-(``fully_shard(..., ignored_params=projection_parameters(model))``: the orthogonal parametrization needs
-whole matrices) and their gradients are averaged over the processes here.
+rates lowered for the last quarter of the steps.
+
+Under ``torchrun`` (torch.distributed initialized) the model is wrapped in DistributedDataParallel after the
+projections are parametrized, so every process holds the same R. A model already sharded with FSDP2
+(``fully_shard``) is trained as it is; its projections must stay unsharded (``fully_shard(...,
+ignored_params=projection_parameters(model))``: the orthogonal parametrization needs whole matrices) and their
+gradients are averaged over the processes here.
 """
 
 from __future__ import annotations

@@ -13,8 +13,8 @@ to length - T + t), sequences have their own lengths, and an optional boolean ma
 like SDPA's.
 
 Append: one program per (sequence, key head, block of 16 new tokens) projects the key rows by R when given
-(above head dim 128, R runs as a torch matmul before either kernel), computes their top-k, writes the kept values and their ascending indices at the sequence's current length,
-and copies V.
+(above head dim 128, R runs as a torch matmul before either kernel), computes their top-k, writes the kept
+values and their ascending indices at the sequence's current length, and copies V.
 """
 
 from __future__ import annotations
@@ -30,10 +30,10 @@ from .topk import project_by_key_head
 from .triton_topk import LOW_BIT, interpreting, topk_keep
 
 _MIN_SPLIT_TOKENS = 128
+_LONG_SPLIT_TOKENS = 4096  # base splits at least this long get four times the splits (see _launch_config)
 # The fused projection loads R as one (d, d) tile per program: measured and tested on the GPU up to d = 128.
 # Beyond that the tile (64K elements at d = 256) would spill registers, so R runs as a torch matmul first.
 _MAX_FUSED_PROJECTION_DIM = 128
-_LONG_SPLIT_TOKENS = 4096  # base splits at least this long get four times the splits (see _launch_config)
 
 
 def _min_rows(block_d: int) -> int:
