@@ -197,8 +197,7 @@ def compressed_cache_append_op(
 def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
                                   projection=None):
     check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
-    if new_keys.dtype not in (torch.float16, torch.bfloat16, torch.float32) or (projection is not None
-                                                                                and new_keys.size(3) > 256):
+    if new_keys.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
     from . import triton_decode
 
