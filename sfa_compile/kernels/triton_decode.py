@@ -97,8 +97,8 @@ def _decode_split_kernel(
         # scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]]: gathered from the register tile.
         index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K))
         picked = tl.reshape(tl.gather(q, index, axis=1), (M_REAL, BLOCK_N, BLOCK_K))
-        products = tl.where(nk_ok[None, :, :], picked * kval[None, :, :], 0.0)
-        s = tl.sum(products, axis=2) * scale_log2
+        # Padding lanes hold value 0 and index 0: their products are 0 (q is finite), so no select is needed.
+        s = tl.sum(picked * kval[None, :, :], axis=2) * scale_log2
         allowed = n_ok[None, :] & (offs_n[None, :] <= last[:, None])
         if HAS_MASK:
             user = tl.load(MASK + b * smb + heads[:, None] * smh + t[:, None] * smt + offs_n[None, :] * sms,
@@ -197,19 +197,24 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_config(batch_heads: int, n_keys: int, num_splits: Optional[int], block_n: Optional[int],
-                   num_warps: Optional[int], num_stages: Optional[int]) -> tuple[int, int, int, int]:
+def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, num_splits: Optional[int],
+                   block_n: Optional[int], num_warps: Optional[int],
+                   num_stages: Optional[int]) -> tuple[int, int, int, int]:
     """(splits, key block, warps, stages), each unless given. About four programs per multiprocessor with splits
     of >= 128 keys, 64-key blocks 2 stages deep. When that leaves long splits (>= 4096 keys: many sequences), four
-    times the splits with 32-key blocks, 2 warps, 2 stages: H100, 5 interleaved rounds, batch 16, 32k/128k, topk
-    8/16: 1.43-1.53x of cuDNN against 1.34-1.40x for 5 splits x 32-key blocks x 4 warps x 3 stages; batch 1 at
-    128k keeps the short-split configuration (1.39x; benchmarks/RESULTS.md)."""
+    times the splits, 4 warps, 3 stages, 64-key blocks up to topk 8 and 128-key blocks up to topk 16 (H100,
+    batch 16, GQA 4, 32k/128k, 5 interleaved rounds: topk 8 1.59x/1.62x of cuDNN, topk 16 1.49x/1.56x, against
+    1.41-1.49x for 32-key / 2-warp / 2-stage tiles). Those earlier tiles stay where nothing else was measured:
+    above topk 16 or more than 4 score rows (the gathered tile is rows x key block x topk). Batch 1 keeps the
+    short-split configuration (benchmarks/RESULTS.md)."""
     if interpreting():
         return num_splits or max(1, min(4, triton.cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
     sms = _multiprocessors(torch.cuda.current_device())
     splits = max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
     if triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS:
-        return num_splits or 4 * splits, block_n or 32, num_warps or 2, num_stages or 2
+        measured = score_rows <= 4 and topk <= 16
+        block, warps, stages = ((64 if topk <= 8 else 128), 4, 3) if measured else (32, 2, 2)
+        return num_splits or 4 * splits, block_n or block, num_warps or warps, num_stages or stages
     return num_splits or splits, block_n or 64, num_warps or 4, num_stages or 2
 
 
@@ -236,8 +241,9 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
             LOW_BIT=LOW_BIT[query.dtype], PRECISION=precision, num_warps=4,
         )
         query = sparse_query
-    splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, num_splits, block_n, num_warps,
-                                                            num_stages)
+    m_real = max(triton.next_power_of_2(rows), _min_rows(block_d))
+    splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, topk, m_real, num_splits,
+                                                            block_n, num_warps, num_stages)
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
     o_part = torch.empty(batch * key_heads * splits * rows, head_dim, dtype=torch.float32, device=query.device)
     m_part = torch.empty(batch * key_heads * splits * rows, dtype=torch.float32, device=query.device)
@@ -247,7 +253,6 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         mask_strides, mask_arg = mask.stride(), mask
     else:
         mask_strides, mask_arg = (0, 0, 0, 0), lengths
-    m_real = max(triton.next_power_of_2(rows), _min_rows(block_d))
     _decode_split_kernel[(splits, batch * key_heads)](
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
         scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits,
