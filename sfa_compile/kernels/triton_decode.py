@@ -204,7 +204,7 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, nu
     of >= 128 keys, 64-key blocks 2 stages deep. When that leaves long splits (>= 4096 keys: many sequences), four
     times the splits, 4 warps, 3 stages, 64-key blocks up to topk 8 and 128-key blocks up to topk 16 (H100,
     batch 16, GQA 4, 32k/128k, 5 interleaved rounds: topk 8 1.59x/1.62x of cuDNN, topk 16 1.49x/1.56x, against
-    1.41-1.49x for 32-key / 2-warp / 2-stage tiles). Those earlier tiles stay where nothing else was measured:
+    1.42-1.48x for 32-key / 2-warp / 2-stage tiles). Those earlier tiles stay where nothing else was measured:
     above topk 16 or more than 4 score rows (the gathered tile is rows x key block x topk). Batch 1 keeps the
     short-split configuration (benchmarks/RESULTS.md)."""
     if interpreting():
