@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_topk import autotuning, interpreting
+from .triton_topk import autotuning, feature_block, interpreting
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
@@ -381,7 +381,7 @@ def _mask_args(mask, fallback):
 
 def _shape_meta(q, k, v, mask, is_causal):
     head_dim, value_dim = q.size(-1), v.size(-1)
-    block_d, block_dv = (max(triton.next_power_of_2(x), 16) for x in (head_dim, value_dim))
+    block_d, block_dv = feature_block(head_dim), feature_block(value_dim)
     return dict(
         IS_CAUSAL=is_causal, MASK_KIND=_mask_args(mask, q)[0],
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",

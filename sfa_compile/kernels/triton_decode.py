@@ -27,7 +27,7 @@ import triton
 import triton.language as tl
 
 from .topk import project_by_key_head
-from .triton_topk import LOW_BIT, interpreting, topk_keep
+from .triton_topk import LOW_BIT, feature_block, interpreting, topk_keep
 
 _MIN_SPLIT_TOKENS = 128
 _LONG_SPLIT_TOKENS = 4096  # base splits at least this long get four times the splits (see _launch_config)
@@ -40,6 +40,11 @@ def _min_rows(block_d: int) -> int:
     """Score rows per program at least: Triton 3.6 fails to compile 2 rows, and 4 rows at head dim 16 (thread
     locality pass; H100 probe over group 1/2/4, head dim 16/32/128, topk 4/8/16, with and without masks)."""
     return 8 if block_d <= 16 else 4
+
+
+def _score_rows(rows: int, head_dim: int) -> int:
+    """M_REAL: the split kernel's score rows for ``rows`` = group x query length real ones."""
+    return max(triton.next_power_of_2(rows), _min_rows(feature_block(head_dim)))
 
 
 @triton.jit
@@ -231,7 +236,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     group = q_heads // key_heads
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
-    block_d = max(triton.next_power_of_2(head_dim), 16)
+    block_d = feature_block(head_dim)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     if projection is not None:
         sparse_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -241,7 +246,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
             LOW_BIT=LOW_BIT[query.dtype], PRECISION=precision, num_warps=4,
         )
         query = sparse_query
-    m_real = max(triton.next_power_of_2(rows), _min_rows(block_d))
+    m_real = _score_rows(rows, head_dim)
     splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, topk, m_real, num_splits,
                                                             block_n, num_warps, num_stages)
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
@@ -328,7 +333,7 @@ def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value
         heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
         *(projection.stride() if projection is not None else (0, 0, 0)),
         *key_values.stride()[:3], *key_indices.stride()[:3], *value_cache.stride()[:3],
-        BLOCK_R=block_r, BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[keys.dtype],
+        BLOCK_R=block_r, BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[keys.dtype],
         RAGGED=counts is not None, HAS_R=projection is not None,
         PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4,
     )

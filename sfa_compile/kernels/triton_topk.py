@@ -24,6 +24,11 @@ import triton.language as tl
 LOW_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
 
 
+def feature_block(head_dim: int) -> int:
+    """Feature columns per tile: the head dim rounded up to a power of two, at least tl.dot's 16."""
+    return max(triton.next_power_of_2(head_dim), 16)
+
+
 def interpreting() -> bool:
     """Kernels run on the CPU through Triton's interpreter (one small tile, no tuning)."""
     return os.environ.get("TRITON_INTERPRET") == "1"
@@ -89,7 +94,7 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
     if n_rows == 0:
         return y, keep
     args = (x, y, keep.view(torch.uint8) if want_keep else y, n_rows, heads, length, head_dim, topk, *x.stride())
-    meta = dict(BLOCK_D=max(triton.next_power_of_2(head_dim), 16), LOW_BIT=LOW_BIT[x.dtype], WRITE_KEEP=want_keep)
+    meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype], WRITE_KEEP=want_keep)
     if interpreting() or not autotuning():
         _topk_sparsify_kernel[(triton.cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:
