@@ -58,7 +58,7 @@ def _decode_split_kernel(
     smb, smh, smt, sms,
     M_REAL: tl.constexpr, REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRESPARSE: tl.constexpr,
-    PRECISION: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
@@ -86,8 +86,6 @@ def _decode_split_kernel(
     stop = tl.minimum(start + chunk, length)
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < topk
-    kval_base = KVAL + b * skb + hk * skh
-    kidx_base = KIDX + b * sib + hk * sih
     v_base = V + b * svb + hk * svh
     m_i = tl.full([M_REAL], float("-inf"), tl.float32)
     l_i = tl.zeros([M_REAL], tl.float32)
@@ -95,9 +93,17 @@ def _decode_split_kernel(
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
-        nk_ok = n_ok[:, None] & k_ok[None, :]
-        kval = tl.load(kval_base + offs_n[:, None] * sks + kk[None, :], mask=nk_ok, other=0.0).to(tl.float32)
-        kidx = tl.load(kidx_base + offs_n[:, None] * sis + kk[None, :], mask=nk_ok, other=0).to(tl.int32)
+        # The compressed rows must load as vectors for the pipeliner to prefetch them asynchronously like V: with
+        # a power-of-two topk the mask is constant along the row, and row offsets are declared multiples of
+        # ROW_ALIGN (host-checked). Otherwise they load byte-wise and synchronously (H100: -10% at topk 8).
+        if EVEN_K:
+            nk_ok = tl.broadcast_to(n_ok[:, None], (BLOCK_N, BLOCK_K))
+        else:
+            nk_ok = n_ok[:, None] & k_ok[None, :]
+        kval_rows = tl.multiple_of(b * skb + hk * skh + offs_n * sks, [ROW_ALIGN])
+        kidx_rows = tl.multiple_of(b * sib + hk * sih + offs_n * sis, [ROW_ALIGN])
+        kval = tl.load(KVAL + kval_rows[:, None] + kk[None, :], mask=nk_ok, other=0.0).to(tl.float32)
+        kidx = tl.load(KIDX + kidx_rows[:, None] + kk[None, :], mask=nk_ok, other=0).to(tl.int32)
         v = tl.load(v_base + offs_n[:, None] * svs + cols[None, :], mask=n_ok[:, None] & col_ok[None, :], other=0.0)
         # scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]]: gathered from the register tile.
         index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K))
@@ -197,6 +203,15 @@ def _decode_combine_kernel(
              mask=cols < head_dim)
 
 
+def _row_alignment(*strides: int) -> int:
+    """The largest power of two up to 16 dividing every stride: what the split kernel may assume of the offsets
+    of compressed key rows (in elements)."""
+    align = 16
+    while any(stride % align for stride in strides):
+        align //= 2
+    return align
+
+
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
@@ -205,13 +220,13 @@ def _multiprocessors(device: int) -> int:
 def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, num_splits: Optional[int],
                    block_n: Optional[int], num_warps: Optional[int],
                    num_stages: Optional[int]) -> tuple[int, int, int, int]:
-    """(splits, key block, warps, stages), each unless given. About four programs per multiprocessor with splits
-    of >= 128 keys, 64-key blocks 2 stages deep. When that leaves long splits (>= 4096 keys: many sequences), four
-    times the splits, 4 warps, 3 stages, 64-key blocks up to topk 8 and 128-key blocks up to topk 16 (H100,
-    batch 16, GQA 4, 32k/128k, 5 interleaved rounds: topk 8 1.59x/1.62x of cuDNN, topk 16 1.49x/1.56x, against
-    1.42-1.48x for 32-key / 2-warp / 2-stage tiles). Those earlier tiles stay where nothing else was measured:
-    above topk 16 or more than 4 score rows (the gathered tile is rows x key block x topk). Batch 1 keeps the
-    short-split configuration (benchmarks/RESULTS.md)."""
+    """(splits, key block, warps, stages), each unless given; chosen by sweeps on an H100 (benchmarks/RESULTS.md).
+    About four programs per multiprocessor with splits of >= 128 keys: 64-key blocks, 4 warps, 2 stages up to
+    topk 8; 32-key blocks, 2 warps, 3 stages above (batch 1, topk 16: 116 against 142 us at 128k). When that
+    leaves long splits (>= 4096 keys: many sequences), four times the splits, 4 warps, 3 stages, 64-key blocks up
+    to topk 8 and 128-key blocks up to topk 16 (batch 16: +7-14% over 32-key / 2-warp / 2-stage tiles). Those
+    earlier tiles stay where nothing else was measured: long splits above topk 16 or with more than 4 score rows
+    (the gathered tile is rows x key block x topk)."""
     if interpreting():
         return num_splits or max(1, min(4, triton.cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
     sms = _multiprocessors(torch.cuda.current_device())
@@ -220,7 +235,8 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, nu
         measured = score_rows <= 4 and topk <= 16
         block, warps, stages = ((64 if topk <= 8 else 128), 4, 3) if measured else (32, 2, 2)
         return num_splits or 4 * splits, block_n or block, num_warps or warps, num_stages or stages
-    return num_splits or splits, block_n or 64, num_warps or 4, num_stages or 2
+    block, warps, stages = (64, 4, 2) if topk <= 8 else (32, 2, 3)
+    return num_splits or splits, block_n or block, num_warps or warps, num_stages or stages
 
 
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
@@ -247,6 +263,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         )
         query = sparse_query
     m_real = _score_rows(rows, head_dim)
+    block_k = max(triton.next_power_of_2(topk), 2)
     splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, topk, m_real, num_splits,
                                                             block_n, num_warps, num_stages)
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
@@ -263,8 +280,10 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits,
         *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
         M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_K=max(triton.next_power_of_2(topk), 2), LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None,
-        PRESPARSE=projection is not None, PRECISION=precision, num_warps=num_warps, num_stages=num_stages,
+        BLOCK_K=block_k, LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None,
+        PRESPARSE=projection is not None, PRECISION=precision, EVEN_K=block_k == topk,
+        ROW_ALIGN=_row_alignment(*key_values.stride()[:3], *key_indices.stride()[:3]), num_warps=num_warps,
+        num_stages=num_stages,
     )
     _decode_combine_kernel[(batch * key_heads * rows,)](
         o_part, m_part, l_part, out, head_dim, q_len, group, key_heads, splits, *out.stride(),

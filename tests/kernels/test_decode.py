@@ -178,6 +178,7 @@ def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
     torch.testing.assert_close(full.values[:, :, 5:].cpu(), values[:, :, :3].cpu(), rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("topk", [5, 8])  # 8: a power of two, whose rows load without a per-entry mask
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_len,group,lengths,masked", [
     (1, 4, [37, 1, 20], False),   # decode, GQA, one sequence with a single cached token
@@ -185,10 +186,10 @@ def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
     (5, 2, [40, 9, 5], False),    # speculative: causal alignment to each sequence's end
     (16, 4, [33, 16, 70], True),  # 64 query rows per key head
 ])
-def test_triton_decode_matches_reference(dtype, q_len, group, lengths, masked, poisoned):
+def test_triton_decode_matches_reference(topk, dtype, q_len, group, lengths, masked, poisoned):
     triton_decode = _triton()
     torch.manual_seed(3)
-    head_dim, topk, key_heads = 24, 5, 2
+    head_dim, key_heads = 24, 2
     cache, _, _ = filled_cache(3, key_heads, head_dim, topk, lengths, dtype=dtype, device=DEVICE)
     query = torch.randn(3, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)
     mask = None
