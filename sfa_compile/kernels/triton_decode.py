@@ -30,7 +30,7 @@ from .topk import project_by_key_head
 from .triton_topk import LOW_BIT, feature_block, interpreting, topk_keep
 
 _MIN_SPLIT_TOKENS = 128
-_LONG_SPLIT_TOKENS = 4096  # base splits at least this long get four times the splits (see _launch_config)
+_LONG_SPLIT_TOKENS = 4096  # four-per-multiprocessor splits this long are split four times further
 # The fused projection loads R as one (d, d) tile per program: measured and tested on the GPU up to d = 128.
 # Beyond that the tile (64K elements at d = 256) would spill registers, so R runs as a torch matmul first.
 _MAX_FUSED_PROJECTION_DIM = 128
@@ -221,21 +221,29 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, nu
                    block_n: Optional[int], num_warps: Optional[int],
                    num_stages: Optional[int]) -> tuple[int, int, int, int]:
     """(splits, key block, warps, stages), each unless given; chosen by sweeps on an H100 (benchmarks/RESULTS.md).
-    About four programs per multiprocessor with splits of >= 128 keys: 64-key blocks, 4 warps, 2 stages up to
-    topk 8; 32-key blocks, 2 warps, 3 stages above (batch 1, topk 16: 116 against 142 us at 128k). When that
-    leaves long splits (>= 4096 keys: many sequences), four times the splits, 4 warps, 3 stages, 64-key blocks up
-    to topk 8 and 128-key blocks up to topk 16 (batch 16: +7-14% over 32-key / 2-warp / 2-stage tiles). Those
-    earlier tiles stay where nothing else was measured: long splits above topk 16 or with more than 4 score rows
-    (the gathered tile is rows x key block x topk)."""
+
+    With >= 16 (sequence, key head) pairs, <= 4 score rows and topk <= 16: about two programs per multiprocessor
+    (long splits: fewer partial results to merge), 4 warps, 3 stages, 64-key blocks up to topk 8 and 128-key blocks
+    up to topk 16 (batch 2-16, GQA 4, 32k/128k: 1.45-1.83x of cuDNN, against 1.36-1.75x for the rules below).
+    Otherwise about four programs per multiprocessor with splits of >= 128 keys: 64-key blocks, 4 warps, 2 stages
+    up to topk 8; 32-key blocks, 2 warps, 3 stages above (batch 1, topk 16: 116 against 142 us at 128k); splits
+    still >= 4096 keys long are split four times further, with the tiles above where measured, else 32-key blocks,
+    2 warps, 2 stages."""
     if interpreting():
         return num_splits or max(1, min(4, triton.cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
     sms = _multiprocessors(torch.cuda.current_device())
-    splits = max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
-    if triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS:
-        measured = score_rows <= 4 and topk <= 16
-        block, warps, stages = ((64 if topk <= 8 else 128), 4, 3) if measured else (32, 2, 2)
-        return num_splits or 4 * splits, block_n or block, num_warps or warps, num_stages or stages
-    block, warps, stages = (64, 4, 2) if topk <= 8 else (32, 2, 3)
+    measured = score_rows <= 4 and topk <= 16
+    wide = (64 if topk <= 8 else 128), 4, 3
+    if batch_heads >= 16 and measured:
+        splits = max(1, min(2 * sms // batch_heads, triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+        block, warps, stages = wide
+    else:
+        splits = max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+        if triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS:
+            splits *= 4
+            block, warps, stages = wide if measured else (32, 2, 2)
+        else:
+            block, warps, stages = (64, 4, 2) if topk <= 8 else (32, 2, 3)
     return num_splits or splits, block_n or block, num_warps or warps, num_stages or stages
 
 
