@@ -95,7 +95,7 @@ def _decode_split_kernel(
         n_ok = offs_n < stop
         # The compressed rows must load as vectors for the pipeliner to prefetch them asynchronously like V: with
         # a power-of-two topk the mask is constant along the row, and row offsets are declared multiples of
-        # ROW_ALIGN (host-checked). Otherwise they load byte-wise and synchronously (H100: -10% at topk 8).
+        # ROW_ALIGN (host-checked). Otherwise they load byte-wise and synchronously (H100, topk 8: 8-15% slower).
         if EVEN_K:
             nk_ok = tl.broadcast_to(n_ok[:, None], (BLOCK_N, BLOCK_K))
         else:
