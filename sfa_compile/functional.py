@@ -42,13 +42,28 @@ def flash_sfa(
 
 
 def flash_sfa_decode(query: torch.Tensor, cache: "CompressedKVCache", *, scale: Optional[float] = None,
-                     attn_mask: Optional[torch.Tensor] = None,
-                     projection: Optional[torch.Tensor] = None) -> torch.Tensor:
+                     attn_mask: Optional[torch.Tensor] = None, projection: Optional[torch.Tensor] = None,
+                     new_keys: Optional[torch.Tensor] = None,
+                     new_values: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SFA of the newest ``query`` tokens (batch, query heads, T <= 16 for the fast path, d) over a
-    ``CompressedKVCache`` that already holds their keys: query t of T attends to the keys up to its own
-    position (lengths[b] - T + t), GQA when the cache has fewer heads. ``attn_mask``: optional boolean
-    (True = attend) broadcasting to (batch, query heads, T, cached tokens). ``projection``: R (key heads, d, d)
-    the cache's keys were appended with; the queries are projected by it inside the kernel."""
-    key_values, key_indices, values = cache.views()
-    return ops.flash_sfa_decode_op(query, key_values, key_indices, values, cache.lengths, cache.topk, scale,
-                                   attn_mask, projection)
+    ``CompressedKVCache`` holding their keys: query t of T attends to the keys up to its own position
+    (lengths[b] - T + t), GQA when the cache has fewer heads. ``attn_mask``: optional boolean (True = attend)
+    broadcasting to (batch, query heads, T, cached tokens). ``projection``: R (key heads, d, d) the cache's keys
+    are appended with; the queries are projected by it inside the kernel.
+
+    ``new_keys`` and ``new_values`` (batch, key heads, T, d): a generation step, whose keys and values are not
+    cached yet. They are appended (as ``cache.append``) and attended in the decode kernels' own launches, which
+    saves the separate append's launches. Under ``torch.compile`` the cache must have a fixed capacity (its host
+    lengths are not read; tokens past the capacity are dropped)."""
+    if new_keys is None and new_values is None:
+        key_values, key_indices, values = cache.views()
+        return ops.flash_sfa_decode_op(query, key_values, key_indices, values, cache.lengths, cache.topk, scale,
+                                       attn_mask, projection)
+    if new_keys is None or new_values is None:
+        raise ValueError("flash_sfa_decode: new_keys and new_values come together (the step's tokens to append)")
+    _, after = cache.reserve(new_keys, new_values, on_device=torch.compiler.is_compiling())
+    key_values, key_indices, values = cache.views(None if after is None else max(after))  # with the new tokens
+    out = ops.flash_sfa_decode_step_op(query, key_values, key_indices, values, cache.lengths, new_keys, new_values,
+                                       cache.topk, scale, attn_mask, projection)
+    cache.host_lengths = after
+    return out

@@ -4,8 +4,8 @@ Registered through transformers' public extension points, the attention function
 function (without a registered mask function transformers silently drops masks). A layer carrying an
 ``SFAProjection`` as ``module.sfa`` runs FlashSFA on its projected queries and keys; any other layer runs
 dense SDPA, so one model can mix both. The function receives q and k after RoPE, which is exactly where the
-learned projection belongs. With an ``SFACache`` (hf_cache.py), new tokens after the prompt decode over the
-compressed key cache instead.
+learned projection belongs. With an ``SFACache`` (hf_cache.py), new tokens after the prompt are appended to the
+compressed key cache and decode over it, in one op.
 
 Every call is reported to the observers (observers.py): conversion, calibration and Eq. 8 fine-tuning use them.
 """
@@ -33,8 +33,8 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
                        dropout_p=dropout if module.training else 0.0, enable_gqa=key.shape[1] != query.shape[1])
     sfa = getattr(module, "sfa", None)
     cache_layer = getattr(key, CACHE_TAG, None)
-    if sfa is not None and cache_layer is not None and cache_layer.attends_over_cache(query.size(2)):
-        return _decode(cache_layer, query, attention_mask, scaling)
+    if sfa is not None and cache_layer is not None and cache_layer.decoding:
+        return _decode(cache_layer, query, key, value, attention_mask, scaling)
     if attention_mask is not None and attention_mask.size(-1) > key.size(-2) and cache_layer is not None:
         # A static SFACache's prompt: the mask spans the cache's capacity, the keys are its first tokens.
         sdpa_kwargs["attn_mask"] = attention_mask = attention_mask[..., :key.size(-2)]
@@ -47,14 +47,15 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     return out.transpose(1, 2).contiguous(), None
 
 
-def _decode(cache_layer, query, attention_mask, scaling):
-    """New tokens of a generation with an SFACache: attend over the compressed cache, which already holds
-    their keys (observers are not called: no dense keys exist here)."""
+def _decode(cache_layer, query, key, value, attention_mask, scaling):
+    """New tokens of a generation with an SFACache: append their keys and values to the compressed cache and
+    attend over it (observers are not called: no dense keys of the past exist here)."""
     if attention_mask is not None and attention_mask.dtype != torch.bool:
         raise ValueError("SFACache decoding needs a boolean attention mask (the 'sfa' mask function gives one); "
                          f"got {attention_mask.dtype}")
-    out = flash_sfa_decode(query, cache_layer.store, scale=scaling, attn_mask=attention_mask,
-                           projection=cache_layer.weight)  # the R the cached keys were compressed with
+    with torch.no_grad():  # inference only: the op mutates the cache and has no gradient
+        out = flash_sfa_decode(query, cache_layer.store, scale=scaling, attn_mask=attention_mask,
+                               projection=cache_layer.weight, new_keys=key, new_values=value)  # R of the cached keys
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -6,16 +6,17 @@
 Each SFA layer's keys are projected by the layer's R (inside the append kernel), compressed to top-k values +
 indices and appended to a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache.
 ``update`` hands the attention function the current tokens' keys tagged with their cache layer: the first
-call (the prompt) runs the prefill kernel on them, later calls decode over the compressed cache
-(``flash_sfa_decode``). The tag only means something to the "sfa" attention function, so the cache refuses
-models that do not use it.
+call (the prompt) is appended there and runs the prefill kernel on its own keys; later calls (decode steps)
+leave the appending to the attention function, which appends and attends over the compressed cache in one op
+(``flash_sfa_decode`` with ``new_keys``: the append rides in the decode kernels' launches). The tag only means
+something to the "sfa" attention function, so the cache refuses models that do not use it.
 
 With ``max_cache_len`` the cache is static, like transformers' StaticCache: every layer allocates its capacity up
 front and never moves, attention masks span the capacity, and a decode step reads only device state (lengths
 on the device), so the whole step can be captured in a CUDA graph and replayed (benchmarks/bench_generate.py),
-or compiled: under ``torch.compile`` a step appends through the ``sfa::compressed_cache_append`` op without
-touching host lengths (no recompilation per token), reports its length as a device tensor as StaticLayer does,
-and attends over the cache (up to 16 new tokens per compiled call; run the prompt uncompiled).
+or compiled: under ``torch.compile`` a step appends and attends through the ``sfa::flash_sfa_decode_step`` op
+without touching host lengths (no recompilation per token), reports its length as a device tensor as
+StaticLayer does (up to 16 new tokens per compiled call; run the prompt uncompiled).
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ class SFACacheLayer(CacheLayerMixin):
         self.is_compileable = max_cache_len is not None
         self.store: CompressedKVCache | None = None
         self.weight: torch.Tensor | None = None
-        self.past_length: int | None = 0  # tokens cached before the latest update; None: a compiled update
+        self.decoding = False  # the latest update is a decode step: the attention function appends its tokens
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, key_heads, length, head_dim = key_states.shape
@@ -63,28 +64,21 @@ class SFACacheLayer(CacheLayerMixin):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
-        with torch.no_grad():
-            if not torch.compiler.is_compiling():
-                self.past_length = self.store.max_length
-                self.store.append(key_states, value_states, projection=self.weight)
-            elif self.max_cache_len is None:
+        if torch.compiler.is_compiling():  # host lengths are not read in compiled code: they would specialize it
+            if self.max_cache_len is None:
                 raise ValueError("SFACache under torch.compile needs a static cache: SFACache(model, max_cache_len=N)")
-            else:
-                self.past_length = None  # host lengths are not read in compiled code: they would specialize it
-                self.store.append_on_device(key_states, value_states, projection=self.weight)
+            if key_states.size(2) > MAX_QUERY_LENGTH:
+                raise ValueError(f"SFACache: a compiled step got {key_states.size(2)} new tokens; compiled steps attend "
+                                 f"over the compressed cache with at most {MAX_QUERY_LENGTH}. Run the prompt uncompiled "
+                                 "(transformers' generate does) or feed it in chunks of at most 16 tokens")
+            self.decoding = True
+        else:
+            self.decoding = self.store.max_length > 0
+        if not self.decoding:
+            with torch.no_grad():
+                self.store.append(key_states, value_states, projection=self.weight)
         setattr(key_states, CACHE_TAG, self)
         return key_states, value_states
-
-    def attends_over_cache(self, query_length: int) -> bool:
-        """Whether this call's queries attend over the compressed cache (tokens were cached before them) rather
-        than over this call's own keys; a compiled call always does, with at most 16 queries."""
-        if self.past_length is not None:
-            return self.past_length > 0
-        if query_length > MAX_QUERY_LENGTH:
-            raise ValueError(f"SFACache: a compiled step got {query_length} new tokens; compiled steps attend over the "
-                             f"compressed cache with at most {MAX_QUERY_LENGTH}. Run the prompt uncompiled "
-                             "(transformers' generate does) or feed it in chunks of at most 16 tokens")
-        return True
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.max_cache_len is not None:
@@ -106,7 +100,7 @@ class SFACacheLayer(CacheLayerMixin):
         return self.store.nbytes if self.is_initialized else 0
 
     def reset(self) -> None:
-        self.store, self.weight, self.is_initialized, self.past_length = None, None, False, 0
+        self.store, self.weight, self.is_initialized, self.decoding = None, None, False, False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

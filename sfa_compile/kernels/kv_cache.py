@@ -4,11 +4,12 @@ Per sequence b, key head h and cached token s: ``key_values[b, h, s]`` holds the
 the model dtype and ``key_indices[b, h, s]`` their feature indices (uint8, int16 when the head dim exceeds
 256), ascending; ``values[b, h, s]`` is the dense value row. Sequences have their own lengths (``lengths``,
 int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). Writes go through
-the ``sfa::compressed_cache_append`` op, which reads and advances the device lengths. Buffers grow by a quarter
-(at least 256 tokens) when full, unless the capacity is ``fixed``: then the buffers never move and ``views``
-always spans the whole capacity (slots past a sequence's length are ignored by the decode kernel), so a decode
-step depends on device state only and can be replayed from a CUDA graph or compiled (``append_on_device``
-skips the host mirror, which is re-read from the device when next needed). Bytes per token and key head:
+the ``sfa::compressed_cache_append`` op (or ``sfa::flash_sfa_decode_step``, which also attends), which reads
+and advances the device lengths. Buffers grow by a quarter (at least 256 tokens) when full, unless the capacity
+is ``fixed``: then the buffers never move and ``views`` is the whole capacity (slots past a sequence's length
+are ignored by the decode kernel), so a decode step depends on device state only and can be replayed from a CUDA
+graph or compiled (``append_on_device`` skips the host mirror, which is re-read from the device when next
+needed). Bytes per token and key head:
 topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense (DESIGN.md section 1); ``nbytes`` counts the cached
 tokens, ``capacity_nbytes`` the allocation.
 """
@@ -88,8 +89,9 @@ class CompressedKVCache:
         return self._host_lengths
 
     @host_lengths.setter
-    def host_lengths(self, lengths: list[int]) -> None:
-        self._host_lengths = list(lengths)
+    def host_lengths(self, lengths: Optional[list[int]]) -> None:
+        """None: only the device lengths are current (re-read when next needed)."""
+        self._host_lengths = None if lengths is None else list(lengths)
 
     @property
     def capacity(self) -> int:
@@ -119,16 +121,23 @@ class CompressedKVCache:
     def capacity_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.key_values, self.key_indices, self.values))
 
-    def append(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None,
-               projection: Optional[torch.Tensor] = None) -> None:
-        """Append (batch, key heads, T, d) keys and values: every sequence gets T tokens, or only the first
-        ``counts[b]`` of them (ragged batches). Keys are projected by ``projection`` R (key heads, d, d) when
-        given and compressed here (top-k by magnitude)."""
+    def reserve(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None,
+                on_device: bool = False) -> tuple[Optional[torch.Tensor], Optional[list[int]]]:
+        """Check (batch, key heads, T, d) ``keys`` and ``values`` (every sequence gets T tokens, or the first
+        ``counts[b]``) against the cache and make room for them, for an sfa op that then writes them and advances
+        the device lengths. Returns ``counts`` as the device tensor the ops take (None: uniform) and the host
+        lengths after the append, which the caller sets once the op ran (None ``on_device``: a fixed cache whose
+        host lengths are not read, as in a compiled step; tokens past the capacity are dropped)."""
         batch, heads, length, dim = keys.shape
         if (batch, heads, dim) != (self.batch, self.key_heads, self.head_dim) or values.shape != keys.shape:
             raise ValueError(f"CompressedKVCache.append: keys {tuple(keys.shape)} and values {tuple(values.shape)} "
                              f"must both be (batch {self.batch}, key heads {self.key_heads}, tokens, head dim "
                              f"{self.head_dim})")
+        if on_device:
+            if not self.fixed or counts is not None:
+                raise ValueError("CompressedKVCache: appending without host lengths (a compiled step) needs a fixed "
+                                 "capacity (the buffers cannot grow) and the same token count for every sequence")
+            return None, None
         uniform = counts is None
         counts = [length] * batch if uniform else list(counts)
         if len(counts) != batch or any(not 0 <= c <= length for c in counts):
@@ -140,31 +149,39 @@ class CompressedKVCache:
                              "create the cache with a larger capacity (SFACache: max_cache_len)")
         if needed > self.capacity:
             self._allocate(max(needed, self.capacity + max(256, self.capacity // 4)))
+        after = [n + c for n, c in zip(self.host_lengths, counts)]
+        return (None if uniform else torch.tensor(counts, dtype=torch.int32, device=self.device)), after
+
+    def append(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None,
+               projection: Optional[torch.Tensor] = None) -> None:
+        """Append (batch, key heads, T, d) keys and values: every sequence gets T tokens, or only the first
+        ``counts[b]`` of them (ragged batches). Keys are projected by ``projection`` R (key heads, d, d) when
+        given and compressed here (top-k by magnitude)."""
         from . import ops
 
-        counts_t = None if uniform else torch.tensor(counts, dtype=torch.int32, device=self.device)
+        counts_t, after = self.reserve(keys, values, counts)
         ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
                                        counts_t, projection)
-        self.host_lengths = [n + c for n, c in zip(self.host_lengths, counts)]
+        self.host_lengths = after
 
     def append_on_device(self, keys: torch.Tensor, values: torch.Tensor,
                          projection: Optional[torch.Tensor] = None) -> None:
         """Append T tokens to every sequence of a fixed cache touching device state only (no host reads, so a
         compiled decode step never specializes on lengths); the capacity is not checked: tokens past it are
         dropped. The host lengths are re-read from the device when next needed."""
-        if not self.fixed:
-            raise ValueError("CompressedKVCache.append_on_device needs a fixed capacity (the buffers cannot grow "
-                             "without host lengths)")
         from . import ops
 
+        self.reserve(keys, values, on_device=True)
         ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
                                        None, projection)
-        self._host_lengths = None
+        self.host_lengths = None
 
-    def views(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(key values, key indices, values) over the first ``max_length`` tokens (a fixed cache: all slots), no
-        copies."""
-        n = self.capacity if self.fixed else self.max_length
+    def views(self, length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(key values, key indices, values) over the first ``length`` (default ``max_length``) tokens, no copies;
+        a fixed cache: all slots."""
+        if self.fixed:  # the buffers themselves: a compiled step mutates graph inputs, not views of them
+            return self.key_values, self.key_indices, self.values
+        n = self.max_length if length is None else length
         return self.key_values[:, :, :n], self.key_indices[:, :, :n], self.values[:, :, :n]
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:

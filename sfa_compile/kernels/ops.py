@@ -1,5 +1,6 @@
 """Registration of the custom ops, once, for every device: ``sfa::flash_sfa`` and its backward,
-``sfa::flash_sfa_decode`` (attention over a compressed key cache) and ``sfa::compressed_cache_append``.
+``sfa::flash_sfa_decode`` (attention over a compressed key cache), ``sfa::compressed_cache_append`` and
+``sfa::flash_sfa_decode_step`` (append a step's keys and values, then attend: what a generation step calls).
 
 The op returns (output, lse): lse is the float32 log-sum-exp of each query row's masked, scaled scores
 (+inf for a row whose keys are all masked), saved for the backward so that it never recomputes the softmax
@@ -210,3 +211,55 @@ def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_
 def _compressed_cache_append_fake(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
                                   projection=None):
     check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+
+
+@torch.library.custom_op("sfa::flash_sfa_decode_step",
+                         mutates_args=("key_values", "key_indices", "value", "lengths"))
+def flash_sfa_decode_step_op(
+    query: torch.Tensor,
+    key_values: torch.Tensor,
+    key_indices: torch.Tensor,
+    value: torch.Tensor,
+    lengths: torch.Tensor,
+    new_keys: torch.Tensor,
+    new_values: torch.Tensor,
+    topk: int,
+    scale: Optional[float] = None,
+    attn_mask: Optional[torch.Tensor] = None,
+    projection: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """One decode step: ``sfa::compressed_cache_append`` of the step's (B, Hk, T, d) keys and values, then
+    ``sfa::flash_sfa_decode`` of its queries over the cache (the new tokens included). On CUDA, with <= 16 new
+    tokens and queries, both run in the decode kernels' own launches (three per step instead of six)."""
+    _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+    append_reference(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
+    return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
+                                      projection)
+
+
+def _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection):
+    check_append_args(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
+
+
+@flash_sfa_decode_step_op.register_kernel("cuda")
+def _flash_sfa_decode_step_cuda(query, key_values, key_indices, value, lengths, new_keys, new_values, topk,
+                                scale=None, attn_mask=None, projection=None):
+    _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+    fused = (max(query.size(2), new_keys.size(2)) <= MAX_QUERY_LENGTH and query.size(3) <= 256
+             and query.dtype in (torch.float16, torch.bfloat16, torch.float32) and new_keys.dtype == query.dtype)
+    if not fused:
+        _compressed_cache_append_cuda(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
+        return _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
+                                      projection)
+    from . import triton_decode
+
+    return triton_decode.decode(query, key_values, key_indices, value, lengths, topk, default_scale(query, scale),
+                                attn_mask, projection, new_keys, new_values)
+
+
+@flash_sfa_decode_step_op.register_fake
+def _flash_sfa_decode_step_fake(query, key_values, key_indices, value, lengths, new_keys, new_values, topk,
+                                scale=None, attn_mask=None, projection=None):
+    _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+    return query.new_empty(query.shape)

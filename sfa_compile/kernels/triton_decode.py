@@ -2,15 +2,20 @@
 
 Decode (query length 1..16): one program per (sequence, key head, split of the cached tokens). It loads the
 query rows of the key head's whole GQA group (group x query length rows), takes their top-k in registers
-(``topk_keep``; with a projection R, a first small kernel projects and sparsifies the query rows once per key
-head instead), then streams its split of the cache once: per block of keys it loads the compressed keys
-(values + indices) and dense V, forms the scores by gathering the kept key features' query entries from the
-register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x slower than
-dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to the 16
-rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel
+(``topk_keep``; with a projection R, or in a decode step, a first small "prologue" kernel projects and sparsifies
+the query rows once per key head instead), then streams its split of the cache once: per block of keys it loads
+the compressed keys (values + indices) and dense V, forms the scores by gathering the kept key features' query
+entries from the register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x
+slower than dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to
+the 16 rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel
 merges the splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up
 to length - T + t), sequences have their own lengths, and an optional boolean mask (True = attend) broadcasts
 like SDPA's.
+
+Decode step (``decode`` given the step's new keys and values): the prologue kernel also appends them (its
+second program column), the split kernel counts them in each sequence's length, and the merge kernel advances
+the device lengths: a whole step of one layer is three launches (was six: append, two length updates, query
+prologue, split, merge).
 
 Append: one program per (sequence, key head, block of 16 new tokens) projects the key rows by R when given
 (above head dim 128, R runs as a torch matmul before either kernel), computes their top-k, writes the kept
@@ -50,7 +55,7 @@ def _score_rows(rows: int, head_dim: int) -> int:
 @triton.jit
 def _decode_split_kernel(
     Q, KVAL, KIDX, V, LENGTHS, MASK, O_PART, M_PART, L_PART,
-    scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits,
+    scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits, pending, n_keys,
     sqb, sqh, sqt, sqd,
     skb, skh, sks,
     sib, sih, sis,
@@ -58,10 +63,12 @@ def _decode_split_kernel(
     smb, smh, smt, sms,
     M_REAL: tl.constexpr, REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRESPARSE: tl.constexpr,
-    PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, EVEN_K: tl.constexpr,
+    PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROW: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
+    # ``pending``: tokens the prologue kernel of this decode step appended, not yet counted in LENGTHS (the merge
+    # kernel advances it); ``n_keys``: the cache's slots, where appends stop.
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // key_heads).to(tl.int64)
@@ -75,12 +82,12 @@ def _decode_split_kernel(
     q_ok = row_ok[:, None] & col_ok[None, :]
     heads = hk * group + g
     q = tl.load(Q + b * sqb + heads[:, None] * sqh + t[:, None] * sqt + cols[None, :] * sqd, mask=q_ok, other=0.0)
-    if PRESPARSE:  # projected and sparsified by _prepare_query_kernel: at most topk non-zeros per row
+    if PRESPARSE:  # projected and sparsified by _decode_prologue_kernel: at most topk non-zeros per row
         q = q.to(tl.float32)
     else:
         q = tl.where(topk_keep(q, q_ok, topk, LOW_BIT), q.to(tl.float32), 0.0)
 
-    length = tl.load(LENGTHS + b)
+    length = tl.minimum(tl.load(LENGTHS + b) + pending, n_keys)
     last = length - q_len + t  # the last key each row sees (causal, aligned to the sequence end)
     start = split * chunk
     stop = tl.minimum(start + chunk, length)
@@ -111,9 +118,14 @@ def _decode_split_kernel(
         # Padding lanes hold value 0 and index 0: their products are 0 (q is finite), so no select is needed.
         s = tl.sum(picked * kval[None, :, :], axis=2) * scale_log2
         allowed = n_ok[None, :] & (offs_n[None, :] <= last[:, None])
-        if HAS_MASK:
+        # The mask is bounded by the slot count, not the split: constant over 16 keys, so it loads as vectors; one
+        # row for all query rows when it does not vary over them (a generation step's).
+        if HAS_MASK and MASK_ROW:
+            user = tl.load(MASK + b * smb + offs_n * sms, mask=offs_n < n_keys, other=0)
+            allowed = allowed & (user != 0)[None, :]
+        elif HAS_MASK:
             user = tl.load(MASK + b * smb + heads[:, None] * smh + t[:, None] * smt + offs_n[None, :] * sms,
-                           mask=row_ok[:, None] & n_ok[None, :], other=0)
+                           mask=row_ok[:, None] & (offs_n < n_keys)[None, :], other=0)
             allowed = allowed & (user != 0)
         s = tl.where(allowed, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -136,48 +148,100 @@ def _decode_split_kernel(
 
 
 @triton.jit
-def _project(X, row_offsets, sxd, row_ok, r_base, srf, sre, head_dim, BLOCK_D: tl.constexpr,
-             PRECISION: tl.constexpr):
-    """Rows X[row_offsets] (>= 16 of them; d features ``sxd`` apart) @ R of one key head, accumulated in float32
-    and rounded to X's dtype, as x @ R.to(x.dtype)."""
+def _load_rows(X, row_offsets, sxd, row_ok, r_base, srf, sre, head_dim, BLOCK_D: tl.constexpr, HAS_R: tl.constexpr,
+               PRECISION: tl.constexpr):
+    """Rows X[row_offsets] (d features ``sxd`` apart; zeros where not ``row_ok``), with HAS_R times R of one key
+    head (>= 16 rows: tl.dot), accumulated in float32 and rounded to X's dtype, as x @ R.to(x.dtype)."""
     cols = tl.arange(0, BLOCK_D)
     col_ok = cols < head_dim
     x = tl.load(X + row_offsets[:, None] + cols[None, :] * sxd, mask=row_ok[:, None] & col_ok[None, :], other=0.0)
-    r = tl.load(r_base + cols[:, None] * srf + cols[None, :] * sre, mask=col_ok[:, None] & col_ok[None, :], other=0.0)
-    return tl.dot(x, r.to(X.dtype.element_ty), input_precision=PRECISION).to(X.dtype.element_ty)
+    if HAS_R:
+        r = tl.load(r_base + cols[:, None] * srf + cols[None, :] * sre, mask=col_ok[:, None] & col_ok[None, :],
+                    other=0.0)
+        x = tl.dot(x, r.to(X.dtype.element_ty), input_precision=PRECISION).to(X.dtype.element_ty)
+    return x
 
 
 @triton.jit
-def _prepare_query_kernel(
-    Q, R, OUT, topk, head_dim, q_len, group, key_heads,
-    sqb, sqh, sqt, sqd,
-    srh, srf, sre,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, PRECISION: tl.constexpr,
-):
-    """The query rows of one (sequence, key head): projected by R, all but their top-k features zeroed, written
-    contiguous (B, Hq, T, d) for the split kernel (PRESPARSE), so no split program repeats the top-k."""
-    bh = tl.program_id(0)
-    b = (bh // key_heads).to(tl.int64)
-    hk = bh % key_heads
+def _sparse_query_rows(Q, R, OUT, b, hk, topk, head_dim, q_len, group, key_heads,
+                       sqb, sqh, sqt, sqd, srh, srf, sre,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """The query rows of one (sequence, key head), projected by R when given, all but their top-k features zeroed,
+    written contiguous (B, Hq, T, d) for the split kernel (PRESPARSE), so no split program repeats the top-k."""
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < group * q_len
     heads = hk * group + rows // q_len
     t = rows % q_len
     cols = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (cols < head_dim)[None, :]
-    q = _project(Q, b * sqb + heads * sqh + t * sqt, sqd, row_ok, R + hk * srh, srf, sre, head_dim, BLOCK_D,
-                 PRECISION)
+    q = _load_rows(Q, b * sqb + heads * sqh + t * sqt, sqd, row_ok, R + hk * srh, srf, sre, head_dim, BLOCK_D, HAS_R,
+                   PRECISION)
     q = tl.where(topk_keep(q, ok, topk, LOW_BIT), q, 0.0)
     out_rows = (b * key_heads * group + heads) * q_len + t
     tl.store(OUT + out_rows[:, None] * head_dim + cols[None, :], q, mask=ok)
 
 
 @triton.jit
+def _append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, h, n, row_ok, start, head_dim, topk, capacity,
+                 skb, skh, skn, skd, svb, svh, svn, svd, srh, srf, sre, ckb, ckh, cks, cib, cih, cis, cvb, cvh, cvs,
+                 BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr):
+    """New tokens ``n`` (>= 16 rows, ``row_ok`` real) of one (sequence, key head): keys projected by R when given,
+    their top-k values and ascending indices written at slots start + n, V copied; slots past ``capacity`` are
+    dropped."""
+    cols = tl.arange(0, BLOCK_D)
+    ok = row_ok[:, None] & (cols < head_dim)[None, :]
+    x = _load_rows(KEYS, b * skb + h * skh + n * skn, skd, row_ok, R + h * srh, srf, sre, head_dim, BLOCK_D, HAS_R,
+                   PRECISION)
+    keep = topk_keep(x, ok, topk, LOW_BIT)
+    slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # ascending feature order
+    pos = start + n
+    row_ok = row_ok & (pos < capacity)  # a full fixed cache under torch.compile: drop, never write past it
+    ok = ok & row_ok[:, None]
+    keep = keep & row_ok[:, None]
+    tl.store(KVAL + b * ckb + h * ckh + (pos * cks)[:, None] + slot, x.to(KVAL.dtype.element_ty), mask=keep)
+    tl.store(KIDX + b * cib + h * cih + (pos * cis)[:, None] + slot, cols[None, :].to(KIDX.dtype.element_ty)
+             + tl.zeros_like(slot).to(KIDX.dtype.element_ty), mask=keep)
+    v = tl.load(VALUES + b * svb + h * svh + n[:, None] * svn + cols[None, :] * svd, mask=ok, other=0.0)
+    tl.store(VCACHE + b * cvb + h * cvh + (pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty),
+             mask=ok)
+
+
+@triton.jit
+def _decode_prologue_kernel(
+    Q, R, QOUT, KEYS, VALUES, KVAL, KIDX, VCACHE, LENGTHS,
+    topk, head_dim, q_len, group, key_heads, new_tokens, capacity,
+    sqb, sqh, sqt, sqd,
+    srh, srf, sre,
+    skb, skh, skn, skd,
+    svb, svh, svn, svd,
+    ckb, ckh, cks,
+    cib, cih, cis,
+    cvb, cvh, cvs,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """Per (sequence, key head): program column 0 sparsifies the query rows; column 1 (a decode step's grid
+    only) appends the step's <= 16 new tokens at the sequence's length, which it does not advance."""
+    bh = tl.program_id(0)
+    b = (bh // key_heads).to(tl.int64)
+    hk = bh % key_heads
+    if tl.program_id(1) == 0:
+        _sparse_query_rows(Q, R, QOUT, b, hk, topk, head_dim, q_len, group, key_heads, sqb, sqh, sqt, sqd, srh, srf,
+                           sre, BLOCK_M, BLOCK_D, LOW_BIT, HAS_R, PRECISION)
+    else:
+        n = tl.arange(0, 16)
+        _append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, hk, n, n < new_tokens, tl.load(LENGTHS + b), head_dim,
+                     topk, capacity, skb, skh, skn, skd, svb, svh, svn, svd, srh, srf, sre, ckb, ckh, cks, cib, cih,
+                     cis, cvb, cvh, cvs, BLOCK_D, LOW_BIT, HAS_R, PRECISION)
+
+
+@triton.jit
 def _decode_combine_kernel(
-    O_PART, M_PART, L_PART, OUT,
-    head_dim, q_len, group, key_heads, n_splits,
+    O_PART, M_PART, L_PART, OUT, LENGTHS,
+    head_dim, q_len, group, key_heads, n_splits, pending, n_keys,
     sob, soh, sot, sod,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ADVANCE: tl.constexpr,
 ):
     row = tl.program_id(0)  # over (sequence, key head, group row)
     rows_per_head = group * q_len
@@ -201,6 +265,9 @@ def _decode_combine_kernel(
     t = r % q_len
     tl.store(OUT + b * sob + head * soh + t * sot + cols * sod, out.to(OUT.dtype.element_ty),
              mask=cols < head_dim)
+    if ADVANCE:  # a decode step: count its appended tokens, once per sequence (the split kernel is done reading)
+        first = (bh % key_heads == 0) & (r == 0)
+        tl.store(LENGTHS + b, tl.minimum(tl.load(LENGTHS + b) + pending, n_keys).to(tl.int32), mask=first)
 
 
 def _row_alignment(*strides: int) -> int:
@@ -249,25 +316,37 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, nu
 
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
-           projection: Optional[torch.Tensor] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
+           projection: Optional[torch.Tensor] = None, new_keys: Optional[torch.Tensor] = None,
+           new_values: Optional[torch.Tensor] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
            num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of (B, Hq, T, d) queries (projected by ``projection[key head]`` first when given) over the
-    compressed cache; arguments checked by the op."""
+    compressed cache; arguments checked by the op. With ``new_keys`` and ``new_values`` (B, Hk, <= 16 tokens, d),
+    a decode step: they are appended at each sequence's length first (as ``append_compressed``), attended, and
+    ``lengths`` advance by their count (at most to the slot count)."""
     batch, q_heads, q_len, head_dim = query.shape
+    step = new_keys is not None
     if projection is not None and head_dim > _MAX_FUSED_PROJECTION_DIM:
+        if step:
+            new_keys = project_by_key_head(new_keys, projection)
         query, projection = project_by_key_head(query, projection), None
     key_heads, n_keys = key_values.size(1), key_values.size(2)
     group = q_heads // key_heads
+    pending = new_keys.size(2) if step else 0
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
     block_d = feature_block(head_dim)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    if projection is not None:
+    presparse = projection is not None or step
+    if presparse:
         sparse_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        _prepare_query_kernel[(batch * key_heads,)](
-            query, projection, sparse_query, topk, head_dim, q_len, group, key_heads, *query.stride(),
-            *projection.stride(), BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d,
-            LOW_BIT=LOW_BIT[query.dtype], PRECISION=precision, num_warps=4,
+        new_keys, new_values = (new_keys, new_values) if step else (query, query)
+        _decode_prologue_kernel[(batch * key_heads, 2 if step else 1)](
+            query, query if projection is None else projection, sparse_query, new_keys, new_values, key_values,
+            key_indices, value, lengths, topk, head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(),
+            *(projection.stride() if projection is not None else (0, 0, 0)), *new_keys.stride(),
+            *new_values.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3],
+            BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d, LOW_BIT=LOW_BIT[query.dtype],
+            HAS_R=projection is not None, PRECISION=precision, num_warps=4,
         )
         query = sparse_query
     m_real = _score_rows(rows, head_dim)
@@ -278,24 +357,26 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     o_part = torch.empty(batch * key_heads * splits * rows, head_dim, dtype=torch.float32, device=query.device)
     m_part = torch.empty(batch * key_heads * splits * rows, dtype=torch.float32, device=query.device)
     l_part = torch.empty_like(m_part)
+    mask_row = False
     if attn_mask is not None:
         mask = attn_mask.view(torch.uint8).expand(batch, q_heads, q_len, n_keys)
         mask_strides, mask_arg = mask.stride(), mask
+        mask_row = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
     else:
         mask_strides, mask_arg = (0, 0, 0, 0), lengths
     _decode_split_kernel[(splits, batch * key_heads)](
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
-        scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits,
+        scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits, pending, n_keys,
         *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
         M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_K=block_k, LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None,
-        PRESPARSE=projection is not None, PRECISION=precision, EVEN_K=block_k == topk,
+        BLOCK_K=block_k, LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None, MASK_ROW=mask_row,
+        PRESPARSE=presparse, PRECISION=precision, EVEN_K=block_k == topk,
         ROW_ALIGN=_row_alignment(*key_values.stride()[:3], *key_indices.stride()[:3]), num_warps=num_warps,
         num_stages=num_stages,
     )
     _decode_combine_kernel[(batch * key_heads * rows,)](
-        o_part, m_part, l_part, out, head_dim, q_len, group, key_heads, splits, *out.stride(),
-        BLOCK_S=max(triton.next_power_of_2(splits), 2), BLOCK_D=block_d, num_warps=4,
+        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, splits, pending, n_keys,
+        *out.stride(), BLOCK_S=max(triton.next_power_of_2(splits), 2), BLOCK_D=block_d, ADVANCE=step, num_warps=4,
     )
     return out
 
@@ -317,29 +398,12 @@ def _append_kernel(
     bh = tl.program_id(1)
     b = (bh // key_heads).to(tl.int64)
     h = bh % key_heads
-    cols = tl.arange(0, BLOCK_D)
-    col_ok = cols < head_dim
     row_ok = n < length
     if RAGGED:
         row_ok = row_ok & (n < tl.load(COUNTS + b))
-    ok = row_ok[:, None] & col_ok[None, :]
-    key_rows = b * skb + h * skh + n * skn
-    if HAS_R:
-        x = _project(KEYS, key_rows, skd, row_ok, R + h * srh, srf, sre, head_dim, BLOCK_D, PRECISION)
-    else:
-        x = tl.load(KEYS + key_rows[:, None] + cols[None, :] * skd, mask=ok, other=0.0)
-    keep = topk_keep(x, ok, topk, LOW_BIT)
-    slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # ascending feature order
-    pos = tl.load(STARTS + b) + n
-    row_ok = row_ok & (pos < capacity)  # a full fixed cache under torch.compile: drop, never write past it
-    ok = ok & row_ok[:, None]
-    keep = keep & row_ok[:, None]
-    tl.store(KVAL + b * ckb + h * ckh + (pos * cks)[:, None] + slot, x.to(KVAL.dtype.element_ty), mask=keep)
-    tl.store(KIDX + b * cib + h * cih + (pos * cis)[:, None] + slot, cols[None, :].to(KIDX.dtype.element_ty)
-             + tl.zeros_like(slot).to(KIDX.dtype.element_ty), mask=keep)
-    v = tl.load(VALUES + b * svb + h * svh + n[:, None] * svn + cols[None, :] * svd, mask=ok, other=0.0)
-    tl.store(VCACHE + b * cvb + h * cvh + (pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty),
-             mask=ok)
+    _append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, h, n, row_ok, tl.load(STARTS + b), head_dim, topk, capacity,
+                 skb, skh, skn, skd, svb, svh, svn, svd, srh, srf, sre, ckb, ckh, cks, cib, cih, cis, cvb, cvh, cvs,
+                 BLOCK_D, LOW_BIT, HAS_R, PRECISION)
 
 
 def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value_cache: torch.Tensor,

@@ -134,6 +134,50 @@ def test_append_op_writes_at_the_device_lengths_and_drops_tokens_past_the_capaci
                                        values)
 
 
+def test_decode_step_equals_append_then_decode():
+    """flash_sfa_decode with new_keys/new_values (sfa::flash_sfa_decode_step, what generation calls) equals
+    appending the tokens and then decoding: same output, same cache contents and lengths (host and device), for a
+    cache that must grow to take them and for a fixed one."""
+    torch.manual_seed(6)
+    r = _rotations(2, 16, seed=2).to(DEVICE)
+    for fixed in (False, True):
+        for q_len in (1, 3):
+            caches = [CompressedKVCache(2, 2, 16, 4, torch.float32, DEVICE, capacity=9, fixed=fixed) for _ in range(2)]
+            old_k, old_v = torch.randn(2, 2, 8, 16, device=DEVICE), torch.randn(2, 2, 8, 16, device=DEVICE)
+            for cache in caches:
+                cache.append(old_k, old_v, [8, 5], projection=r)
+            new_k, new_v = torch.randn(2, 2, q_len, 16, device=DEVICE), torch.randn(2, 2, q_len, 16, device=DEVICE)
+            query = torch.randn(2, 6, q_len, 16, device=DEVICE)
+            mask = torch.rand(2, 1, q_len, 8 + q_len, device=DEVICE) > 0.3
+            if fixed:
+                if q_len > 1:  # 8 + 3 tokens do not fit a fixed capacity of 9: refused before anything is written
+                    before = [t.clone() for t in (*caches[0].views(), caches[0].lengths)]
+                    with pytest.raises(ValueError, match="fixed capacity"):
+                        flash_sfa_decode(query, caches[0], projection=r, new_keys=new_k, new_values=new_v)
+                    assert all(torch.equal(a, b) for a, b in zip(before, (*caches[0].views(), caches[0].lengths)))
+                    assert caches[0].host_lengths == [8, 5]
+                    continue
+                mask = torch.rand(2, 1, q_len, 9, device=DEVICE) > 0.3
+            want_cache, got_cache = caches
+            want_cache.append(new_k, new_v, projection=r)
+            want = flash_sfa_decode(query, want_cache, projection=r, attn_mask=mask)
+            got = flash_sfa_decode(query, got_cache, projection=r, attn_mask=mask, new_keys=new_k, new_values=new_v)
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
+            assert got_cache.host_lengths == want_cache.host_lengths == [8 + q_len, 5 + q_len]
+            assert torch.equal(got_cache.lengths, want_cache.lengths)
+            for a, b in zip(got_cache.views(), want_cache.views()):
+                for seq, length in enumerate(want_cache.host_lengths):
+                    assert torch.equal(a[seq, :, :length], b[seq, :, :length])
+    with pytest.raises(ValueError, match="come together"):
+        flash_sfa_decode(query, caches[1], new_keys=new_k)
+    # The op's schema (declared mutations), fake implementation and autograd registration are consistent.
+    cache = CompressedKVCache(2, 2, 16, 4, torch.float32, DEVICE, capacity=12, fixed=True)
+    cache.append(old_k, old_v, [8, 5])
+    torch.library.opcheck(torch.ops.sfa.flash_sfa_decode_step.default,
+                          (query[:, :, :1], *cache.views(), cache.lengths, new_k[:, :, :1], new_v[:, :, :1], 4),
+                          {"projection": r})
+
+
 # --- Triton kernels ---------------------------------------------------------------------------------------
 
 def _triton():
@@ -253,6 +297,53 @@ def test_triton_projection_fused_into_append_and_decode(dtype, q_len, head_dim, 
     got = triton_decode.decode(query, kv, ki, v, full.lengths, head_dim, head_dim ** -0.5, None, r)
     dense = dense_decode(query.double(), keys.double(), values.double(), lengths, head_dim)
     torch.testing.assert_close(got.double(), dense, rtol=0, atol=50 * torch.finfo(dtype).eps)
+
+
+@pytest.mark.parametrize("dtype,q_len,projected,masked,head_dim", [
+    (torch.float32, 1, True, True, 24), (torch.float16, 1, False, False, 24), (torch.float16, 4, True, False, 24),
+    (torch.float16, 1, True, False, 160),  # R applied by torch before the kernels
+])
+def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected, masked, head_dim, poisoned):
+    """decode() given the step's keys and values (prologue kernel appends, split kernel counts them, merge
+    kernel advances the lengths) leaves the cache exactly as append_compressed + advancing would and attends
+    like the reference over it; a sequence at the fixed capacity drops what does not fit and stops there."""
+    triton_decode = _triton()
+    torch.manual_seed(8)
+    batch, key_heads, group, topk, capacity = 3, 2, 3, 5, 30
+    r = _rotations(key_heads, head_dim, seed=3).to(DEVICE) if projected else None
+    lengths = [20, 7, capacity - 1]  # the last sequence has room for one new token only
+    caches = [CompressedKVCache(batch, key_heads, head_dim, topk, dtype, DEVICE, capacity=capacity, fixed=True)
+              for _ in range(2)]
+    for cache in caches:
+        for t in (cache.key_values, cache.values):
+            t.fill_(float("nan"))
+    old_k = torch.randn(batch, key_heads, capacity - 1, head_dim, dtype=dtype, device=DEVICE)
+    old_v = torch.randn_like(old_k)
+    for cache in caches:
+        cache.append(old_k, old_v, lengths, projection=r)
+    new_k = torch.randn(batch, key_heads, q_len, head_dim, dtype=dtype, device=DEVICE)
+    new_v = torch.randn_like(new_k)
+    query = torch.randn(batch, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)
+    mask = (torch.rand(batch, 1, q_len, capacity, device=DEVICE) > 0.3) if masked else None
+    want_cache, got_cache = caches
+    want_cache.append_on_device(new_k, new_v, projection=r)  # the reference append op on the CPU
+    kv, ki, v = want_cache.views()
+    want = ops.flash_sfa_decode_reference(query.double(), kv.double(), ki, v.double(), want_cache.lengths, topk, None,
+                                          mask, None if r is None else r.double())
+    naive = ops.flash_sfa_decode_reference(query, kv, ki, v, want_cache.lengths, topk, None, mask, r)
+    kv, ki, v = got_cache.views()
+    got = triton_decode.decode(query, kv, ki, v, got_cache.lengths, topk, head_dim ** -0.5, mask, r, new_k, new_v,
+                               num_splits=3)
+    assert got_cache.lengths.tolist() == want_cache.lengths.tolist() == [20 + q_len, 7 + q_len, capacity]
+    for name in ("key_values", "key_indices", "values"):
+        for b, n in enumerate(want_cache.lengths.tolist()):
+            got_part, want_part = getattr(got_cache, name)[b, :, :n], getattr(want_cache, name)[b, :, :n]
+            if name == "key_values" and r is not None:  # projected in the kernel vs by torch: rounding may differ
+                torch.testing.assert_close(got_part, want_part)
+            else:
+                assert torch.equal(got_part, want_part)
+    floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
+    assert (got.double() - want).abs().max().item() <= 2 * (naive.double() - want).abs().max().item() + floor
 
 
 def test_projection_argument_of_the_ops():
