@@ -154,13 +154,22 @@ def flash_sfa_decode_op(
                                       projection)
 
 
+_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+def _triton_decode_fits(query: torch.Tensor) -> bool:
+    """The Triton decode kernels take these queries (else the reference runs): <= 16 tokens, head dim <= 256,
+    half or single precision."""
+    return query.size(2) <= MAX_QUERY_LENGTH and query.size(3) <= 256 and query.dtype in _TRITON_DTYPES
+
+
 @flash_sfa_decode_op.register_kernel("cuda")
 def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
                            projection=None):
     check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
     from . import triton_decode
 
-    if query.size(2) > MAX_QUERY_LENGTH or query.dtype == torch.float64 or query.size(3) > 256:
+    if not _triton_decode_fits(query):
         return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
                                           projection)
     return triton_decode.decode(query, key_values, key_indices, value, lengths, topk,
@@ -198,7 +207,7 @@ def compressed_cache_append_op(
 def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
                                   projection=None):
     check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
-    if new_keys.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+    if new_keys.dtype not in _TRITON_DTYPES:
         return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
     from . import triton_decode
 
@@ -246,9 +255,7 @@ def _check_step(query, key_values, key_indices, value, lengths, new_keys, new_va
 def _flash_sfa_decode_step_cuda(query, key_values, key_indices, value, lengths, new_keys, new_values, topk,
                                 scale=None, attn_mask=None, projection=None):
     _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
-    fused = (max(query.size(2), new_keys.size(2)) <= MAX_QUERY_LENGTH and query.size(3) <= 256
-             and query.dtype in (torch.float16, torch.bfloat16, torch.float32) and new_keys.dtype == query.dtype)
-    if not fused:
+    if not (_triton_decode_fits(query) and new_keys.size(2) <= MAX_QUERY_LENGTH and new_keys.dtype == query.dtype):
         _compressed_cache_append_cuda(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
         return _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
                                       projection)
