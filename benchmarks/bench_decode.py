@@ -95,7 +95,8 @@ def run_case(batch, context, topk, q_len, sweep):
     variants = {"auto": {}}
     if sweep:
         score_rows = triton_decode._score_rows(Q_HEADS // KV_HEADS * q_len, HEAD_DIM)
-        auto = triton_decode._launch_config(batch * KV_HEADS, context, topk, score_rows, None, None, None, None)[0]
+        auto = triton_decode._launch_config(batch * KV_HEADS, context, topk, score_rows, False, None, None, None,
+                                            None)[0]
         variants.update({f"splits={s},block={b},warps={w},stages={st}": dict(num_splits=s, block_n=b, num_warps=w,
                                                                             num_stages=st)
                          for s in sorted({max(1, auto // 2), auto, 2 * auto}) for b in (32, 64) for w in (2, 4)

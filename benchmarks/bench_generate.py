@@ -9,9 +9,11 @@ decode step after two eager ones replayed from one captured graph (graph_generat
 the faster dense CUDA-graph row: transformers' "sdpa" (which repeats K/V to every query head when a mask is given)
 or the same SDPA with enable_gqa. With --compile, also rows whose decode step is torch.compile'd (Inductor,
 fullgraph) before capture: dense SDPA with enable_gqa + StaticCache and SFA + static SFACache, compared with each
-other. Every graph row is checked against the same steps run without the graph. Cache bytes: the tokens cached
-at the end (SFACache.nbytes vs K + V of the dense cache) against the formula (k*(s_val+s_idx) + d*s_val) /
-(2*d*s_val).
+other. SFA rows convert without calibration (R = identity, which SFACache drops: plain top-k, the paper's method);
+with --compile each topk also gets a row with a random orthogonal R per layer and key head ("+ R": the run-time
+cost of a calibrated conversion). Every graph row is checked against the same steps run without the graph.
+Cache bytes: the tokens cached at the end (SFACache.nbytes vs K + V of the dense cache) against the formula
+(k*(s_val+s_idx) + d*s_val) / (2*d*s_val).
 
     python benchmarks/bench_generate.py [--prompt 32768] [--new-tokens 128] [--batch 1] [--topks 8 16]
                                         [--compile] [--skip-eager]
@@ -40,6 +42,17 @@ def qwen3_06b(vocab: int):
     with torch.device("cuda"):
         model = transformers.Qwen3ForCausalLM._from_config(config, dtype=torch.bfloat16, attn_implementation="sdpa")
     return model.eval()
+
+
+def random_rotations(model, seed=0) -> None:
+    """A random orthogonal R per SFA layer and key head: what a calibrated conversion costs at run time (the
+    uncalibrated identity R is dropped by SFACache: plain top-k)."""
+    g = torch.Generator().manual_seed(seed)
+    for module in model.modules():
+        projection = getattr(module, "sfa", None)
+        if projection is not None and projection.weight is not None:
+            r = torch.linalg.qr(torch.randn(projection.weight.shape, generator=g, dtype=torch.float64))[0]
+            projection.weight.data.copy_(r.to(projection.weight))
 
 
 def timed_prefill(model, cache, prompt, **kwargs):
@@ -216,6 +229,9 @@ def main():
                   graph_dense)
         if args.compile:
             graph_row(f"SFA topk {topk}", "SFACache static + torch.compile + CUDA graph", sfa, static_sfa, prompt,
+                      args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
+            random_rotations(sfa)
+            graph_row(f"SFA topk {topk} + R", "SFACache static + torch.compile + CUDA graph", sfa, static_sfa, prompt,
                       args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
         del sfa
         torch.cuda.empty_cache()

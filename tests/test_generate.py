@@ -47,6 +47,7 @@ def test_sparse_generation_equals_the_reference_path(name, monkeypatch):
     monkeypatch.setattr(hf_attention, "flash_sfa_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
     got = generate(model, inputs, cache)
     assert len(calls) == 9 * len(cache.layers)  # every token after the prompt decoded over the compressed cache
+    assert all(layer.weight is not None for layer in cache.layers)  # calibrated R: projected in the kernels
     assert torch.equal(got, generate(model, inputs))
     # Bytes: topk*(s_val + s_idx) + d*s_val per token and key head, against 2*d*s_val dense (float32 here).
     tokens = got.size(1) - 1  # the last generated token is never cached
@@ -55,6 +56,17 @@ def test_sparse_generation_equals_the_reference_path(name, monkeypatch):
     assert cache.nbytes == len(cache.layers) * got.size(0) * tokens * per_token
     assert cache.nbytes / (len(cache.layers) * got.size(0) * tokens * layer.key_heads * 2 * head_dim * 4) == \
         pytest.approx((4 * 5 + head_dim * 4) / (2 * head_dim * 4))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_uncalibrated_identity_projection_is_dropped_from_the_cache(name):
+    """Converted without calibration, R is the identity: the cache drops it (plain top-k, no projection in the
+    kernels) and still generates what the reference path does with R applied."""
+    model, _, inputs, _ = sfa_model(name, 4, calibrate=False)
+    cache = SFACache(model)
+    got = generate(model, inputs, cache)
+    assert all(layer.weight is None for layer in cache.layers)
+    assert torch.equal(got, generate(model, inputs))
 
 
 def test_cache_refuses_models_without_sfa_attention():

@@ -239,7 +239,7 @@ def flash_sfa_decode_step_op(
 ) -> torch.Tensor:
     """One decode step: ``sfa::compressed_cache_append`` of the step's (B, Hk, T, d) keys and values, then
     ``sfa::flash_sfa_decode`` of its queries over the cache (the new tokens included). On CUDA, with <= 16 new
-    tokens and queries, both run in the decode kernels' own launches (three per step instead of six)."""
+    tokens and queries, both run in the decode kernels' own launches (two per step without R, three with; was six)."""
     _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
     append_reference(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
     return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,

@@ -2,19 +2,21 @@
 
 Decode (query length 1..16): one program per (sequence, key head, split of the cached tokens). It loads the
 query rows of the key head's whole GQA group (group x query length rows), takes their top-k in registers
-(``topk_keep``; with a projection R, or in a decode step, a first small "prologue" kernel projects and sparsifies
-the query rows once per key head instead), then streams its split of the cache once: per block of keys it loads
-the compressed keys (values + indices) and dense V, forms the scores by gathering the kept key features' query
-entries from the register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x
-slower than dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to
-the 16 rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel
-merges the splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up
+(``topk_keep``; with a projection R, a first small "prologue" kernel projects and sparsifies the query rows once
+per key head instead: R in every split program costs its 32 KB shared-memory tile, and occupancy), then streams
+its split of the cache once: per block of keys it loads the compressed keys (values + indices) and dense V, forms
+the scores by gathering the kept key features' query entries from the register tile (``tl.gather``: the
+scattered global loads that made a gather-per-key design 4x slower than dense never happen), and accumulates
+P @ V on tensor cores with an online softmax (P repeated to the 16 rows tl.dot needs when the group has fewer;
+only the real rows are gathered and stored). A second kernel merges the splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up
 to length - T + t), sequences have their own lengths, and an optional boolean mask (True = attend) broadcasts
 like SDPA's.
 
-Decode step (``decode`` given the step's new keys and values): the prologue kernel also appends them (its
-second program column), the split kernel counts them in each sequence's length, and the merge kernel advances
-the device lengths: a whole step of one layer is three launches (was six: append, two length updates, query
+Decode step (``decode`` given the step's new keys and values): without R, one more program per (sequence, key
+head) of the split kernel appends them at the sequence's length and attends to them from registers, while the
+others stream the tokens cached before; with R, the prologue kernel appends them (its second program column)
+and the split kernel counts them in each sequence's length. The merge kernel advances the device lengths. A
+whole step of one layer is two launches without R, three with (was six: append, two length updates, query
 prologue, split, merge).
 
 Append: one program per (sequence, key head, block of 16 new tokens) projects the key rows by R when given
@@ -53,17 +55,77 @@ def _score_rows(rows: int, head_dim: int) -> int:
 
 
 @triton.jit
+def _user_mask(MASK, b, heads, t, row_ok, offs_n, n_keys, smb, smh, smt, sms, HAS_MASK: tl.constexpr,
+               MASK_ROW: tl.constexpr):
+    """The boolean mask (True: attend; all True without one) of the score rows at keys ``offs_n``. Bounded by the
+    slot count, not the split: constant over 16 keys, so it loads as vectors; one row for all query rows when it
+    does not vary over them (a generation step's)."""
+    if HAS_MASK:
+        if MASK_ROW:
+            user = tl.load(MASK + b * smb + offs_n * sms, mask=offs_n < n_keys, other=0)
+            allowed = tl.broadcast_to((user != 0)[None, :], (heads.shape[0], offs_n.shape[0]))
+        else:
+            user = tl.load(MASK + b * smb + heads[:, None] * smh + t[:, None] * smt + offs_n[None, :] * sms,
+                           mask=row_ok[:, None] & (offs_n < n_keys)[None, :], other=0)
+            allowed = user != 0
+    else:
+        allowed = tl.full((heads.shape[0], offs_n.shape[0]), True, tl.int1)
+    return allowed
+
+
+@triton.jit
+def _softmax_block(s, allowed, v, m_i, l_i, acc, REP: tl.constexpr, PRECISION: tl.constexpr):
+    """One block of keys into the online softmax: scores ``s`` (M_REAL rows, log2 units) where ``allowed``,
+    values ``v``; P is repeated REP times to the >= 16 rows of the tensor-core P @ V."""
+    s = tl.where(allowed, s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, axis=1))
+    m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+    p = tl.exp2(s - m_use[:, None])
+    alpha = tl.exp2(m_i - m_use)
+    l_i = l_i * alpha + tl.sum(p, axis=1)
+    p_rep = tl.reshape(tl.broadcast_to(p[None, :, :], (REP, s.shape[0], s.shape[1])), (REP * s.shape[0], s.shape[1]))
+    alpha_rep = tl.reshape(tl.broadcast_to(alpha[None, :], (REP, s.shape[0])), (REP * s.shape[0],))
+    acc = acc * alpha_rep[:, None] + tl.dot(p_rep.to(v.dtype), v, input_precision=PRECISION)
+    return m_new, l_i, acc
+
+
+@triton.jit
+def _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, MASK, b, hk, heads, t, row_ok, last, cached, pending, n_keys,
+                       m_i, l_i, acc, scale_log2, head_dim, topk, snkb, snkh, snkn, snkd, snvb, snvh, snvn, snvd,
+                       skb, skh, sks, sib, sih, sis, svb, svh, svs, smb, smh, smt, sms, REP: tl.constexpr,
+                       BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ROW: tl.constexpr,
+                       PRECISION: tl.constexpr):
+    """A decode step's <= 16 new tokens (no projection): appended at the sequence's cached length (as
+    _append_rows) and folded into the online softmax from registers. q holds values of the keys' dtype, so the
+    tensor-core scores are exact products either way; the REP copies of each score row are equal."""
+    new = tl.arange(0, 16)
+    keys, values = _append_rows(NEW_K, NEW_V, NEW_K, KVAL, KIDX, V, b, hk, new, new < pending, cached, head_dim, topk,
+                                n_keys, snkb, snkh, snkn, snkd, snvb, snvh, snvn, snvd, 0, 0, 0, skb, skh, sks, sib,
+                                sih, sis, svb, svh, svs, BLOCK_D, LOW_BIT, False, PRECISION)
+    q_rep = tl.reshape(tl.broadcast_to(q[None, :, :], (REP, q.shape[0], BLOCK_D)), (REP * q.shape[0], BLOCK_D))
+    s_rep = tl.dot(q_rep.to(keys.dtype), tl.trans(keys), input_precision=PRECISION)
+    s = tl.max(tl.reshape(s_rep, (REP, q.shape[0], 16)), axis=0) * scale_log2
+    pos = cached + new
+    allowed = _user_mask(MASK, b, heads, t, row_ok, pos, n_keys, smb, smh, smt, sms, HAS_MASK, MASK_ROW)
+    allowed = allowed & (pos < cached + pending)[None, :] & (pos < n_keys)[None, :] & (pos[None, :] <= last[:, None])
+    return _softmax_block(s, allowed, values, m_i, l_i, acc, REP, PRECISION)
+
+
+@triton.jit
 def _decode_split_kernel(
-    Q, KVAL, KIDX, V, LENGTHS, MASK, O_PART, M_PART, L_PART,
-    scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits, pending, n_keys,
+    Q, KVAL, KIDX, V, LENGTHS, MASK, O_PART, M_PART, L_PART, NEW_K, NEW_V,
+    scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits, n_parts, pending, n_keys,
     sqb, sqh, sqt, sqd,
     skb, skh, sks,
     sib, sih, sis,
     svb, svh, svs,
     smb, smh, smt, sms,
+    snkb, snkh, snkn, snkd,
+    snvb, snvh, snvn, snvd,
     M_REAL: tl.constexpr, REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRESPARSE: tl.constexpr,
     PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROW: tl.constexpr,
+    APPEND: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
@@ -87,16 +149,22 @@ def _decode_split_kernel(
     else:
         q = tl.where(topk_keep(q, q_ok, topk, LOW_BIT), q.to(tl.float32), 0.0)
 
-    length = tl.minimum(tl.load(LENGTHS + b) + pending, n_keys)
+    cached = tl.load(LENGTHS + b)
+    length = tl.minimum(cached + pending, n_keys)
     last = length - q_len + t  # the last key each row sees (causal, aligned to the sequence end)
     start = split * chunk
-    stop = tl.minimum(start + chunk, length)
+    # APPEND: the new tokens are not in the cache yet, program n_splits attends to them (its range is empty:
+    # n_splits * chunk >= n_keys).
+    stop = tl.minimum(start + chunk, cached if APPEND else length)
     kk = tl.arange(0, BLOCK_K)
     k_ok = kk < topk
     v_base = V + b * svb + hk * svh
     m_i = tl.full([M_REAL], float("-inf"), tl.float32)
     l_i = tl.zeros([M_REAL], tl.float32)
     acc = tl.zeros([M_REAL * REP, BLOCK_D], tl.float32)
+    # The mask is loaded one block ahead: the pipeliner leaves byte-wise loads synchronous, each would stall its block.
+    user = _user_mask(MASK, b, heads, t, row_ok, start + tl.arange(0, BLOCK_N), n_keys, smb, smh, smt, sms, HAS_MASK,
+                      MASK_ROW)
     for n0 in range(start, stop, BLOCK_N):
         offs_n = n0 + tl.arange(0, BLOCK_N)
         n_ok = offs_n < stop
@@ -117,30 +185,20 @@ def _decode_split_kernel(
         picked = tl.reshape(tl.gather(q, index, axis=1), (M_REAL, BLOCK_N, BLOCK_K))
         # Padding lanes hold value 0 and index 0: their products are 0 (q is finite), so no select is needed.
         s = tl.sum(picked * kval[None, :, :], axis=2) * scale_log2
-        allowed = n_ok[None, :] & (offs_n[None, :] <= last[:, None])
-        # The mask is bounded by the slot count, not the split: constant over 16 keys, so it loads as vectors; one
-        # row for all query rows when it does not vary over them (a generation step's).
-        if HAS_MASK and MASK_ROW:
-            user = tl.load(MASK + b * smb + offs_n * sms, mask=offs_n < n_keys, other=0)
-            allowed = allowed & (user != 0)[None, :]
-        elif HAS_MASK:
-            user = tl.load(MASK + b * smb + heads[:, None] * smh + t[:, None] * smt + offs_n[None, :] * sms,
-                           mask=row_ok[:, None] & (offs_n < n_keys)[None, :], other=0)
-            allowed = allowed & (user != 0)
-        s = tl.where(allowed, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, axis=1))
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(s - m_use[:, None])
-        alpha = tl.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, axis=1)
-        p_rep = tl.reshape(tl.broadcast_to(p[None, :, :], (REP, M_REAL, BLOCK_N)), (REP * M_REAL, BLOCK_N))
-        alpha_rep = tl.reshape(tl.broadcast_to(alpha[None, :], (REP, M_REAL)), (REP * M_REAL,))
-        acc = acc * alpha_rep[:, None] + tl.dot(p_rep.to(v.dtype), v, input_precision=PRECISION)
-        m_i = m_new
+        allowed = user & n_ok[None, :] & (offs_n[None, :] <= last[:, None])
+        user = _user_mask(MASK, b, heads, t, row_ok, offs_n + BLOCK_N, n_keys, smb, smh, smt, sms, HAS_MASK, MASK_ROW)
+        m_i, l_i, acc = _softmax_block(s, allowed, v, m_i, l_i, acc, REP, PRECISION)
 
-    part = (bh * n_splits + split).to(tl.int64) * (group * q_len) + rows
+    if APPEND:
+        if split == n_splits:
+            m_i, l_i, acc = _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, MASK, b, hk, heads, t, row_ok, last,
+                                               cached, pending, n_keys, m_i, l_i, acc, scale_log2, head_dim, topk,
+                                               snkb, snkh, snkn, snkd, snvb, snvh, snvn, snvd, skb, skh, sks,
+                                               sib, sih, sis, svb, svh, svs, smb, smh, smt, sms, REP, BLOCK_D,
+                                               LOW_BIT, HAS_MASK, MASK_ROW, PRECISION)
+    part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + rows
     acc_rows = tl.arange(0, M_REAL * REP)
-    acc_part = (bh * n_splits + split).to(tl.int64) * (group * q_len) + acc_rows
+    acc_part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + acc_rows
     acc_ok = (acc_rows < group * q_len)[:, None] & col_ok[None, :]
     tl.store(O_PART + acc_part[:, None] * head_dim + cols[None, :], acc, mask=acc_ok)
     tl.store(M_PART + part, m_i, mask=row_ok)
@@ -165,9 +223,8 @@ def _load_rows(X, row_offsets, sxd, row_ok, r_base, srf, sre, head_dim, BLOCK_D:
 @triton.jit
 def _sparse_query_rows(Q, R, OUT, b, hk, topk, head_dim, q_len, group, key_heads,
                        sqb, sqh, sqt, sqd, srh, srf, sre,
-                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr,
-                       PRECISION: tl.constexpr):
-    """The query rows of one (sequence, key head), projected by R when given, all but their top-k features zeroed,
+                       BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, PRECISION: tl.constexpr):
+    """The query rows of one (sequence, key head), projected by R, all but their top-k features zeroed,
     written contiguous (B, Hq, T, d) for the split kernel (PRESPARSE), so no split program repeats the top-k."""
     rows = tl.arange(0, BLOCK_M)
     row_ok = rows < group * q_len
@@ -175,7 +232,7 @@ def _sparse_query_rows(Q, R, OUT, b, hk, topk, head_dim, q_len, group, key_heads
     t = rows % q_len
     cols = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (cols < head_dim)[None, :]
-    q = _load_rows(Q, b * sqb + heads * sqh + t * sqt, sqd, row_ok, R + hk * srh, srf, sre, head_dim, BLOCK_D, HAS_R,
+    q = _load_rows(Q, b * sqb + heads * sqh + t * sqt, sqd, row_ok, R + hk * srh, srf, sre, head_dim, BLOCK_D, True,
                    PRECISION)
     q = tl.where(topk_keep(q, ok, topk, LOW_BIT), q, 0.0)
     out_rows = (b * key_heads * group + heads) * q_len + t
@@ -188,7 +245,7 @@ def _append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, h, n, row_ok, start, he
                  BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr):
     """New tokens ``n`` (>= 16 rows, ``row_ok`` real) of one (sequence, key head): keys projected by R when given,
     their top-k values and ascending indices written at slots start + n, V copied; slots past ``capacity`` are
-    dropped."""
+    dropped. Returns (the sparsified keys, zero past the capacity; the values in the cache's dtype)."""
     cols = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (cols < head_dim)[None, :]
     x = _load_rows(KEYS, b * skb + h * skh + n * skn, skd, row_ok, R + h * srh, srf, sre, head_dim, BLOCK_D, HAS_R,
@@ -203,8 +260,9 @@ def _append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, h, n, row_ok, start, he
     tl.store(KIDX + b * cib + h * cih + (pos * cis)[:, None] + slot, cols[None, :].to(KIDX.dtype.element_ty)
              + tl.zeros_like(slot).to(KIDX.dtype.element_ty), mask=keep)
     v = tl.load(VALUES + b * svb + h * svh + n[:, None] * svn + cols[None, :] * svd, mask=ok, other=0.0)
-    tl.store(VCACHE + b * cvb + h * cvh + (pos * cvs)[:, None] + cols[None, :], v.to(VCACHE.dtype.element_ty),
-             mask=ok)
+    v = v.to(VCACHE.dtype.element_ty)
+    tl.store(VCACHE + b * cvb + h * cvh + (pos * cvs)[:, None] + cols[None, :], v, mask=ok)
+    return tl.where(keep, x, 0.0), v
 
 
 @triton.jit
@@ -218,8 +276,7 @@ def _decode_prologue_kernel(
     ckb, ckh, cks,
     cib, cih, cis,
     cvb, cvh, cvs,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr,
-    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """Per (sequence, key head): program column 0 sparsifies the query rows; column 1 (a decode step's grid
     only) appends the step's <= 16 new tokens at the sequence's length, which it does not advance."""
@@ -228,12 +285,12 @@ def _decode_prologue_kernel(
     hk = bh % key_heads
     if tl.program_id(1) == 0:
         _sparse_query_rows(Q, R, QOUT, b, hk, topk, head_dim, q_len, group, key_heads, sqb, sqh, sqt, sqd, srh, srf,
-                           sre, BLOCK_M, BLOCK_D, LOW_BIT, HAS_R, PRECISION)
+                           sre, BLOCK_M, BLOCK_D, LOW_BIT, PRECISION)
     else:
         n = tl.arange(0, 16)
         _append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, hk, n, n < new_tokens, tl.load(LENGTHS + b), head_dim,
                      topk, capacity, skb, skh, skn, skd, svb, svh, svn, svd, srh, srf, sre, ckb, ckh, cks, cib, cih,
-                     cis, cvb, cvh, cvs, BLOCK_D, LOW_BIT, HAS_R, PRECISION)
+                     cis, cvb, cvh, cvs, BLOCK_D, LOW_BIT, True, PRECISION)
 
 
 @triton.jit
@@ -284,8 +341,8 @@ def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, num_splits: Optional[int],
-                   block_n: Optional[int], num_warps: Optional[int],
+def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, append: bool,
+                   num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
                    num_stages: Optional[int]) -> tuple[int, int, int, int]:
     """(splits, key block, warps, stages), each unless given; chosen by sweeps on an H100 (benchmarks/RESULTS.md).
 
@@ -295,22 +352,24 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, nu
     Otherwise about four programs per multiprocessor with splits of >= 128 keys: 64-key blocks, 4 warps, 2 stages
     up to topk 8; 32-key blocks, 2 warps, 3 stages above (batch 1, topk 16: 116 against 142 us at 128k); splits
     still >= 4096 keys long are split four times further, with the tiles above where measured, else 32-key blocks,
-    2 warps, 2 stages."""
+    2 warps, 2 stages. When the split kernel ``append``s a step's new tokens, their program counts in the programs
+    per multiprocessor (one more would wait for a second wave), and four programs per multiprocessor take 32-key
+    blocks, 2 warps, 3 stages at every topk (batch 1, 8 key heads, 32k, topk 8: 36.3 against 44.7 us)."""
     if interpreting():
         return num_splits or max(1, min(4, triton.cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
     sms = _multiprocessors(torch.cuda.current_device())
     measured = score_rows <= 4 and topk <= 16
     wide = (64 if topk <= 8 else 128), 4, 3
     if batch_heads >= 16 and measured:
-        splits = max(1, min(2 * sms // batch_heads, triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+        splits = max(1, min(2 * sms // batch_heads - append, triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
         block, warps, stages = wide
     else:
-        splits = max(1, min(triton.cdiv(4 * sms, batch_heads), triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+        splits = max(1, min(triton.cdiv(4 * sms, batch_heads) - append, triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
         if triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS:
             splits *= 4
             block, warps, stages = wide if measured else (32, 2, 2)
         else:
-            block, warps, stages = (64, 4, 2) if topk <= 8 else (32, 2, 3)
+            block, warps, stages = (64, 4, 2) if topk <= 8 and not append else (32, 2, 3)
     return num_splits or splits, block_n or block, num_warps or warps, num_stages or stages
 
 
@@ -332,30 +391,31 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     key_heads, n_keys = key_values.size(1), key_values.size(2)
     group = q_heads // key_heads
     pending = new_keys.size(2) if step else 0
+    new_keys, new_values = (new_keys, new_values) if step else (query, query)
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
     block_d = feature_block(head_dim)
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    presparse = projection is not None or step
+    presparse = projection is not None
+    append = step and not presparse  # else the prologue appends
     if presparse:
         sparse_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        new_keys, new_values = (new_keys, new_values) if step else (query, query)
         _decode_prologue_kernel[(batch * key_heads, 2 if step else 1)](
-            query, query if projection is None else projection, sparse_query, new_keys, new_values, key_values,
-            key_indices, value, lengths, topk, head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(),
-            *(projection.stride() if projection is not None else (0, 0, 0)), *new_keys.stride(),
-            *new_values.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3],
-            BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d, LOW_BIT=LOW_BIT[query.dtype],
-            HAS_R=projection is not None, PRECISION=precision, num_warps=4,
+            query, projection, sparse_query, new_keys, new_values, key_values, key_indices, value, lengths, topk,
+            head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(), *projection.stride(),
+            *new_keys.stride(), *new_values.stride(), *key_values.stride()[:3], *key_indices.stride()[:3],
+            *value.stride()[:3], BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d,
+            LOW_BIT=LOW_BIT[query.dtype], PRECISION=precision, num_warps=4,
         )
         query = sparse_query
     m_real = _score_rows(rows, head_dim)
     block_k = max(triton.next_power_of_2(topk), 2)
-    splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, topk, m_real, num_splits,
-                                                            block_n, num_warps, num_stages)
+    splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, topk, m_real, append,
+                                                            num_splits, block_n, num_warps, num_stages)
+    parts = splits + append
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
-    o_part = torch.empty(batch * key_heads * splits * rows, head_dim, dtype=torch.float32, device=query.device)
-    m_part = torch.empty(batch * key_heads * splits * rows, dtype=torch.float32, device=query.device)
+    o_part = torch.empty(batch * key_heads * parts * rows, head_dim, dtype=torch.float32, device=query.device)
+    m_part = torch.empty(batch * key_heads * parts * rows, dtype=torch.float32, device=query.device)
     l_part = torch.empty_like(m_part)
     mask_row = False
     if attn_mask is not None:
@@ -364,19 +424,20 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         mask_row = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
     else:
         mask_strides, mask_arg = (0, 0, 0, 0), lengths
-    _decode_split_kernel[(splits, batch * key_heads)](
-        query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part,
-        scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits, pending, n_keys,
+    _decode_split_kernel[(parts, batch * key_heads)](
+        query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part, new_keys, new_values,
+        scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits, parts, pending, n_keys,
         *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
+        *new_keys.stride(), *new_values.stride(),
         M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d,
         BLOCK_K=block_k, LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None, MASK_ROW=mask_row,
         PRESPARSE=presparse, PRECISION=precision, EVEN_K=block_k == topk,
-        ROW_ALIGN=_row_alignment(*key_values.stride()[:3], *key_indices.stride()[:3]), num_warps=num_warps,
-        num_stages=num_stages,
+        ROW_ALIGN=_row_alignment(*key_values.stride()[:3], *key_indices.stride()[:3]), APPEND=append,
+        num_warps=num_warps, num_stages=num_stages,
     )
     _decode_combine_kernel[(batch * key_heads * rows,)](
-        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, splits, pending, n_keys,
-        *out.stride(), BLOCK_S=max(triton.next_power_of_2(splits), 2), BLOCK_D=block_d, ADVANCE=step, num_warps=4,
+        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, parts, pending, n_keys,
+        *out.stride(), BLOCK_S=max(triton.next_power_of_2(parts), 2), BLOCK_D=block_d, ADVANCE=step, num_warps=4,
     )
     return out
 

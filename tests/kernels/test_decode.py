@@ -301,11 +301,13 @@ def test_triton_projection_fused_into_append_and_decode(dtype, q_len, head_dim, 
 
 @pytest.mark.parametrize("dtype,q_len,projected,masked,head_dim", [
     (torch.float32, 1, True, True, 24), (torch.float16, 1, False, False, 24), (torch.float16, 4, True, False, 24),
+    (torch.float32, 4, False, True, 24),  # the split kernel appends: causal among the new tokens, per-row mask
     (torch.float16, 1, True, False, 160),  # R applied by torch before the kernels
 ])
 def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected, masked, head_dim, poisoned):
-    """decode() given the step's keys and values (prologue kernel appends, split kernel counts them, merge
-    kernel advances the lengths) leaves the cache exactly as append_compressed + advancing would and attends
+    """decode() given the step's keys and values (without R the split kernel's extra program appends and attends
+    to them, with R the prologue kernel appends them and the split kernel counts them; the merge kernel advances
+    the lengths) leaves the cache exactly as append_compressed + advancing would and attends
     like the reference over it; a sequence at the fixed capacity drops what does not fit and stops there."""
     triton_decode = _triton()
     torch.manual_seed(8)
