@@ -8,9 +8,9 @@ its split of the cache once: per block of keys it loads the compressed keys (val
 the scores by gathering the kept key features' query entries from the register tile (``tl.gather``: the
 scattered global loads that made a gather-per-key design 4x slower than dense never happen), and accumulates
 P @ V on tensor cores with an online softmax (P repeated to the 16 rows tl.dot needs when the group has fewer;
-only the real rows are gathered and stored). A second kernel merges the splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up
-to length - T + t), sequences have their own lengths, and an optional boolean mask (True = attend) broadcasts
-like SDPA's.
+only the real rows are gathered and stored). A second kernel merges the splits' partial results. Rows are
+aligned to the end of each sequence (query t of T sees keys up to length - T + t), sequences have their own
+lengths, and an optional boolean mask (True = attend) broadcasts like SDPA's.
 
 Decode step (``decode`` given the step's new keys and values): without R, one more program per (sequence, key
 head) of the split kernel appends them at the sequence's length and attends to them from registers, while the
