@@ -129,8 +129,9 @@ def _decode_split_kernel(
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
-    # ``pending``: tokens the prologue kernel of this decode step appended, not yet counted in LENGTHS (the merge
-    # kernel advances it); ``n_keys``: the cache's slots, where appends stop.
+    # ``pending``: the decode step's new tokens, appended by the prologue kernel (R) or by program n_splits
+    # (APPEND), not yet counted in LENGTHS (the merge kernel advances it); ``n_keys``: the cache's slots, where
+    # appends stop.
     split = tl.program_id(0)
     bh = tl.program_id(1)
     b = (bh // key_heads).to(tl.int64)
