@@ -2,8 +2,9 @@
 prompt, dense SDPA vs SFA with the compressed key cache, on one GPU.
 
 Per setting: prefill the prompt (timed; a short generation first compiles every kernel it runs), then greedy-decode
-``--new-tokens`` tokens one forward at a time (timed; tokens/s = batch * new tokens / decode time). Dense runs Hugging Face's DynamicCache and StaticCache
-with attn_implementation="sdpa"; SFA runs the converted model (run-time projections, RoPE) with SFACache.
+``--new-tokens`` tokens one forward at a time (timed; tokens/s = batch * new tokens / decode time). Dense runs
+Hugging Face's DynamicCache and StaticCache with attn_implementation="sdpa"; SFA runs the converted model (run-time
+projections, RoPE) with SFACache.
 CUDA-graph rows: the same model with a static cache (StaticCache / SFACache(max_cache_len=...)), prompt eager, every
 decode step after two eager ones replayed from one captured graph (graph_generate); "vs dense" compares them with
 the faster dense CUDA-graph row: transformers' "sdpa" (which repeats K/V to every query head when a mask is given)
@@ -176,8 +177,8 @@ def main():
     print(f"{datetime.date.today()} {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
           f"{transformers.__version__}; Qwen3-0.6B shape (random weights, bf16), batch {args.batch}, prompt "
           f"{args.prompt}, {args.new_tokens} new tokens, greedy")
-    print("| attention | cache | prefill s | decode tokens/s | vs dense (best cache) | cache bytes vs dense | formula | "
-          "tokens |")
+    print("| attention | cache | prefill s | decode tokens/s | vs dense (best cache) | cache bytes vs dense | "
+          "formula | tokens |")
     print("|---|---|---|---|---|---|---|---|")
     generate(model, DynamicCache(config=model.config), prompt[:, :1024], 4)  # warm up kernels
     rows = {}
