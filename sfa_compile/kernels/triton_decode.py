@@ -107,7 +107,9 @@ def _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, MASK, b, hk, heads, t, ro
     s = tl.max(tl.reshape(s_rep, (REP, q.shape[0], 16)), axis=0) * scale_log2
     pos = cached + new
     allowed = _user_mask(MASK, b, heads, t, row_ok, pos, n_keys, smb, smh, smt, sms, HAS_MASK, MASK_ROW)
-    allowed = allowed & (pos < cached + pending)[None, :] & (pos < n_keys)[None, :] & (pos[None, :] <= last[:, None])
+    # last <= length - 1 with length = min(cached + pending, n_keys): this also drops the padding rows past the
+    # step's tokens and those past the capacity.
+    allowed = allowed & (pos[None, :] <= last[:, None])
     return _softmax_block(s, allowed, values, m_i, l_i, acc, REP, PRECISION)
 
 
