@@ -24,6 +24,7 @@ import argparse
 import copy
 import datetime
 import functools
+import inspect
 import time
 
 import torch
@@ -56,11 +57,18 @@ def random_rotations(model, seed=0) -> None:
             projection.weight.data.copy_(r.to(projection.weight))
 
 
+def cache_kwarg(model, cache) -> dict:
+    """``cache`` as the keyword argument ``model``'s forward takes: ``cache`` from transformers 5.24 on
+    (``past_key_values`` is deprecated there, to be removed in 5.40), ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
+
+
 def timed_prefill(model, cache, prompt, **kwargs):
     """Run the prompt into ``cache``; returns (seconds, greedy first token)."""
     torch.cuda.synchronize()
     start = time.perf_counter()
-    out = model(input_ids=prompt, past_key_values=cache, use_cache=True, logits_to_keep=1, **kwargs)
+    out = model(input_ids=prompt, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1, **kwargs)
     token = out.logits[:, -1:].argmax(-1)
     torch.cuda.synchronize()
     return time.perf_counter() - start, token
@@ -72,7 +80,7 @@ def generate(model, cache, prompt, new_tokens):
     generated = [token]
     start = time.perf_counter()
     for _ in range(new_tokens - 1):
-        out = model(input_ids=token, past_key_values=cache, use_cache=True)
+        out = model(input_ids=token, **cache_kwarg(model, cache), use_cache=True)
         token = out.logits[:, -1:].argmax(-1)
         generated.append(token)
     torch.cuda.synchronize()
@@ -100,7 +108,7 @@ def graph_generate(model, cache, prompt, new_tokens, warmup=2, forward=None):
 
     def step():
         mask.index_fill_(-1, position, True)
-        out = forward(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
+        out = forward(input_ids=token, **cache_kwarg(model, cache), use_cache=True, cache_position=position,
                       position_ids=position.expand(batch, 1), attention_mask=mask)
         token.copy_(out.logits[:, -1:].argmax(-1))
         tokens.index_copy_(1, position - length + 1, token)

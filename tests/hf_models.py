@@ -2,6 +2,7 @@
 number of attention sites each must have, plus an SFA attention function for reference runs."""
 
 import copy
+import inspect
 
 import torch
 import transformers
@@ -25,6 +26,13 @@ def sfa_reference_attention(module, query, key, value, attention_mask, scaling=N
 
 AttentionInterface.register("sfa_reference", sfa_reference_attention)
 AttentionMaskInterface.register("sfa_reference", sdpa_mask)
+
+
+def cache_kwarg(model, cache) -> dict:
+    """``cache`` as the keyword argument ``model``'s forward and generate take: ``cache`` from transformers 5.24
+    on (``past_key_values`` is deprecated there, to be removed from forward in 5.40), ``past_key_values`` before."""
+    name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return {name: cache}
 
 
 def _ids(n=2, length=9, vocab=100, seed=0):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from hf_models import build
+from hf_models import build, cache_kwarg
 
 import sfa_compile
 from sfa_compile import SFACache
@@ -13,8 +13,8 @@ from sfa_compile.integrations import hf_attention
 
 def generate(model, inputs, cache=None, n=10):
     with torch.no_grad():
-        return model.generate(**inputs, past_key_values=cache, max_new_tokens=n, do_sample=False, min_new_tokens=n,
-                              pad_token_id=0)
+        return model.generate(**inputs, **cache_kwarg(model, cache), max_new_tokens=n, do_sample=False,
+                              min_new_tokens=n, pad_token_id=0)
 
 
 def sfa_model(name, topk, calibrate=True):
@@ -121,11 +121,11 @@ def decode_steps(model, step, prompt, n=6):
     cache = SFACache(model, max_cache_len=prompt.size(1) + n)
     try:
         with torch.no_grad():
-            token = model(input_ids=prompt, past_key_values=cache, use_cache=True).logits[:, -1:].argmax(-1)
+            token = model(input_ids=prompt, **cache_kwarg(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
             tokens = [token]
             for i in range(n - 1):
                 position = torch.tensor([prompt.size(1) + i])
-                out = step(input_ids=token, past_key_values=cache, use_cache=True, cache_position=position,
+                out = step(input_ids=token, **cache_kwarg(model, cache), use_cache=True, cache_position=position,
                            position_ids=position[None])
                 token = out.logits[:, -1:].argmax(-1)
                 tokens.append(token)
@@ -153,12 +153,13 @@ def test_compiled_decode_steps_generate_the_eager_tokens_without_recompiling(nam
         assert cache.layers[0].store.host_lengths == [prompt.size(1) + 5]  # read back from the device lengths
     long_prompt = torch.randint(1, 50, (1, 17))
     with torch.no_grad():
-        want = model(input_ids=long_prompt, past_key_values=SFACache(model, max_cache_len=32), use_cache=True).logits
+        fresh = lambda: cache_kwarg(model, SFACache(model, max_cache_len=32))  # noqa: E731
+        want = model(input_ids=long_prompt, **fresh(), use_cache=True).logits
         compiled = torch.compile(model.forward, backend="aot_eager", fullgraph=True)
         with pytest.raises(Exception, match="at most 16"):
-            compiled(input_ids=long_prompt, past_key_values=SFACache(model, max_cache_len=32), use_cache=True)
+            compiled(input_ids=long_prompt, **fresh(), use_cache=True)
         # Without fullgraph, Dynamo runs the refusing cache update eagerly: the prompt is prefilled uncompiled.
         torch._dynamo.reset()
         compiled = torch.compile(model.forward, backend="aot_eager")
-        got = compiled(input_ids=long_prompt, past_key_values=SFACache(model, max_cache_len=32), use_cache=True).logits
+        got = compiled(input_ids=long_prompt, **fresh(), use_cache=True).logits
         torch.testing.assert_close(got, want)

@@ -1,7 +1,7 @@
 """``SFACache``: a Hugging Face ``Cache`` that stores the keys of SFA layers compressed.
 
     model = sfa_compile.load("out/")      # or any model converted with attn_implementation="sfa"
-    out = model.generate(**inputs, past_key_values=SFACache(model), max_new_tokens=128)
+    out = model.generate(**inputs, past_key_values=SFACache(model), max_new_tokens=128)  # 5.24+: cache=
 
 Each SFA layer's keys are projected by the layer's R (inside the append kernel), compressed to top-k values +
 indices and appended to a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache.
