@@ -81,13 +81,13 @@ def dense_times(q, k, v, backend, copies) -> tuple[float, float, float]:
         with sdpa_kernel(BACKENDS[backend]):
             F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
             call = lambda: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)  # noqa: E731
-            warm = bench_graph(call)
+            events, warm = bench(call), bench_graph(call)
             if copies == 1:
-                return bench(call), warm, warm
+                return events, warm, warm
             kvs = [(k.clone(), v.clone()) for _ in range(copies)]
             cold = bench_graph_cold([lambda k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True)
                                      for k, v in kvs])
-            return bench(call), warm, cold
+            return events, warm, cold
     except RuntimeError:
         return float("nan"), float("nan"), float("nan")
 
