@@ -236,6 +236,9 @@ def test_triton_decode_matches_reference(topk, dtype, q_len, group, lengths, mas
     head_dim, key_heads = 24, 2
     cache, _, _ = filled_cache(3, key_heads, head_dim, topk, lengths, dtype=dtype, device=DEVICE)
     query = torch.randn(3, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)
+    query[0, 0, 0, 2:topk + 5] = 9.0  # more top magnitudes tied than kept: the lower feature index wins
+    query[1, -1, -1] = 0.0
+    query[1, -1, -1, 1:3] = -1.0  # fewer non-zeros than topk (zeros fill up in index order)
     mask = None
     if masked:
         mask = torch.rand(3, 1, q_len, max(lengths), device=DEVICE) > 0.4
