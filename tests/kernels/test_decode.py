@@ -106,6 +106,13 @@ def test_decode_argument_errors():
         ops.flash_sfa_decode_op(torch.randn(2, 2, 1, 16), kv, ki, v, cache.lengths.long(), 4)
     with pytest.raises(ValueError, match="boolean"):
         flash_sfa_decode(torch.randn(2, 2, 1, 16), cache, attn_mask=torch.zeros(2, 1, 1, 3))
+    for shape in [(2, 1, 1, 4), (3, 1, 1, 3), (2, 2, 1, 1, 3), (1, 3)]:  # wrong size, batch; 5-D; 2-D
+        with pytest.raises(ValueError, match="must be 4-D and broadcast"):
+            flash_sfa_decode(torch.randn(2, 2, 1, 16), cache, attn_mask=torch.ones(shape, dtype=torch.bool))
+    for shape in [(2, 2, 1, 3), (1, 1, 1, 3), (2, 1, 1, 3)]:
+        flash_sfa_decode(torch.randn(2, 2, 1, 16), cache, attn_mask=torch.ones(shape, dtype=torch.bool))
+    # Inference only on every device: no autograd graph, even for a query that requires grad.
+    assert not flash_sfa_decode(torch.randn(2, 2, 1, 16, requires_grad=True), cache).requires_grad
 
 
 def test_append_op_writes_at_the_device_lengths_and_drops_tokens_past_the_capacity():
@@ -132,6 +139,20 @@ def test_append_op_writes_at_the_device_lengths_and_drops_tokens_past_the_capaci
     with pytest.raises(ValueError, match="lengths must be int32"):
         ops.compressed_cache_append_op(cache.key_values, cache.key_indices, cache.values, cache.lengths.long(), keys,
                                        values)
+
+
+def test_mutating_ops_bump_the_version_of_what_they_write():
+    """The Triton kernels write through raw pointers: the ops bump the cache tensors' version counters, as autograd
+    expects of in-place ops (on the CPU the reference's in-place writes do it)."""
+    cache, keys, values = filled_cache(1, 2, 16, 4, [3], device=DEVICE)
+    written = (cache.key_values, cache.key_indices, cache.values, cache.lengths)
+    before = [t._version for t in written]
+    ops.compressed_cache_append_op(*written, keys[:, :, :1], values[:, :, :1])
+    after = [t._version for t in written]
+    assert all(a > b for a, b in zip(after, before))
+    ops.flash_sfa_decode_step_op(torch.randn(1, 2, 1, 16, device=DEVICE), *written, keys[:, :, :1],
+                                 values[:, :, :1], 4)
+    assert all(t._version > a for t, a in zip(written, after))
 
 
 def test_decode_step_equals_append_then_decode():
