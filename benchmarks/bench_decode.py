@@ -141,8 +141,8 @@ def run_case(batch, context, topk, q_len, sweep):
     if copies == 1:
         sfa_cold = sfa_graph
     else:
-        caches = [[t.clone() for t in (kv, ki, vc, cache.lengths)] for _ in range(copies)]
-        sfa_cold = bench_graph_cold([lambda c=c: triton_decode.decode(q, *c[:3], c[3], topk, scale, None)
+        caches = [[t.clone() for t in (kv, ki, vc)] for _ in range(copies)]  # lengths: read only, shared
+        sfa_cold = bench_graph_cold([lambda c=c: triton_decode.decode(q, *c, cache.lengths, topk, scale, None)
                                      for c in caches])
         del caches
     dense = {name: dense_times(q, k, v, name, copies) for name in BACKENDS}
