@@ -268,8 +268,11 @@ def test_triton_decode_matches_reference(topk, dtype, q_len, group, lengths, mas
     want = ops.flash_sfa_decode_reference(query.double(), kv.double(), ki, v.double(), cache.lengths, topk, None,
                                           mask)
     naive = ops.flash_sfa_decode_reference(query, kv, ki, v, cache.lengths, topk, None, mask)
-    for splits in (None, 3, 7):  # 7: some splits hold no keys (the merge must ignore them)
-        got = triton_decode.decode(query, kv, ki, v, cache.lengths, topk, head_dim ** -0.5, mask, num_splits=splits)
+    # 7: some splits hold no keys (the merge must ignore them); 2 warps: one or two rows per key head take 2 score
+    # rows (4 with more warps)
+    for splits, warps in ((None, None), (3, None), (7, 2)):
+        got = triton_decode.decode(query, kv, ki, v, cache.lengths, topk, head_dim ** -0.5, mask, num_splits=splits,
+                                   num_warps=warps)
         floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
         base = (naive.double() - want).abs().max().item()
         assert (got.double() - want).abs().max().item() <= 2 * base + floor
@@ -323,19 +326,22 @@ def test_triton_projection_fused_into_append_and_decode(dtype, q_len, head_dim, 
     torch.testing.assert_close(got.double(), dense, rtol=0, atol=50 * torch.finfo(dtype).eps)
 
 
-@pytest.mark.parametrize("dtype,q_len,projected,masked,head_dim", [
-    (torch.float32, 1, True, True, 24), (torch.float16, 1, False, False, 24), (torch.float16, 4, True, False, 24),
-    (torch.float32, 4, False, True, 24),  # the split kernel appends: causal among the new tokens, per-row mask
-    (torch.float16, 1, True, False, 160),  # R applied by torch before the kernels
+@pytest.mark.parametrize("dtype,q_len,projected,masked,head_dim,group", [
+    (torch.float32, 1, True, True, 24, 3), (torch.float16, 1, False, False, 24, 3),
+    (torch.float16, 4, True, False, 24, 3),
+    (torch.float32, 4, False, True, 24, 3),  # the split kernel appends: causal among the new tokens, per-row mask
+    (torch.float16, 1, True, False, 160, 3),  # R applied by torch before the kernels
+    (torch.float16, 1, False, True, 64, 2),  # GQA 2 (a Qwen3-0.6B step): 2 score rows with 2 warps
 ])
-def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected, masked, head_dim, poisoned):
+def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected, masked, head_dim, group,
+                                                         poisoned):
     """decode() given the step's keys and values (without R the split kernel's extra program appends and attends
     to them, with R the prologue kernel appends them and the split kernel counts them; the merge kernel advances
     the lengths) leaves the cache exactly as append_compressed + advancing would and attends
     like the reference over it; a sequence at the fixed capacity drops what does not fit and stops there."""
     triton_decode = _triton()
     torch.manual_seed(8)
-    batch, key_heads, group, topk, capacity = 3, 2, 3, 5, 30
+    batch, key_heads, topk, capacity = 3, 2, 5, 30
     r = _rotations(key_heads, head_dim, seed=3).to(DEVICE) if projected else None
     lengths = [20, 7, capacity - 1]  # the last sequence has room for one new token only
     caches = [CompressedKVCache(batch, key_heads, head_dim, topk, dtype, DEVICE, capacity=capacity, fixed=True)
@@ -359,7 +365,7 @@ def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected
     naive = ops.flash_sfa_decode_reference(query, kv, ki, v, want_cache.lengths, topk, None, mask, r)
     kv, ki, v = got_cache.views()
     got = triton_decode.decode(query, kv, ki, v, got_cache.lengths, topk, head_dim ** -0.5, mask, r, new_k, new_v,
-                               num_splits=3)
+                               num_splits=3, num_warps=2)
     assert got_cache.lengths.tolist() == want_cache.lengths.tolist() == [20 + q_len, 7 + q_len, capacity]
     for name in ("key_values", "key_indices", "values"):
         for b, n in enumerate(want_cache.lengths.tolist()):
