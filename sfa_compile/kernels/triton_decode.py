@@ -1,16 +1,17 @@
 """Triton FlashSFA decode over a compressed key cache (split-KV), and the cache's append kernel.
 
-Decode (query length 1..16): one program per (sequence, key head, split of the cached tokens). It loads the
-query rows of the key head's whole GQA group (group x query length rows), takes their top-k in registers
-(while L2 fetches the split's first key block, prefetched before anything else; ``topk_keep``; with a projection R, a first small "prologue" kernel projects and sparsifies the query rows once
-per key head instead: R in every split program costs its 32 KB shared-memory tile, and occupancy), then streams
-its split of the cache once: per block of keys it loads the compressed keys (values + indices) and dense V, forms
-the scores by gathering the kept key features' query entries from the register tile (``tl.gather``: the
-scattered global loads that made a gather-per-key design 4x slower than dense never happen), and accumulates
-P @ V on tensor cores with an online softmax (P repeated to the 16 rows tl.dot needs when the group has fewer;
-only the real rows are gathered and stored). A second kernel merges the splits' partial results. Rows are
-aligned to the end of each sequence (query t of T sees keys up to length - T + t), sequences have their own
-lengths, and an optional boolean mask (True = attend) broadcasts like SDPA's.
+Decode (query length 1..16): one program per (sequence, key head, split of the cached tokens). It first asks L2 for
+its split's first key block (a prefetch nothing waits on), loads the query rows of the key head's whole GQA group
+(group x query length rows), takes their top-k in registers (``topk_keep``; with a projection R, a first small
+"prologue" kernel projects and sparsifies the query rows once per key head instead: R in every split program costs
+its 32 KB shared-memory tile, and occupancy), then streams its split of the cache once: per block of keys it loads
+the compressed keys (values + indices) and dense V, forms the scores by gathering the kept key features' query
+entries from the register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x
+slower than dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to the 16
+rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel merges the
+splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up to
+length - T + t), sequences have their own lengths, and an optional boolean mask (True = attend) broadcasts like
+SDPA's.
 
 Decode step (``decode`` given the step's new keys and values): without R, one more program per (sequence, key
 head) of the split kernel appends them at the sequence's length and attends to them from registers, while the
@@ -44,19 +45,19 @@ _MERGE_COLUMNS = 32  # feature columns per merge program (H100, d = 128: 32 or 6
 _MAX_FUSED_PROJECTION_DIM = 128
 
 
-def _min_rows(block_d: int, num_warps: int) -> int:
+def _min_rows(block_d: int, topk: int, num_warps: int) -> int:
     """Score rows per program at least: Triton 3.6 fails to compile 4 rows at head dim 16, and 2 rows with 4 warps
     (thread locality pass; H100 probe over group 1/2/4, head dim 16/32/128, topk 4/8/16, with and without masks).
-    2 rows with 2 warps compile, and a GQA-2 step gathers and ranks half the rows it did with 2 padding rows
-    (batch 1, 16 / 8 heads, 32k: 0.5-0.7 us less)."""
+    2 rows with 2 warps compile (H100 tests and probes: head dim 24-128, topk up to 16), and a GQA-2 step then
+    gathers and ranks half the rows it did with 2 padding rows (batch 1, 16 / 8 heads, 32k: 0.5-0.7 us less)."""
     if block_d <= 16:
         return 8
-    return 2 if num_warps == 2 else 4
+    return 2 if num_warps == 2 and block_d <= 128 and topk <= 16 else 4
 
 
-def _score_rows(rows: int, head_dim: int, num_warps: int = 4) -> int:
+def _score_rows(rows: int, head_dim: int, topk: int, num_warps: int = 4) -> int:
     """M_REAL: the split kernel's score rows for ``rows`` = group x query length real ones."""
-    return max(triton.next_power_of_2(rows), _min_rows(feature_block(head_dim), num_warps))
+    return max(triton.next_power_of_2(rows), _min_rows(feature_block(head_dim), topk, num_warps))
 
 
 @triton.jit
@@ -433,9 +434,9 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         query = sparse_query
     block_k = max(triton.next_power_of_2(topk), 2)
     splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, topk,
-                                                            _score_rows(rows, head_dim), append, num_splits,
+                                                            _score_rows(rows, head_dim, topk), append, num_splits,
                                                             block_n, num_warps, num_stages)
-    m_real = _score_rows(rows, head_dim, num_warps)
+    m_real = _score_rows(rows, head_dim, topk, num_warps)
     parts = splits + append
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
     o_part = torch.empty(batch * key_heads * parts * rows, head_dim, dtype=torch.float32, device=query.device)
