@@ -34,6 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import Launcher
 from .topk import project_by_key_head
 from .triton_topk import LOW_BIT, feature_block, interpreting, topk_keep
 
@@ -397,6 +398,24 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, ap
     return num_splits or splits, block_n or block, num_warps or warps, num_stages or stages
 
 
+@functools.lru_cache(maxsize=1024)
+def _split_config(batch_heads: int, n_keys: int, rows: int, head_dim: int, topk: int, append: bool,
+                  num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
+                  num_stages: Optional[int], device: int, interpret: bool) -> tuple[int, int, int, int, int]:
+    """(splits, key block, warps, stages, score rows) of a split-kernel launch: ``_launch_config`` and the score
+    rows its warps allow, memoized (a fixed cache asks the same every step; ``device`` and ``interpret`` only key
+    the memo, as the configuration reads them)."""
+    splits, block_n, num_warps, num_stages = _launch_config(batch_heads, n_keys, topk,
+                                                            _score_rows(rows, head_dim, topk), append, num_splits,
+                                                            block_n, num_warps, num_stages)
+    return splits, block_n, num_warps, num_stages, _score_rows(rows, head_dim, topk, num_warps)
+
+
+def _broadcast_strides(mask: torch.Tensor) -> tuple[int, ...]:
+    """The strides of ``mask`` expanded over its size-1 dims (0 there): what the split kernel indexes it by."""
+    return tuple(0 if size == 1 else stride for size, stride in zip(mask.shape, mask.stride()))
+
+
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
            projection: Optional[torch.Tensor] = None, new_keys: Optional[torch.Tensor] = None,
@@ -405,7 +424,9 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     """Attention of (B, Hq, T, d) queries (projected by ``projection[key head]`` first when given) over the
     compressed cache; arguments checked by the op. With ``new_keys`` and ``new_values`` (B, Hk, <= 16 tokens, d),
     a decode step: they are appended at each sequence's length first (as ``append_compressed``), attended, and
-    ``lengths`` advance by their count (at most to the slot count)."""
+    ``lengths`` advance by their count (at most to the slot count). Runs once per layer of every generation step,
+    so the host work is kept small: memoized launch configurations, one workspace allocation, and kernels
+    launched through ``Launcher``."""
     batch, q_heads, q_len, head_dim = query.shape
     step = new_keys is not None
     if projection is not None and head_dim > _MAX_FUSED_PROJECTION_DIM:
@@ -419,55 +440,62 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
     rows = group * q_len
     block_d = feature_block(head_dim)
+    low_bit = LOW_BIT[query.dtype]
     precision = "ieee" if query.dtype == torch.float32 else "tf32"
     presparse = projection is not None
     append = step and not presparse  # else the prologue appends
+    kv_strides, ki_strides, v_strides = key_values.stride()[:3], key_indices.stride()[:3], value.stride()[:3]
     if presparse:
         sparse_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        _decode_prologue_kernel[(batch * key_heads, 2 if step else 1)](
+        _PROLOGUE((batch * key_heads, 2 if step else 1), (
             query, projection, sparse_query, new_keys, new_values, key_values, key_indices, value, lengths, topk,
             head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(), *projection.stride(),
-            *new_keys.stride(), *new_values.stride(), *key_values.stride()[:3], *key_indices.stride()[:3],
-            *value.stride()[:3], BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d,
-            LOW_BIT=LOW_BIT[query.dtype], PRECISION=precision, num_warps=4,
-        )
+            *new_keys.stride(), *new_values.stride(), *kv_strides, *ki_strides, *v_strides,
+        ), dict(BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d, LOW_BIT=low_bit,
+                PRECISION=precision), 4, 3)
         query = sparse_query
     block_k = max(triton.next_power_of_2(topk), 2)
-    splits, block_n, num_warps, num_stages = _launch_config(batch * key_heads, n_keys, topk,
-                                                            _score_rows(rows, head_dim, topk), append, num_splits,
-                                                            block_n, num_warps, num_stages)
-    m_real = _score_rows(rows, head_dim, topk, num_warps)
+    splits, block_n, num_warps, num_stages, m_real = _split_config(
+        batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages,
+        query.get_device(), interpreting())
     parts = splits + append
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
-    o_part = torch.empty(batch * key_heads * parts * rows, head_dim, dtype=torch.float32, device=query.device)
-    m_part = torch.empty(batch * key_heads * parts * rows, dtype=torch.float32, device=query.device)
-    l_part = torch.empty_like(m_part)
+    # The partial outputs and their softmax statistics in one allocation, each part 16-byte aligned.
+    n_rows = batch * key_heads * parts * rows
+    m_start = triton.cdiv(n_rows * head_dim, 4) * 4
+    l_start = m_start + triton.cdiv(n_rows, 4) * 4
+    workspace = torch.empty(l_start + n_rows, dtype=torch.float32, device=query.device)
+    o_part, m_part, l_part = workspace[:n_rows * head_dim], workspace[m_start:m_start + n_rows], workspace[l_start:]
     mask_row = False
     if attn_mask is not None:
-        mask = attn_mask.view(torch.uint8).expand(batch, q_heads, q_len, n_keys)
-        mask_strides, mask_arg = mask.stride(), mask
+        mask_arg, mask_strides = attn_mask.view(torch.uint8), _broadcast_strides(attn_mask)
         mask_row = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
     else:
-        mask_strides, mask_arg = (0, 0, 0, 0), lengths
-    _decode_split_kernel[(parts, batch * key_heads)](
+        mask_arg, mask_strides = lengths, (0, 0, 0, 0)
+    _SPLIT((parts, batch * key_heads), (
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part, new_keys, new_values,
         scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits, parts, pending, n_keys,
-        *query.stride(), *key_values.stride()[:3], *key_indices.stride()[:3], *value.stride()[:3], *mask_strides,
-        *new_keys.stride(), *new_values.stride(),
-        M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d,
-        BLOCK_K=block_k, LOW_BIT=LOW_BIT[query.dtype], HAS_MASK=attn_mask is not None, MASK_ROW=mask_row,
-        PRESPARSE=presparse, PRECISION=precision, EVEN_K=block_k == topk,
-        ROW_ALIGN=_row_alignment(*key_values.stride()[:3], *key_indices.stride()[:3]), APPEND=append,
+        *query.stride(), *kv_strides, *ki_strides, *v_strides, *mask_strides, *new_keys.stride(), *new_values.stride(),
+    ), dict(
+        M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, LOW_BIT=low_bit,
+        HAS_MASK=attn_mask is not None, PRESPARSE=presparse, PRECISION=precision, ROW_ALIGN=_row_alignment(
+            *kv_strides, *ki_strides), EVEN_K=block_k == topk, MASK_ROW=mask_row, APPEND=append,
         PREFETCH=n_keys > 0 and not interpreting() and torch.version.hip is None,
         LINES=triton.cdiv(block_d * value.element_size(), 128), LINE=128 // value.element_size(),
-        num_warps=num_warps, num_stages=num_stages,
-    )
+    ), num_warps, num_stages)
     merge_cols = min(block_d, _MERGE_COLUMNS)
-    _decode_combine_kernel[(batch * key_heads * rows, block_d // merge_cols)](
-        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, parts, pending, n_keys,
-        *out.stride(), BLOCK_S=max(triton.next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, num_warps=4,
-    )
+    _COMBINE((batch * key_heads * rows, block_d // merge_cols), (
+        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, parts, pending, n_keys, *out.stride(),
+    ), dict(BLOCK_S=max(triton.next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step), 4, 3)
     return out
+
+
+# Keyed by value except the arguments that change from step to step (a growing cache's slot count and what follows
+# from it: splits, their length, the mask's strides).
+_PROLOGUE = Launcher(_decode_prologue_kernel, pointers=9, varying=("capacity",))
+_SPLIT = Launcher(_decode_split_kernel, pointers=11, varying=(
+    "scale_log2", "chunk", "n_splits", "n_parts", "n_keys", "smb", "smh", "smt", "sms"))
+_COMBINE = Launcher(_decode_combine_kernel, pointers=5, varying=("n_splits", "n_keys"))
 
 
 @triton.jit
@@ -507,13 +535,15 @@ def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value
     if projection is not None and head_dim > _MAX_FUSED_PROJECTION_DIM:
         keys, projection = project_by_key_head(keys, projection), None
     block_r = 16  # tl.dot's smallest row count (the projection)
-    _append_kernel[(triton.cdiv(length, block_r), batch * heads)](
+    _APPEND((triton.cdiv(length, block_r), batch * heads), (
         keys, values, keys if projection is None else projection, key_values, key_indices, value_cache, lengths,
         lengths if counts is None else counts,
         heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
         *(projection.stride() if projection is not None else (0, 0, 0)),
         *key_values.stride()[:3], *key_indices.stride()[:3], *value_cache.stride()[:3],
-        BLOCK_R=block_r, BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[keys.dtype],
-        RAGGED=counts is not None, HAS_R=projection is not None,
-        PRECISION="ieee" if keys.dtype == torch.float32 else "tf32", num_warps=4,
-    )
+    ), dict(BLOCK_R=block_r, BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[keys.dtype],
+            RAGGED=counts is not None, HAS_R=projection is not None,
+            PRECISION="ieee" if keys.dtype == torch.float32 else "tf32"), 4, 3)
+
+
+_APPEND = Launcher(_append_kernel, pointers=8, varying=("length", "capacity"))

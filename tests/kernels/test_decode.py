@@ -205,6 +205,12 @@ def _triton():
     return pytest.importorskip("sfa_compile.kernels.triton_decode")
 
 
+def assert_kernel_error(got, want, naive, dtype):
+    """The kernel's error against the float64 ``want`` is at most twice the same-precision reference's."""
+    floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
+    assert (got.double() - want).abs().max().item() <= 2 * (naive.double() - want).abs().max().item() + floor
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("topk,head_dim", [(4, 16), (3, 24), (16, 32)])
 def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
@@ -273,11 +279,45 @@ def test_triton_decode_matches_reference(topk, dtype, q_len, group, lengths, mas
     for splits, warps in ((None, None), (3, None), (7, 2)):
         got = triton_decode.decode(query, kv, ki, v, cache.lengths, topk, head_dim ** -0.5, mask, num_splits=splits,
                                    num_warps=warps)
-        floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
-        base = (naive.double() - want).abs().max().item()
-        assert (got.double() - want).abs().max().item() <= 2 * base + floor
+        assert_kernel_error(got, want, naive, dtype)
         if masked:
             assert torch.equal(got[2], torch.zeros_like(got[2]))
+
+
+def test_triton_decode_relaunches_match_reference(poisoned):
+    """After a shape's first launch the kernels run through the compiled kernel's own launcher (``Launcher``; the
+    interpreter always takes Triton's JIT): fresh data, a query and values 2 bytes off 16-byte alignment (head dim
+    32: value rows load as 16-byte vectors where aligned), and slot counts with and without a factor of 16 must
+    each get a kernel specialized for them."""
+    triton_decode = _triton()
+    torch.manual_seed(6)
+    dtype, head_dim, key_heads, group, topk = torch.float16, 32, 2, 2, 8
+    for n_keys, offset in ((40, 0), (40, 0), (40, 1), (48, 0), (48, 1), (40, 0)):
+        cache, _, _ = filled_cache(2, key_heads, head_dim, topk, [n_keys, 7], dtype=dtype, device=DEVICE)
+        storage = torch.randn(2 * key_heads * group * head_dim + offset, dtype=dtype, device=DEVICE)
+        query = storage[offset:].view(2, key_heads * group, 1, head_dim)
+        kv, ki, v = cache.views()
+        moved = torch.empty(v.numel() + offset, dtype=dtype, device=DEVICE)[offset:].view(v.shape).copy_(v)
+        want = ops.flash_sfa_decode_reference(query.double(), kv.double(), ki, v.double(), cache.lengths, topk, None,
+                                              None)
+        naive = ops.flash_sfa_decode_reference(query, kv, ki, v, cache.lengths, topk, None, None)
+        got = triton_decode.decode(query, kv, ki, moved, cache.lengths, topk, head_dim ** -0.5, None)
+        assert_kernel_error(got, want, naive, dtype)
+
+
+def test_launcher_keys_what_triton_specializes_on():
+    """Arguments Triton compiles different kernels for get different keys; those it does not, the same key (so a
+    growing cache's next slot count reuses the kernel)."""
+    launcher = pytest.importorskip("sfa_compile.kernels.launcher")
+    t = torch.empty(64, dtype=torch.float16)
+    key = launcher._specialization((t, 40, 2.0))
+    assert launcher._specialization((t[8:], 56, 0.5)) == key  # still aligned, 16 still does not divide
+    assert launcher._specialization((t[1:], 40, 2.0)) != key  # 2 bytes off 16-byte alignment
+    assert launcher._specialization((t.float(), 40, 2.0)) != key
+    assert launcher._specialization((t, 48, 2.0)) != key  # 16 divides it
+    assert launcher._specialization((t, 1, 2.0)) != launcher._specialization((t, 3, 2.0))
+    assert launcher._specialization((t, 2 ** 31 + 8, 2.0)) != key  # a 64-bit integer
+    assert launcher._specialization((t, 40, 2)) != key  # an integer where a float was
 
 
 def _rotations(key_heads, head_dim, seed=0):
@@ -315,8 +355,7 @@ def test_triton_projection_fused_into_append_and_decode(dtype, q_len, head_dim, 
     want = ops.flash_sfa_decode_reference(q_projected.double(), kv.double(), ki, v.double(), projected.lengths, topk)
     naive = ops.flash_sfa_decode_reference(q_projected, kv, ki, v, projected.lengths, topk)
     got = triton_decode.decode(query, kv, ki, v, projected.lengths, topk, head_dim ** -0.5, None, r, num_splits=3)
-    floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
-    assert (got.double() - want).abs().max().item() <= 2 * (naive.double() - want).abs().max().item() + floor
+    assert_kernel_error(got, want, naive, dtype)
     # topk = d: the rotation changes nothing (q R . k R = q . k), the result is dense attention.
     full = CompressedKVCache(batch, key_heads, head_dim, head_dim, dtype, DEVICE, capacity=30)
     full.append(keys, values, lengths, projection=r)
@@ -374,8 +413,7 @@ def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected
                 torch.testing.assert_close(got_part, want_part)
             else:
                 assert torch.equal(got_part, want_part)
-    floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
-    assert (got.double() - want).abs().max().item() <= 2 * (naive.double() - want).abs().max().item() + floor
+    assert_kernel_error(got, want, naive, dtype)
 
 
 def test_projection_argument_of_the_ops():
