@@ -38,10 +38,10 @@ def _getter(indices: list[int]):
 
 
 class Launcher:
-    """``launcher(grid, args, constexprs, num_warps, num_stages)`` launches ``kernel`` like
-    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=...)``. ``args`` are the kernel's runtime
-    parameters in order, its first ``pointers`` ones tensors; ``constexprs`` all of its constexpr parameters,
-    which must follow them."""
+    """``launcher(grid, args, constexprs, num_warps, num_stages, launch_pdl)`` launches ``kernel`` like
+    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=...)``. ``args`` are the
+    kernel's runtime parameters in order, its first ``pointers`` ones tensors; ``constexprs`` all of its constexpr
+    parameters, which must follow them."""
 
     def __init__(self, kernel: triton.runtime.JITFunction, pointers: int, varying: tuple[str, ...]):
         self.kernel, self.pointers = kernel, pointers
@@ -60,19 +60,21 @@ class Launcher:
         self._varying = _getter([i for i in positions if names[i] in varying])
         self._compiled: dict[tuple, tuple] = {}
 
-    def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict, num_warps: int, num_stages: int) -> None:
+    def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict, num_warps: int, num_stages: int,
+                 launch_pdl: bool = False) -> None:
         if len(args) != self.runtime_params:
             raise TypeError(f"Launcher: {self.kernel.fn.__name__} takes {self.runtime_params} runtime arguments, "
                             f"got {len(args)}")
         if interpreting():
             self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
             return
-        key = (torch.cuda.current_device(), num_warps, num_stages, *constexprs.items(),
+        key = (torch.cuda.current_device(), num_warps, num_stages, launch_pdl, *constexprs.items(),
                *[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:self.pointers]], *self._exact(args),
                *_specialization(self._varying(args)))
         known = self._compiled.get(key)
         if known is None:
-            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+            pdl = {"launch_pdl": True} if launch_pdl else {}  # an option other backends may not know
+            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **pdl)
             self._compiled[key] = compiled, tuple(constexprs[name] for name in self.constexpr_names)
             return
         compiled, constexpr_values = known

@@ -9,9 +9,10 @@ the compressed keys (values + indices) and dense V, forms the scores by gatherin
 entries from the register tile (``tl.gather``: the scattered global loads that made a gather-per-key design 4x
 slower than dense never happen), and accumulates P @ V on tensor cores with an online softmax (P repeated to the 16
 rows tl.dot needs when the group has fewer; only the real rows are gathered and stored). A second kernel merges the
-splits' partial results. Rows are aligned to the end of each sequence (query t of T sees keys up to
-length - T + t), sequences have their own lengths, and an optional boolean mask (True = attend) broadcasts like
-SDPA's.
+splits' partial results. On Hopper both launch as programmatic dependents of the kernel before them (PDL): each is
+scheduled while that one finishes and waits for it in-kernel, which hides part of the launch gap. Rows are aligned
+to the end of each sequence (query t of T sees keys up to length - T + t), sequences have their own lengths, and an
+optional boolean mask (True = attend) broadcasts like SDPA's.
 
 Decode step (``decode`` given the step's new keys and values): without R, one more program per (sequence, key
 head) of the split kernel appends them at the sequence's length and attends to them from registers, while the
@@ -33,6 +34,7 @@ from typing import Optional
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 from .launcher import Launcher
 from .topk import project_by_key_head
@@ -141,7 +143,7 @@ def _decode_split_kernel(
     M_REAL: tl.constexpr, REP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRESPARSE: tl.constexpr,
     PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROW: tl.constexpr,
-    APPEND: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr,
+    APPEND: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
@@ -158,6 +160,8 @@ def _decode_split_kernel(
         _prefetch_l2(V + b * svb + hk * svh + first[:, None] * svs + lines[None, :])
         _prefetch_l2(KVAL + b * skb + hk * skh + first * sks)
         _prefetch_l2(KIDX + b * sib + hk * sih + first * sis)
+    if PDL:  # launched before the kernel ahead finished (programmatic dependent launch): nothing above reads or
+        gdc_wait()  # writes what that kernel may still write or read
     rows = tl.arange(0, M_REAL)
     g = rows // q_len
     t = rows % q_len
@@ -219,6 +223,8 @@ def _decode_split_kernel(
                                                snkb, snkh, snkn, snkd, snvb, snvh, snvn, snvd, skb, skh, sks,
                                                sib, sih, sis, svb, svh, svs, smb, smh, smt, sms, REP, BLOCK_D,
                                                LOW_BIT, HAS_MASK, MASK_ROW, PRECISION)
+    if PDL:  # the merge kernel may launch now (it waits for this grid's results); earlier, its programs would take
+        gdc_launch_dependents()  # multiprocessor slots from the splits still streaming keys (H100: +1 us a step)
     part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + rows
     acc_rows = tl.arange(0, M_REAL * REP)
     acc_part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + acc_rows
@@ -321,11 +327,13 @@ def _decode_combine_kernel(
     O_PART, M_PART, L_PART, OUT, LENGTHS,
     head_dim, q_len, group, key_heads, n_splits, pending, n_keys,
     sob, soh, sot, sod,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ADVANCE: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ADVANCE: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per (sequence, key head, group row) and BLOCK_D feature columns: more programs with fewer bytes
     # each, and the partial outputs are loaded before the statistics' reductions, so the loads overlap (H100, batch
     # 1: 0.7-0.8 us less than one program per row loading after them).
+    if PDL:  # launched while the split kernel runs: wait for its results
+        gdc_wait()
     row = tl.program_id(0)  # over (sequence, key head, group row)
     rows_per_head = group * q_len
     bh = row // rows_per_head
@@ -364,6 +372,13 @@ def _row_alignment(*strides: int) -> int:
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: int) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+@functools.lru_cache(maxsize=None)
+def _programmatic_launch(device: int) -> bool:
+    """Programmatic dependent launch (CUDA, Hopper and later): a kernel launches while the one before it on the
+    stream finishes, and waits for it in-kernel (``gdc_wait``), hiding the launch latency between them."""
+    return torch.version.hip is None and torch.cuda.get_device_capability(device)[0] >= 9
 
 
 def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, append: bool,
@@ -455,9 +470,11 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
                 PRECISION=precision), 4, 3)
         query = sparse_query
     block_k = max(triton.next_power_of_2(topk), 2)
+    interpret, device = interpreting(), query.get_device()
+    pdl = not interpret and _programmatic_launch(device)
     splits, block_n, num_warps, num_stages, m_real = _split_config(
-        batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages,
-        query.get_device(), interpreting())
+        batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
+        interpret)
     parts = splits + append
     chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
     # The partial outputs and their softmax statistics in one allocation, each part 16-byte aligned.
@@ -480,13 +497,14 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, LOW_BIT=low_bit,
         HAS_MASK=attn_mask is not None, PRESPARSE=presparse, PRECISION=precision, ROW_ALIGN=_row_alignment(
             *kv_strides, *ki_strides), EVEN_K=block_k == topk, MASK_ROW=mask_row, APPEND=append,
-        PREFETCH=n_keys > 0 and not interpreting() and torch.version.hip is None,
-        LINES=triton.cdiv(block_d * value.element_size(), 128), LINE=128 // value.element_size(),
-    ), num_warps, num_stages)
+        PREFETCH=n_keys > 0 and not interpret and torch.version.hip is None,
+        LINES=triton.cdiv(block_d * value.element_size(), 128), LINE=128 // value.element_size(), PDL=pdl,
+    ), num_warps, num_stages, launch_pdl=pdl)
     merge_cols = min(block_d, _MERGE_COLUMNS)
     _COMBINE((batch * key_heads * rows, block_d // merge_cols), (
         o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, parts, pending, n_keys, *out.stride(),
-    ), dict(BLOCK_S=max(triton.next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step), 4, 3)
+    ), dict(BLOCK_S=max(triton.next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, PDL=pdl), 4, 3,
+        launch_pdl=pdl)
     return out
 
 
