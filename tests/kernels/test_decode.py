@@ -305,21 +305,6 @@ def test_triton_decode_relaunches_match_reference(poisoned):
         assert_kernel_error(got, want, naive, dtype)
 
 
-def test_launcher_keys_what_triton_specializes_on():
-    """Arguments Triton compiles different kernels for get different keys; those it does not, the same key (so a
-    growing cache's next slot count reuses the kernel)."""
-    launcher = pytest.importorskip("sfa_compile.kernels.launcher")
-    t = torch.empty(64, dtype=torch.float16)
-    key = launcher._specialization((t, 40, 2.0))
-    assert launcher._specialization((t[8:], 56, 0.5)) == key  # still aligned, 16 still does not divide
-    assert launcher._specialization((t[1:], 40, 2.0)) != key  # 2 bytes off 16-byte alignment
-    assert launcher._specialization((t.float(), 40, 2.0)) != key
-    assert launcher._specialization((t, 48, 2.0)) != key  # 16 divides it
-    assert launcher._specialization((t, 1, 2.0)) != launcher._specialization((t, 3, 2.0))
-    assert launcher._specialization((t, 2 ** 31 + 8, 2.0)) != key  # a 64-bit integer
-    assert launcher._specialization((t, 40, 2)) != key  # an integer where a float was
-
-
 def _rotations(key_heads, head_dim, seed=0):
     g = torch.Generator().manual_seed(seed)
     return torch.linalg.qr(torch.randn(key_heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0].float()

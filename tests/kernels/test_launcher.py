@@ -1,0 +1,45 @@
+"""The Triton launcher's key: a refinement of what Triton compiles separate kernels for (its GPU path is exercised by
+tests/kernels/test_decode.py's relaunch test, which fails on the H100 when alignment is left out of the key)."""
+
+import pytest
+import torch
+
+_specialization = pytest.importorskip("sfa_compile.kernels.launcher")._specialization
+
+
+def test_launcher_keys_what_triton_specializes_on():
+    """Arguments Triton compiles different kernels for get different keys; those it does not, the same key (so a
+    growing cache's next slot count reuses the kernel)."""
+    t = torch.empty(64, dtype=torch.float16)
+    key = _specialization((t, 40, 2.0))
+    assert _specialization((t[8:], 56, 0.5)) == key  # still aligned, 16 still does not divide
+    assert _specialization((t[1:], 40, 2.0)) != key  # 2 bytes off 16-byte alignment
+    assert _specialization((t.float(), 40, 2.0)) != key
+    assert _specialization((t, 48, 2.0)) != key  # 16 divides it
+    assert _specialization((t, 1, 2.0)) != _specialization((t, 3, 2.0))
+    assert _specialization((t, 2 ** 31 + 8, 2.0)) != key  # a 64-bit integer
+    assert _specialization((t, 40, 2)) != key  # an integer where a float was
+
+
+def test_launcher_refuses_kernels_and_arguments_it_cannot_key():
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+    from sfa_compile.kernels.launcher import Launcher
+
+    @triton.jit
+    def copy(X, Y, n, BLOCK: tl.constexpr):
+        offs = tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n), mask=offs < n)
+
+    @triton.jit
+    def constexpr_first(BLOCK: tl.constexpr, X, n):
+        pass
+
+    with pytest.raises(TypeError, match="constexpr parameters must come last"):
+        Launcher(constexpr_first, pointers=1, varying=())
+    with pytest.raises(TypeError, match=r"no scalar parameters \['m'\]"):
+        Launcher(copy, pointers=2, varying=("m",))
+    launcher = Launcher(copy, pointers=2, varying=("n",))
+    x = torch.randn(16)
+    with pytest.raises(TypeError, match="takes 3 runtime arguments, got 2"):
+        launcher((1,), (x, x), dict(BLOCK=16), 1, 1)
