@@ -22,6 +22,8 @@ import triton
 
 from .triton_topk import interpreting
 
+_MAX_KEYS = 4096
+
 
 def _specialization(args: tuple) -> tuple:
     """What Triton specializes a kernel on, per argument: the key of the ``varying`` ones."""
@@ -73,6 +75,8 @@ class Launcher:
                *_specialization(self._varying(args)))
         known = self._compiled.get(key)
         if known is None:
+            if len(self._compiled) >= _MAX_KEYS:  # a bound, should callers vary what is keyed by value
+                self._compiled.clear()
             pdl = {"launch_pdl": True} if launch_pdl else {}  # an option other backends may not know
             compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **pdl)
             self._compiled[key] = compiled, tuple(constexprs[name] for name in self.constexpr_names)

@@ -564,4 +564,5 @@ def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value
             PRECISION="ieee" if keys.dtype == torch.float32 else "tf32"), 4, 3)
 
 
-_APPEND = Launcher(_append_kernel, pointers=8, varying=("length", "capacity"))
+# A prompt's keys and values are views whose strides follow its length: keyed by rule, like the length.
+_APPEND = Launcher(_append_kernel, pointers=8, varying=("length", "capacity", "skb", "skh", "skn", "svb", "svh", "svn"))
