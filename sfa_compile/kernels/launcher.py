@@ -5,7 +5,7 @@ the decode split kernel's 63 arguments on the H100 machine, against 11 us for th
 (``CompiledKernel[grid](*args)``, the call Triton's JIT ends in). A decode step runs once per layer and token, so
 ``Launcher`` remembers the compiled kernels it launched, keyed by a refinement of what Triton specializes them on,
 and calls the matching one's launcher directly: each tensor by dtype and whether its address is 16-byte aligned,
-the constexprs, warps, stages and device, and the other arguments by value, except those named ``varying`` (the
+the constexprs, launch options and device, and the other arguments by value, except those named ``varying`` (the
 ones that change from call to call, such as a growing cache's slot count), which are keyed by Triton's documented
 rules (``triton.jit``'s ``do_not_specialize``): an integer by whether it equals 1, whether 16 divides it and its
 width, a float by its type. A key's first launch goes through ``kernel[grid]``, which compiles when needed; under
