@@ -470,7 +470,8 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
                 PRECISION=precision), 4, 3)
         query = sparse_query
     block_k = max(triton.next_power_of_2(topk), 2)
-    interpret, device = interpreting(), query.get_device()
+    interpret = interpreting()
+    device = -1 if interpret else torch.cuda.current_device()  # what the configuration reads, where Triton launches
     pdl = not interpret and _programmatic_launch(device)
     splits, block_n, num_warps, num_stages, m_real = _split_config(
         batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
