@@ -9,12 +9,13 @@ from hf_models import build, cache_kwarg
 import sfa_compile
 from sfa_compile import SFACache
 from sfa_compile.integrations import hf_attention
+from sfa_compile.integrations.hf_cache import SFACacheLayer
 
 
-def generate(model, inputs, cache=None, n=10):
+def generate(model, inputs, cache=None, n=10, **options):
     with torch.no_grad():
         return model.generate(**inputs, **cache_kwarg(model, cache), max_new_tokens=n, do_sample=False,
-                              min_new_tokens=n, pad_token_id=0)
+                              min_new_tokens=n, pad_token_id=0, **options)
 
 
 def sfa_model(name, topk, calibrate=True):
@@ -94,6 +95,47 @@ def test_static_cache_generates_what_the_growing_cache_does(name):
     with pytest.raises(ValueError, match="max_cache_len must be a positive integer"):
         SFACache(model, max_cache_len=0)
 
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 40])
+def test_beam_search_returns_the_beams_of_the_reference_path(max_cache_len):
+    """Beam search reorders the cached sequences after every step and num_return_sequences repeats them after the
+    prompt: SFACache (growing and static) returns the beams the same SFA model returns with a dense cache."""
+    model, _, inputs, _ = sfa_model("qwen3", 4)
+    options = dict(num_beams=3, num_return_sequences=2)
+    got = generate(model, inputs, SFACache(model, max_cache_len=max_cache_len), **options)
+    assert got.size(0) == 2 * inputs["input_ids"].size(0)
+    assert torch.equal(got, generate(model, inputs, **options))
+
+
+@pytest.mark.parametrize("max_cache_len", [None, 40])
+def test_prompt_lookup_decoding_verifies_drafts_over_the_compressed_cache(max_cache_len, monkeypatch):
+    """Speculative decoding (prompt lookup): a step verifies the drafted tokens at once (query length > 1 over
+    the compressed cache) and the rejected ones are cropped from it; the tokens equal greedy decoding through
+    the reference path."""
+    model, _, _, _ = sfa_model("qwen3", 4)
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8] * 3 + [5, 6]])}  # repeats, so that drafts are found
+    query_lengths, crops = [], []
+    decode, crop = hf_attention.flash_sfa_decode, SFACacheLayer.crop
+    monkeypatch.setattr(hf_attention, "flash_sfa_decode",
+                        lambda query, *a, **k: query_lengths.append(query.size(2)) or decode(query, *a, **k))
+    monkeypatch.setattr(SFACacheLayer, "crop", lambda layer, n: crops.append(n) or crop(layer, n))
+    got = generate(model, inputs, SFACache(model, max_cache_len=max_cache_len), n=12, prompt_lookup_num_tokens=3)
+    assert max(query_lengths) > 1 and min(crops) < 0
+    assert torch.equal(got, generate(model, inputs, n=12))
+
+
+def test_cache_crop_removes_tokens_or_keeps_a_length():
+    """crop(-n) forgets the last n tokens (transformers' convention), crop(n > 0) keeps the first n (the
+    convention before transformers 5.18), crop(0) does nothing; host and device lengths agree."""
+    model, _, inputs, _ = sfa_model("llama", 4)
+    cache = SFACache(model)
+    generate(model, inputs, cache, n=4)
+    length = cache.get_seq_length()
+    for n, want in ((0, length), (-3, length - 3), (length, length - 3), (5, 5), (-100, 0)):
+        cache.crop(n)
+        store = cache.layers[0].store
+        assert cache.get_seq_length() == want and store.lengths.tolist() == store.host_lengths == [want] * 2, n
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("topk", [None, 4])

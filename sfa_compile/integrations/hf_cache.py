@@ -123,8 +123,11 @@ class SFACacheLayer(CacheLayerMixin):
             self.store.select(torch.arange(self.store.batch).repeat_interleave(repeats))
 
     def crop(self, tokens_to_remove: int) -> None:
+        """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: rejected speculative drafts); a
+        positive value is the length to keep, the convention transformers 5.17 still accepts (deprecated)."""
         if self.is_initialized and tokens_to_remove:
-            self.store.crop(self.store.max_length - abs(tokens_to_remove))
+            length = self.store.max_length
+            self.store.crop(max(length + tokens_to_remove, 0) if tokens_to_remove < 0 else min(tokens_to_remove, length))
 
 
 class SFACache(Cache):
