@@ -97,24 +97,32 @@ def test_static_cache_generates_what_the_growing_cache_does(name):
 
 
 
+ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+
+
+@ON_DEVICES
 @pytest.mark.parametrize("max_cache_len", [None, 40])
-def test_beam_search_returns_the_beams_of_the_reference_path(max_cache_len):
+def test_beam_search_returns_the_beams_of_the_reference_path(max_cache_len, device):
     """Beam search reorders the cached sequences after every step and num_return_sequences repeats them after the
     prompt: SFACache (growing and static) returns the beams the same SFA model returns with a dense cache."""
     model, _, inputs, _ = sfa_model("qwen3", 4)
+    model.to(device)
+    inputs = {name: t.to(device) for name, t in inputs.items()}
     options = dict(num_beams=3, num_return_sequences=2)
     got = generate(model, inputs, SFACache(model, max_cache_len=max_cache_len), **options)
     assert got.size(0) == 2 * inputs["input_ids"].size(0)
     assert torch.equal(got, generate(model, inputs, **options))
 
 
+@ON_DEVICES
 @pytest.mark.parametrize("max_cache_len", [None, 40])
-def test_prompt_lookup_decoding_verifies_drafts_over_the_compressed_cache(max_cache_len, monkeypatch):
+def test_prompt_lookup_decoding_verifies_drafts_over_the_compressed_cache(max_cache_len, device, monkeypatch):
     """Speculative decoding (prompt lookup): a step verifies the drafted tokens at once (query length > 1 over
-    the compressed cache) and the rejected ones are cropped from it; the tokens equal greedy decoding through
-    the reference path."""
+    the compressed cache: the decode kernel on CUDA) and the rejected ones are cropped from it; the tokens equal
+    greedy decoding through the reference path."""
     model, _, _, _ = sfa_model("qwen3", 4)
-    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8] * 3 + [5, 6]])}  # repeats, so that drafts are found
+    model.to(device)
+    inputs = {"input_ids": torch.tensor([[5, 6, 7, 8] * 3 + [5, 6]], device=device)}  # repeats: drafts are found
     query_lengths, crops = [], []
     decode, crop = hf_attention.flash_sfa_decode, SFACacheLayer.crop
     monkeypatch.setattr(hf_attention, "flash_sfa_decode",
