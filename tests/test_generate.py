@@ -96,7 +96,6 @@ def test_static_cache_generates_what_the_growing_cache_does(name):
         SFACache(model, max_cache_len=0)
 
 
-
 ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 
 
@@ -144,6 +143,7 @@ def test_cache_crop_removes_tokens_or_keeps_a_length():
         cache.crop(n)
         store = cache.layers[0].store
         assert cache.get_seq_length() == want and store.lengths.tolist() == store.host_lengths == [want] * 2, n
+
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("topk", [None, 4])

@@ -127,7 +127,8 @@ class SFACacheLayer(CacheLayerMixin):
         positive value is the length to keep, the convention transformers 5.17 still accepts (deprecated)."""
         if self.is_initialized and tokens_to_remove:
             length = self.store.max_length
-            self.store.crop(max(length + tokens_to_remove, 0) if tokens_to_remove < 0 else min(tokens_to_remove, length))
+            keep = max(length + tokens_to_remove, 0) if tokens_to_remove < 0 else min(tokens_to_remove, length)
+            self.store.crop(keep)
 
 
 class SFACache(Cache):
