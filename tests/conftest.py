@@ -18,23 +18,21 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
-_real_empty = torch.empty
+def _poison(t: torch.Tensor) -> torch.Tensor:
+    if t.is_floating_point():
+        t.fill_(float("nan"))
+    elif t.dtype == torch.bool:
+        t.fill_(True)
+    return t
 
 
 @pytest.fixture
 def poisoned(monkeypatch):
-    """Every torch.empty in the code under test comes back filled with NaN (floats) or True (bools), so a
-    kernel output tile that is never written fails the test."""
-
-    def empty(*args, **kwargs):
-        t = _real_empty(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        elif t.dtype == torch.bool:
-            t.fill_(True)
-        return t
-
-    monkeypatch.setattr(torch, "empty", empty)
+    """Every torch.empty and torch.empty_like in the code under test comes back filled with NaN (floats) or True
+    (bools), so a kernel output tile that is never written fails the test."""
+    real_empty, real_empty_like = torch.empty, torch.empty_like
+    monkeypatch.setattr(torch, "empty", lambda *args, **kwargs: _poison(real_empty(*args, **kwargs)))
+    monkeypatch.setattr(torch, "empty_like", lambda *args, **kwargs: _poison(real_empty_like(*args, **kwargs)))
 
 
 @pytest.fixture(scope="session")

@@ -147,9 +147,10 @@ def _check_projection(name: str, projection: Optional[torch.Tensor], key_heads: 
                          f"{head_dim}), got {projection.dtype} {tuple(projection.shape)}")
 
 
-def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection=None) -> None:
-    """Raise ValueError for decode inputs that do not form one compressed cache and query block."""
-    name = "flash_sfa_decode"
+def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection=None,
+                      name: str = "flash_sfa_decode", others: tuple = ()) -> None:
+    """Raise ValueError for decode inputs that do not form one compressed cache and query block (``others``: more
+    tensors that must share their device)."""
     if query.dim() != 4 or key_values.dim() != 4 or key_indices.shape != key_values.shape or value.dim() != 4:
         raise ValueError(f"{name}: query (B, Hq, T, d), key_values and key_indices (B, Hk, S, topk) and value "
                          f"(B, Hk, S, d) expected, got {tuple(query.shape)}, {tuple(key_values.shape)}, "
@@ -170,7 +171,7 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
     if key_indices.dtype not in (torch.uint8, torch.int16):
         raise ValueError(f"{name}: key_indices must be uint8 or int16, got {key_indices.dtype}")
     _check_lengths(name, "lengths", lengths, batch)
-    _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask, projection)
+    _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask, projection, *others)
     _check_projection(name, projection, key_heads, head_dim)
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
@@ -187,10 +188,7 @@ def check_append_args(key_values, key_indices, values, lengths, new_keys, new_va
     """Raise ValueError for new keys/values that do not fit a compressed cache's layout."""
     name = "compressed_cache_append"
     batch, key_heads, _, head_dim = values.shape
-    if new_keys.dim() != 4 or new_keys.shape[:2] != (batch, key_heads) or new_keys.size(3) != head_dim \
-            or new_values.shape != new_keys.shape:
-        raise ValueError(f"{name}: keys {tuple(new_keys.shape)} and values {tuple(new_values.shape)} must both be "
-                         f"(batch {batch}, key heads {key_heads}, tokens, head dim {head_dim})")
+    _check_new_tokens(name, values, new_keys, new_values)
     if key_values.shape[:3] != values.shape[:3] or key_indices.shape != key_values.shape:
         raise ValueError(f"{name}: cache buffers {tuple(key_values.shape)}, {tuple(key_indices.shape)}, "
                          f"{tuple(values.shape)} do not form one cache")
@@ -199,6 +197,25 @@ def check_append_args(key_values, key_indices, values, lengths, new_keys, new_va
         _check_lengths(name, "counts", counts, batch)
     _check_one_device(name, key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
     _check_projection(name, projection, key_heads, head_dim)
+
+
+def check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask,
+                    projection=None) -> None:
+    """Raise ValueError for a decode step's inputs: ``check_decode_args`` of the query and cache, and the step's
+    new keys and values as ``check_append_args`` takes them (each condition checked once: in every layer of every
+    eager generation step)."""
+    name = "flash_sfa_decode_step"
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection, name,
+                      (new_keys, new_values))
+    _check_new_tokens(name, value, new_keys, new_values)
+
+
+def _check_new_tokens(name: str, values: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor) -> None:
+    batch, key_heads, _, head_dim = values.shape
+    if new_keys.dim() != 4 or new_keys.shape[:2] != (batch, key_heads) or new_keys.size(3) != head_dim \
+            or new_values.shape != new_keys.shape:
+        raise ValueError(f"{name}: keys {tuple(new_keys.shape)} and values {tuple(new_values.shape)} must both be "
+                         f"(batch {batch}, key heads {key_heads}, tokens, head dim {head_dim})")
 
 
 def _check_lengths(name: str, label: str, t: torch.Tensor, batch: int) -> None:

@@ -4,25 +4,36 @@
 the decode split kernel's 63 arguments on the H100 machine, against 11 us for the compiled kernel's own launcher
 (``CompiledKernel[grid](*args)``, the call Triton's JIT ends in). A decode step runs once per layer and token, so
 ``Launcher`` remembers the compiled kernels it launched, keyed by a refinement of what Triton specializes them on,
-and calls the matching one's launcher directly: each tensor by dtype and whether its address is 16-byte aligned,
-the constexprs, launch options and device, and the other arguments by value, except those named ``varying`` (the
-ones that change from call to call, such as a growing cache's slot count), which are keyed by Triton's documented
-rules (``triton.jit``'s ``do_not_specialize``): an integer by whether it equals 1, whether 16 divides it and its
-width, a float by its type. A key's first launch goes through ``kernel[grid]``, which compiles when needed; under
-Triton's interpreter every launch does.
+and calls the matching one's launcher directly: the launch settings (``LaunchConfig``: constexprs, warps, stages,
+programmatic launch; prepared once by the caller), the device, each tensor by dtype and whether its address is
+16-byte aligned, and the other arguments by value, except those named ``varying`` (the ones that change from call
+to call, such as a growing cache's slot count), which are keyed by Triton's documented rules (``triton.jit``'s
+``do_not_specialize``): an integer by whether it equals 1, whether 16 divides it and its width, a float by its type.
+A key's first launch goes through ``kernel[grid]``, which compiles when needed; under Triton's interpreter every
+launch does.
+
+Host code here computes launch sizes with ``cdiv`` and ``next_power_of_2`` below, not Triton's: those are
+``triton.constexpr_function``s (Triton 3.6-3.9), ~5 us per call from the host, which a decode call paid 9 times.
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
-
 import torch
 import triton
 
-from .triton_topk import interpreting
-
 _MAX_KEYS = 4096
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) of integers (``triton.cdiv`` on the host, without its constexpr-function wrapper)."""
+    return -(-a // b)
+
+
+def next_power_of_2(n: int) -> int:
+    """The smallest power of two >= n >= 1, as ``triton.next_power_of_2`` on the host."""
+    return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
 def _specialization(args: tuple) -> tuple:
@@ -39,15 +50,27 @@ def _getter(indices: list[int]):
     return operator.itemgetter(*indices) if indices else (lambda args: ())
 
 
+class LaunchConfig:
+    """A kernel's compile-time launch settings, from ``Launcher.config``, which makes one object per distinct
+    setting: launches key on it by identity (no per-call hashing of the constexprs)."""
+
+    __slots__ = ("constexprs", "values", "num_warps", "num_stages", "launch_pdl")
+
+    def __init__(self, constexprs: dict, values: tuple, num_warps: int, num_stages: int, launch_pdl: bool):
+        self.constexprs, self.values = constexprs, values  # values: in the kernel's parameter order
+        self.num_warps, self.num_stages, self.launch_pdl = num_warps, num_stages, launch_pdl
+
+
 class Launcher:
-    """``launcher(grid, args, constexprs, num_warps, num_stages, launch_pdl)`` launches ``kernel`` like
-    ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=...)``. ``args`` are the
+    """``launcher(grid, args, launcher.config(constexprs, num_warps, num_stages, launch_pdl))`` launches ``kernel``
+    like ``kernel[grid](*args, **constexprs, num_warps=..., num_stages=..., launch_pdl=...)``. ``args`` are the
     kernel's runtime parameters in order, its first ``pointers`` ones tensors; ``constexprs`` all of its constexpr
     parameters, which must follow them."""
 
     def __init__(self, kernel: triton.runtime.JITFunction, pointers: int, varying: tuple[str, ...]):
         self.kernel, self.pointers = kernel, pointers
-        # From the Python function's signature: under the interpreter ``kernel`` is not a JITFunction.
+        # Triton decides when it decorates the kernel: under its interpreter ``kernel`` is not a JITFunction.
+        self.interpret = not isinstance(kernel, triton.runtime.JITFunction)
         params = list(inspect.signature(kernel.fn).parameters.values())
         constexprs = [i for i, p in enumerate(params) if "constexpr" in str(p.annotation)]
         self.runtime_params = len(params) - len(constexprs)
@@ -60,26 +83,38 @@ class Launcher:
         positions = range(pointers, self.runtime_params)
         self._exact = _getter([i for i in positions if names[i] not in varying])
         self._varying = _getter([i for i in positions if names[i] in varying])
-        self._compiled: dict[tuple, tuple] = {}
+        self._configs: dict[tuple, LaunchConfig] = {}
+        self._compiled: dict[tuple, object] = {}
 
-    def __call__(self, grid: tuple[int, ...], args: tuple, constexprs: dict, num_warps: int, num_stages: int,
-                 launch_pdl: bool = False) -> None:
+    def config(self, constexprs: dict, num_warps: int, num_stages: int, launch_pdl: bool = False) -> LaunchConfig:
+        """The launch settings for ``__call__``: every constexpr parameter of the kernel by name."""
+        if sorted(constexprs) != sorted(self.constexpr_names):
+            raise TypeError(f"Launcher: {self.kernel.fn.__name__} takes the constexprs {self.constexpr_names}, got "
+                            f"{sorted(constexprs)}")
+        values = tuple(constexprs[name] for name in self.constexpr_names)
+        key = (values, num_warps, num_stages, launch_pdl)
+        if (config := self._configs.get(key)) is None:
+            if len(self._configs) >= _MAX_KEYS:  # a bound, should callers vary the settings without end
+                self._configs.clear()
+                self._compiled.clear()
+            config = self._configs[key] = LaunchConfig(dict(constexprs), values, num_warps, num_stages, launch_pdl)
+        return config
+
+    def __call__(self, grid: tuple[int, ...], args: tuple, config: LaunchConfig) -> None:
         if len(args) != self.runtime_params:
             raise TypeError(f"Launcher: {self.kernel.fn.__name__} takes {self.runtime_params} runtime arguments, "
                             f"got {len(args)}")
-        if interpreting():
-            self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+        if self.interpret:
+            self.kernel[grid](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
             return
-        key = (torch.cuda.current_device(), num_warps, num_stages, launch_pdl, *constexprs.items(),
-               *[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:self.pointers]], *self._exact(args),
-               *_specialization(self._varying(args)))
-        known = self._compiled.get(key)
-        if known is None:
+        key = (config, torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:self.pointers]],
+               *self._exact(args), *_specialization(self._varying(args)))
+        compiled = self._compiled.get(key)
+        if compiled is None:
             if len(self._compiled) >= _MAX_KEYS:  # a bound, should callers vary what is keyed by value
                 self._compiled.clear()
-            pdl = {"launch_pdl": True} if launch_pdl else {}  # an option other backends may not know
-            compiled = self.kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages, **pdl)
-            self._compiled[key] = compiled, tuple(constexprs[name] for name in self.constexpr_names)
+            pdl = {"launch_pdl": True} if config.launch_pdl else {}  # an option other backends may not know
+            self._compiled[key] = self.kernel[grid](*args, **config.constexprs, num_warps=config.num_warps,
+                                                    num_stages=config.num_stages, **pdl)
             return
-        compiled, constexpr_values = known
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *constexpr_values)
+        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *config.values)

@@ -21,8 +21,8 @@ from typing import Optional
 
 import torch
 
-from .checks import (MAX_QUERY_LENGTH, check_append_args, check_decode_args, check_flash_sfa_args, default_scale,
-                     output_shape, score_shape)
+from .checks import (MAX_QUERY_LENGTH, check_append_args, check_decode_args, check_flash_sfa_args, check_step_args,
+                     default_scale, output_shape, score_shape)
 from .kv_cache import advance_lengths, append_reference
 from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
 
@@ -266,20 +266,15 @@ def _flash_sfa_decode_step_reference(
     """One decode step: ``sfa::compressed_cache_append`` of the step's (B, Hk, T, d) keys and values, then
     ``sfa::flash_sfa_decode`` of its queries over the cache (the new tokens included). On CUDA, with <= 16 new
     tokens and queries, both run in the decode kernels' own launches (two per step without R, three with; was six)."""
-    _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
     append_reference(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
     return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
                                       projection)
 
 
-def _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection):
-    check_append_args(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
-
-
 def _flash_sfa_decode_step_cuda(query, key_values, key_indices, value, lengths, new_keys, new_values, topk,
                                 scale=None, attn_mask=None, projection=None):
-    _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
     if not (_triton_decode_fits(query) and new_keys.size(2) <= MAX_QUERY_LENGTH and new_keys.dtype == query.dtype):
         _compressed_cache_append_cuda(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
         return _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
@@ -294,7 +289,7 @@ def _flash_sfa_decode_step_cuda(query, key_values, key_indices, value, lengths, 
 
 def _flash_sfa_decode_step_fake(query, key_values, key_indices, value, lengths, new_keys, new_values, topk,
                                 scale=None, attn_mask=None, projection=None):
-    _check_step(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
     return query.new_empty(query.shape)
 
 

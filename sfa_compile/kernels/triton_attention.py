@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import cdiv
 from .triton_topk import autotuning, feature_block, interpreting
 
 LOG2E = 1.4426950408889634
@@ -400,7 +401,7 @@ def flash_forward(q, k, v, mask, is_causal: bool, scale: float) -> tuple[torch.T
     lse = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
     _, mask_t, mask_strides = _mask_args(mask, q)
     meta = _shape_meta(q, k, v, mask, is_causal)
-    grid = lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * heads)  # noqa: E731
+    grid = lambda m: (cdiv(length, m["BLOCK_M"]), batch * heads)  # noqa: E731
     _launch(
         _fwd_tuned, _flash_sfa_fwd_kernel, grid,
         q, k, v, mask_t, out, lse, *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
@@ -415,7 +416,7 @@ def flash_backward(d_out, q, k, v, out, lse, mask, is_causal: bool, scale: float
     key_heads, keys, value_dim = k.size(1), k.size(2), v.size(-1)
     meta = _shape_meta(q, k, v, mask, is_causal)
     delta = torch.empty((batch, heads, length), dtype=torch.float32, device=q.device)
-    _bwd_delta_kernel[(triton.cdiv(length, 32), batch * heads)](
+    _bwd_delta_kernel[(cdiv(length, 32), batch * heads)](
         out, d_out, delta, length, value_dim, *out.stride(), *d_out.stride(), heads,
         BLOCK_M=32, BLOCK_DV=meta["BLOCK_DV"],
     )
@@ -425,12 +426,12 @@ def flash_backward(d_out, q, k, v, out, lse, mask, is_causal: bool, scale: float
     _, mask_t, mask_strides = _mask_args(mask, q)
     strides = (*q.stride(), *k.stride(), *v.stride(), *d_out.stride(), *mask_strides)
     _launch(
-        _dkdv_tuned, _flash_sfa_bwd_dkdv_kernel, lambda m: (triton.cdiv(keys, m["BLOCK_N"]), batch * key_heads),
+        _dkdv_tuned, _flash_sfa_bwd_dkdv_kernel, lambda m: (cdiv(keys, m["BLOCK_N"]), batch * key_heads),
         q, k, v, d_out, lse, delta, mask_t, dk, dv, *strides,
         heads, key_heads, heads // key_heads, length, keys, head_dim, value_dim, scale * LOG2E, scale, **meta,
     )
     _launch(
-        _dq_tuned, _flash_sfa_bwd_dq_kernel, lambda m: (triton.cdiv(length, m["BLOCK_M"]), batch * heads),
+        _dq_tuned, _flash_sfa_bwd_dq_kernel, lambda m: (cdiv(length, m["BLOCK_M"]), batch * heads),
         q, k, v, d_out, lse, delta, mask_t, dq, *strides,
         heads, heads // key_heads, length, keys, head_dim, value_dim, scale * LOG2E, scale, **meta,
     )

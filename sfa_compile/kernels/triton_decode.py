@@ -29,16 +29,16 @@ values and their ascending indices at the sequence's current length, and copies 
 from __future__ import annotations
 
 import functools
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 import triton
 import triton.language as tl
 from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
-from .launcher import Launcher
+from .launcher import LaunchConfig, Launcher, cdiv, next_power_of_2
 from .topk import project_by_key_head
-from .triton_topk import LOW_BIT, feature_block, interpreting, topk_keep
+from .triton_topk import LOW_BIT, feature_block, topk_keep
 
 _MIN_SPLIT_TOKENS = 128
 _LONG_SPLIT_TOKENS = 4096  # four-per-multiprocessor splits this long are split four times further
@@ -60,7 +60,7 @@ def _min_rows(block_d: int, topk: int, num_warps: int) -> int:
 
 def _score_rows(rows: int, head_dim: int, topk: int, num_warps: int = 4) -> int:
     """M_REAL: the split kernel's score rows for ``rows`` = group x query length real ones."""
-    return max(triton.next_power_of_2(rows), _min_rows(feature_block(head_dim), topk, num_warps))
+    return max(next_power_of_2(rows), _min_rows(feature_block(head_dim), topk, num_warps))
 
 
 @triton.jit
@@ -383,7 +383,7 @@ def _programmatic_launch(device: int) -> bool:
 
 def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, append: bool,
                    num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
-                   num_stages: Optional[int]) -> tuple[int, int, int, int]:
+                   num_stages: Optional[int], device: int, interpret: bool) -> tuple[int, int, int, int]:
     """(splits, key block, warps, stages), each unless given; chosen by sweeps on an H100 (benchmarks/RESULTS.md).
 
     With >= 16 (sequence, key head) pairs, <= 4 score rows and topk <= 16: about two programs per multiprocessor
@@ -395,17 +395,17 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, ap
     2 warps, 2 stages. When the split kernel ``append``s a step's new tokens, their program counts in the programs
     per multiprocessor (one more would wait for a second wave), and four programs per multiprocessor take 32-key
     blocks, 2 warps, 3 stages at every topk (batch 1, 8 key heads, 32k, topk 8: 36.3 against 44.7 us)."""
-    if interpreting():
-        return num_splits or max(1, min(4, triton.cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
-    sms = _multiprocessors(torch.cuda.current_device())
+    if interpret:
+        return num_splits or max(1, min(4, cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
+    sms = _multiprocessors(device)
     measured = score_rows <= 4 and topk <= 16
     wide = (64 if topk <= 8 else 128), 4, 3
     if batch_heads >= 16 and measured:
-        splits = max(1, min(2 * sms // batch_heads - append, triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+        splits = max(1, min(2 * sms // batch_heads - append, cdiv(n_keys, _MIN_SPLIT_TOKENS)))
         block, warps, stages = wide
     else:
-        splits = max(1, min(triton.cdiv(4 * sms, batch_heads) - append, triton.cdiv(n_keys, _MIN_SPLIT_TOKENS)))
-        if triton.cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS:
+        splits = max(1, min(cdiv(4 * sms, batch_heads) - append, cdiv(n_keys, _MIN_SPLIT_TOKENS)))
+        if cdiv(max(n_keys, 1), splits) >= _LONG_SPLIT_TOKENS:
             splits *= 4
             block, warps, stages = wide if measured else (32, 2, 2)
         else:
@@ -413,22 +413,79 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, ap
     return num_splits or splits, block_n or block, num_warps or warps, num_stages or stages
 
 
-@functools.lru_cache(maxsize=1024)
 def _split_config(batch_heads: int, n_keys: int, rows: int, head_dim: int, topk: int, append: bool,
                   num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
                   num_stages: Optional[int], device: int, interpret: bool) -> tuple[int, int, int, int, int]:
     """(splits, key block, warps, stages, score rows) of a split-kernel launch: ``_launch_config`` and the score
-    rows its warps allow, memoized (a fixed cache asks the same every step; ``device`` and ``interpret`` only key
-    the memo, as the configuration reads them)."""
+    rows its warps allow."""
     splits, block_n, num_warps, num_stages = _launch_config(batch_heads, n_keys, topk,
                                                             _score_rows(rows, head_dim, topk), append, num_splits,
-                                                            block_n, num_warps, num_stages)
+                                                            block_n, num_warps, num_stages, device, interpret)
     return splits, block_n, num_warps, num_stages, _score_rows(rows, head_dim, topk, num_warps)
 
 
 def _broadcast_strides(mask: torch.Tensor) -> tuple[int, ...]:
     """The strides of ``mask`` expanded over its size-1 dims (0 there): what the split kernel indexes it by."""
     return tuple(0 if size == 1 else stride for size, stride in zip(mask.shape, mask.stride()))
+
+
+class _Plan(NamedTuple):
+    """What a decode call launches, by its shapes and settings (``_plan``): grids, launch settings, the split
+    length, and where the partial outputs and softmax statistics sit in the one float32 workspace."""
+
+    prologue_grid: tuple
+    prologue: Optional[LaunchConfig]
+    split_grid: tuple
+    split: LaunchConfig
+    merge_grid: tuple
+    merge: LaunchConfig
+    splits: int
+    parts: int
+    chunk: int
+    m_start: int
+    l_start: int
+    workspace: int
+
+
+@functools.lru_cache(maxsize=1024)
+def _plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: int, n_keys: int, topk: int,
+          dtype: torch.dtype, step: bool, presparse: bool, has_mask: bool, mask_row: bool, row_strides: tuple,
+          num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int], num_stages: Optional[int],
+          device: int) -> _Plan:
+    """The launch plan of ``decode``, memoized: a fixed cache asks the same every step, a growing one once per step
+    for all layers (``device``: the current CUDA device, -1 under the interpreter)."""
+    interpret = _SPLIT.interpret
+    group = q_heads // key_heads
+    rows = group * q_len
+    block_d = feature_block(head_dim)
+    low_bit = LOW_BIT[dtype]
+    precision = "ieee" if dtype == torch.float32 else "tf32"
+    pdl = not interpret and _programmatic_launch(device)
+    append = step and not presparse  # else the prologue appends
+    prologue = _PROLOGUE.config(dict(BLOCK_M=max(next_power_of_2(rows), 16), BLOCK_D=block_d, LOW_BIT=low_bit,
+                                     PRECISION=precision), 4, 3) if presparse else None
+    splits, block_n, num_warps, num_stages, m_real = _split_config(
+        batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
+        interpret)
+    parts = splits + append
+    block_k = max(next_power_of_2(topk), 2)
+    line = 128 // dtype.itemsize
+    split = _SPLIT.config(dict(
+        M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, LOW_BIT=low_bit,
+        HAS_MASK=has_mask, PRESPARSE=presparse, PRECISION=precision, ROW_ALIGN=_row_alignment(*row_strides),
+        EVEN_K=block_k == topk, MASK_ROW=mask_row, APPEND=append,
+        PREFETCH=n_keys > 0 and not interpret and torch.version.hip is None, LINES=cdiv(block_d, line), LINE=line,
+        PDL=pdl), num_warps, num_stages, pdl)
+    merge_cols = min(block_d, _MERGE_COLUMNS)
+    merge = _COMBINE.config(dict(BLOCK_S=max(next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, PDL=pdl),
+                            4, 3, pdl)
+    # The partial outputs and their softmax statistics in one allocation, each part 16-byte aligned.
+    n_rows = batch * key_heads * parts * rows
+    m_start = cdiv(n_rows * head_dim, 4) * 4
+    l_start = m_start + cdiv(n_rows, 4) * 4
+    return _Plan((batch * key_heads, 2 if step else 1), prologue, (parts, batch * key_heads), split,
+                 (batch * key_heads * rows, block_d // merge_cols), merge, splits, parts,
+                 cdiv(cdiv(max(n_keys, 1), splits), block_n) * block_n, m_start, l_start, l_start + n_rows)
 
 
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
@@ -440,8 +497,8 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     compressed cache; arguments checked by the op. With ``new_keys`` and ``new_values`` (B, Hk, <= 16 tokens, d),
     a decode step: they are appended at each sequence's length first (as ``append_compressed``), attended, and
     ``lengths`` advance by their count (at most to the slot count). Runs once per layer of every generation step,
-    so the host work is kept small: memoized launch configurations, one workspace allocation, and kernels
-    launched through ``Launcher``."""
+    so the host work is kept small: a memoized launch plan, one workspace allocation, and kernels launched through
+    ``Launcher``."""
     batch, q_heads, q_len, head_dim = query.shape
     step = new_keys is not None
     if projection is not None and head_dim > _MAX_FUSED_PROJECTION_DIM:
@@ -452,60 +509,38 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     group = q_heads // key_heads
     pending = new_keys.size(2) if step else 0
     new_keys, new_values = (new_keys, new_values) if step else (query, query)
-    out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-    rows = group * q_len
-    block_d = feature_block(head_dim)
-    low_bit = LOW_BIT[query.dtype]
-    precision = "ieee" if query.dtype == torch.float32 else "tf32"
-    presparse = projection is not None
-    append = step and not presparse  # else the prologue appends
     kv_strides, ki_strides, v_strides = key_values.stride()[:3], key_indices.stride()[:3], value.stride()[:3]
-    if presparse:
-        sparse_query = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        _PROLOGUE((batch * key_heads, 2 if step else 1), (
-            query, projection, sparse_query, new_keys, new_values, key_values, key_indices, value, lengths, topk,
-            head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(), *projection.stride(),
-            *new_keys.stride(), *new_values.stride(), *kv_strides, *ki_strides, *v_strides,
-        ), dict(BLOCK_M=max(triton.next_power_of_2(rows), 16), BLOCK_D=block_d, LOW_BIT=low_bit,
-                PRECISION=precision), 4, 3)
-        query = sparse_query
-    block_k = max(triton.next_power_of_2(topk), 2)
-    interpret = interpreting()
-    device = -1 if interpret else torch.cuda.current_device()  # what the configuration reads, where Triton launches
-    pdl = not interpret and _programmatic_launch(device)
-    splits, block_n, num_warps, num_stages, m_real = _split_config(
-        batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
-        interpret)
-    parts = splits + append
-    chunk = triton.cdiv(triton.cdiv(max(n_keys, 1), splits), block_n) * block_n
-    # The partial outputs and their softmax statistics in one allocation, each part 16-byte aligned.
-    n_rows = batch * key_heads * parts * rows
-    m_start = triton.cdiv(n_rows * head_dim, 4) * 4
-    l_start = m_start + triton.cdiv(n_rows, 4) * 4
-    workspace = torch.empty(l_start + n_rows, dtype=torch.float32, device=query.device)
-    o_part, m_part, l_part = workspace[:n_rows * head_dim], workspace[m_start:m_start + n_rows], workspace[l_start:]
     mask_row = False
     if attn_mask is not None:
         mask_arg, mask_strides = attn_mask.view(torch.uint8), _broadcast_strides(attn_mask)
         mask_row = mask_strides[1] == 0 and (q_len == 1 or mask_strides[2] == 0)
     else:
         mask_arg, mask_strides = lengths, (0, 0, 0, 0)
-    _SPLIT((parts, batch * key_heads), (
+    plan = _plan(batch, q_heads, q_len, head_dim, key_heads, n_keys, topk, query.dtype, step, projection is not None,
+                 attn_mask is not None, mask_row, kv_strides + ki_strides, num_splits, block_n, num_warps, num_stages,
+                 -1 if _SPLIT.interpret else torch.cuda.current_device())
+    out = torch.empty_like(query, memory_format=torch.contiguous_format)
+    if projection is not None:
+        sparse_query = torch.empty_like(query, memory_format=torch.contiguous_format)
+        _PROLOGUE(plan.prologue_grid, (
+            query, projection, sparse_query, new_keys, new_values, key_values, key_indices, value, lengths, topk,
+            head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(), *projection.stride(),
+            *new_keys.stride(), *new_values.stride(), *kv_strides, *ki_strides, *v_strides,
+        ), plan.prologue)
+        query = sparse_query
+    workspace = torch.empty(plan.workspace, dtype=torch.float32, device=query.device)
+    m_start, l_start = plan.m_start, plan.l_start
+    o_part, m_part, l_part = workspace[:m_start], workspace[m_start:l_start], workspace[l_start:]
+    _SPLIT(plan.split_grid, (
         query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part, new_keys, new_values,
-        scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, chunk, splits, parts, pending, n_keys,
-        *query.stride(), *kv_strides, *ki_strides, *v_strides, *mask_strides, *new_keys.stride(), *new_values.stride(),
-    ), dict(
-        M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, LOW_BIT=low_bit,
-        HAS_MASK=attn_mask is not None, PRESPARSE=presparse, PRECISION=precision, ROW_ALIGN=_row_alignment(
-            *kv_strides, *ki_strides), EVEN_K=block_k == topk, MASK_ROW=mask_row, APPEND=append,
-        PREFETCH=n_keys > 0 and not interpret and torch.version.hip is None,
-        LINES=triton.cdiv(block_d * value.element_size(), 128), LINE=128 // value.element_size(), PDL=pdl,
-    ), num_warps, num_stages, launch_pdl=pdl)
-    merge_cols = min(block_d, _MERGE_COLUMNS)
-    _COMBINE((batch * key_heads * rows, block_d // merge_cols), (
-        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, parts, pending, n_keys, *out.stride(),
-    ), dict(BLOCK_S=max(triton.next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, PDL=pdl), 4, 3,
-        launch_pdl=pdl)
+        scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, plan.chunk, plan.splits, plan.parts,
+        pending, n_keys, *query.stride(), *kv_strides, *ki_strides, *v_strides, *mask_strides, *new_keys.stride(),
+        *new_values.stride(),
+    ), plan.split)
+    _COMBINE(plan.merge_grid, (
+        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, plan.parts, pending, n_keys,
+        *out.stride(),
+    ), plan.merge)
     return out
 
 
@@ -554,15 +589,15 @@ def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value
     if projection is not None and head_dim > _MAX_FUSED_PROJECTION_DIM:
         keys, projection = project_by_key_head(keys, projection), None
     block_r = 16  # tl.dot's smallest row count (the projection)
-    _APPEND((triton.cdiv(length, block_r), batch * heads), (
+    _APPEND((cdiv(length, block_r), batch * heads), (
         keys, values, keys if projection is None else projection, key_values, key_indices, value_cache, lengths,
         lengths if counts is None else counts,
         heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
         *(projection.stride() if projection is not None else (0, 0, 0)),
         *key_values.stride()[:3], *key_indices.stride()[:3], *value_cache.stride()[:3],
-    ), dict(BLOCK_R=block_r, BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[keys.dtype],
-            RAGGED=counts is not None, HAS_R=projection is not None,
-            PRECISION="ieee" if keys.dtype == torch.float32 else "tf32"), 4, 3)
+    ), _APPEND.config(dict(BLOCK_R=block_r, BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[keys.dtype],
+                           RAGGED=counts is not None, HAS_R=projection is not None,
+                           PRECISION="ieee" if keys.dtype == torch.float32 else "tf32"), 4, 3))
 
 
 # A prompt's keys and values are views whose strides follow its length: keyed by rule, like the length.

@@ -20,13 +20,15 @@ import torch
 import triton
 import triton.language as tl
 
+from .launcher import cdiv, next_power_of_2
+
 # Lowest bit of the float32 pattern that can be non-zero after upcasting from each dtype.
 LOW_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
 
 
 def feature_block(head_dim: int) -> int:
     """Feature columns per tile: the head dim rounded up to a power of two, at least tl.dot's 16."""
-    return max(triton.next_power_of_2(head_dim), 16)
+    return max(next_power_of_2(head_dim), 16)
 
 
 def interpreting() -> bool:
@@ -96,9 +98,9 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
     args = (x, y, keep.view(torch.uint8) if want_keep else y, n_rows, heads, length, head_dim, topk, *x.stride())
     meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype], WRITE_KEEP=want_keep)
     if interpreting() or not autotuning():
-        _topk_sparsify_kernel[(triton.cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
+        _topk_sparsify_kernel[(cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:
-        _topk_tuned[lambda m: (triton.cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
+        _topk_tuned[lambda m: (cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
     return y, keep
 
 

@@ -115,6 +115,22 @@ def test_decode_argument_errors():
     assert not flash_sfa_decode(torch.randn(2, 2, 1, 16, requires_grad=True), cache).requires_grad
 
 
+def test_decode_step_argument_errors():
+    """The step op checks the query and cache as the decode op does, and the new tokens as the append op does."""
+    cache, _, _ = filled_cache(2, 2, 16, 4, [3, 3])
+    kv, ki, v = cache.views()
+    query, new = torch.randn(2, 2, 1, 16), torch.randn(2, 2, 1, 16)
+    for keys, values in ((torch.randn(2, 1, 1, 16), torch.randn(2, 1, 1, 16)), (new, torch.randn(2, 2, 2, 16)),
+                         (torch.randn(2, 2, 1, 8), torch.randn(2, 2, 1, 8))):
+        with pytest.raises(ValueError, match="flash_sfa_decode_step: keys .* must both be"):
+            ops.flash_sfa_decode_step_op(query, kv, ki, v, cache.lengths, keys, values, 4)
+    with pytest.raises(ValueError, match="flash_sfa_decode_step: lengths must be int32"):
+        ops.flash_sfa_decode_step_op(query, kv, ki, v, cache.lengths.long(), new, new, 4)
+    with pytest.raises(ValueError, match="flash_sfa_decode_step: the cache stores 4 features"):
+        ops.flash_sfa_decode_step_op(query, kv, ki, v, cache.lengths, new, new, 5)
+    assert cache.lengths.tolist() == [3, 3]  # nothing appended by a refused step
+
+
 def test_append_op_writes_at_the_device_lengths_and_drops_tokens_past_the_capacity():
     """sfa::compressed_cache_append (what a compiled decode step calls): starts at each sequence's device
     length, advances it, never writes past the capacity (the lengths stop there)."""

@@ -40,6 +40,42 @@ def test_launcher_refuses_kernels_and_arguments_it_cannot_key():
     with pytest.raises(TypeError, match=r"no scalar parameters \['m'\]"):
         Launcher(copy, pointers=2, varying=("m",))
     launcher = Launcher(copy, pointers=2, varying=("n",))
+    with pytest.raises(TypeError, match=r"takes the constexprs \['BLOCK'\], got \['BLOCK', 'WIDTH'\]"):
+        launcher.config(dict(BLOCK=16, WIDTH=2), 1, 1)
+    config = launcher.config(dict(BLOCK=16), 1, 1)
     x = torch.randn(16)
     with pytest.raises(TypeError, match="takes 3 runtime arguments, got 2"):
-        launcher((1,), (x, x), dict(BLOCK=16), 1, 1)
+        launcher((1,), (x, x), config)
+
+
+def test_launch_configs_are_one_object_per_setting():
+    """Launches key on a config by identity, so equal settings must give the same object and different ones not."""
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+    from sfa_compile.kernels.launcher import Launcher
+
+    @triton.jit
+    def kernel(X, n, BLOCK: tl.constexpr, EVEN: tl.constexpr):
+        pass
+
+    launcher = Launcher(kernel, pointers=1, varying=())
+    config = launcher.config(dict(BLOCK=16, EVEN=True), 4, 3)
+    assert launcher.config(dict(EVEN=True, BLOCK=16), 4, 3) is config
+    assert config.values == (16, True)
+    for other in (launcher.config(dict(BLOCK=32, EVEN=True), 4, 3), launcher.config(dict(BLOCK=16, EVEN=False), 4, 3),
+                  launcher.config(dict(BLOCK=16, EVEN=True), 2, 3), launcher.config(dict(BLOCK=16, EVEN=True), 4, 2),
+                  launcher.config(dict(BLOCK=16, EVEN=True), 4, 3, launch_pdl=True)):
+        assert other is not config
+
+
+def test_host_integer_helpers_equal_tritons():
+    """The host's cdiv and next_power_of_2 (without Triton's per-call constexpr-function cost) give Triton's
+    results."""
+    triton = pytest.importorskip("triton")
+    from sfa_compile.kernels.launcher import cdiv, next_power_of_2
+
+    for n in [*range(1, 1100), 2 ** 31 - 1, 2 ** 31, 2 ** 31 + 1, 3 * 2 ** 40]:
+        assert next_power_of_2(n) == triton.next_power_of_2(n), n
+        for d in (1, 3, 16, 128, 4096):
+            assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
+    assert cdiv(0, 16) == 0
