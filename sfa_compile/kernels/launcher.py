@@ -12,14 +12,15 @@ to call, such as a growing cache's slot count), which are keyed by Triton's docu
 A key's first launch goes through ``kernel[grid]``, which compiles when needed; under Triton's interpreter every
 launch does.
 
-Host code here computes launch sizes with ``cdiv`` and ``next_power_of_2`` below, not Triton's: those are
-``triton.constexpr_function``s (Triton 3.6-3.9), ~5 us per call from the host, which a decode call paid 9 times.
+The kernels' host code computes launch sizes with ``cdiv`` and ``next_power_of_2`` below, not with Triton's: those
+are ``triton.constexpr_function``s (Triton 3.6-3.9), ~5 us per call from the host, which a decode call paid 9 times.
 """
 
 from __future__ import annotations
 
 import inspect
 import operator
+
 import torch
 import triton
 
