@@ -1,16 +1,17 @@
 """Repeated Triton launches at a fraction of the host time: the compiled kernel's launcher, called directly.
 
 ``kernel[grid](*args)`` binds and specializes every argument in Triton's JIT on every call: 34 us of host time for
-the decode split kernel's 63 arguments on the H100 machine, against 11 us for the compiled kernel's own launcher
-(``CompiledKernel[grid](*args)``, the call Triton's JIT ends in). A decode step runs once per layer and token, so
-``Launcher`` remembers the compiled kernels it launched, keyed by a refinement of what Triton specializes them on,
-and calls the matching one's launcher directly: the launch settings (``LaunchConfig``: constexprs, warps, stages,
-programmatic launch; prepared once by the caller), the device, each tensor by dtype and whether its address is
-16-byte aligned, and the other arguments by value, except those named ``varying`` (the ones that change from call
-to call, such as a growing cache's slot count), which are keyed by Triton's documented rules (``triton.jit``'s
-``do_not_specialize``): an integer by whether it equals 1, whether 16 divides it and its width, a float by its type.
-A key's first launch goes through ``kernel[grid]``, which compiles when needed; under Triton's interpreter every
-launch does.
+the decode split kernel's 63 arguments on the H100 machine, against 12 us for ``CompiledKernel[grid](*args)`` and
+8 us for the compiled kernel's ``run`` (the C launcher), which both of them end in. A decode step runs once per layer
+and token, so ``Launcher`` remembers the compiled kernels it launched, keyed by a refinement of what Triton
+specializes them on, and calls the matching one's ``run`` as ``CompiledKernel[grid]`` does (current stream, launch
+metadata and hooks for profilers) without building its closure per call. The key: the launch settings
+(``LaunchConfig``: constexprs, warps, stages, programmatic launch; prepared once by the caller), the device, each
+tensor by dtype and whether its address is 16-byte aligned, and the other arguments by value, except those named
+``varying`` (the ones that change from call to call, such as a growing cache's slot count), which are keyed by
+Triton's documented rules (``triton.jit``'s ``do_not_specialize``): an integer by whether it equals 1, whether 16
+divides it and its width, a float by its type. A key's first launch goes through ``kernel[grid]``, which compiles
+when needed; under Triton's interpreter every launch does.
 
 The kernels' host code computes launch sizes with ``cdiv`` and ``next_power_of_2`` below, not with Triton's: those
 are ``triton.constexpr_function``s (Triton 3.6-3.9), ~5 us per call from the host, which a decode call paid 9 times.
@@ -18,11 +19,14 @@ are ``triton.constexpr_function``s (Triton 3.6-3.9), ~5 us per call from the hos
 
 from __future__ import annotations
 
+import functools
 import inspect
 import operator
 
 import torch
 import triton
+from triton import knobs
+from triton.runtime import driver
 
 _MAX_KEYS = 4096
 
@@ -42,6 +46,13 @@ def _specialization(args: tuple) -> tuple:
     return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
                  else (a == 1, a % 16 == 0, -0x80000000 <= a <= 0x7FFFFFFF, a <= 0x7FFFFFFFFFFFFFFF)
                  if type(a) is int else type(a) for a in args)
+
+
+@functools.lru_cache(maxsize=4096, typed=True)
+def _scalar_specialization(*values) -> tuple:
+    """``_specialization`` of scalars, memoized (a decode call's varying arguments repeat over the layers of a step;
+    ``typed``: 2 and 2.0, 1 and True are keyed apart, as Triton compiles them apart)."""
+    return _specialization(values)
 
 
 def _getter(indices: list[int]):
@@ -108,8 +119,9 @@ class Launcher:
         if self.interpret:
             self.kernel[grid](*args, **config.constexprs, num_warps=config.num_warps, num_stages=config.num_stages)
             return
-        key = (config, torch.cuda.current_device(), *[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:self.pointers]],
-               *self._exact(args), *_specialization(self._varying(args)))
+        device = torch.cuda.current_device()
+        key = (config, device, *[(t.dtype, t.data_ptr() % 16 == 0) for t in args[:self.pointers]],
+               *self._exact(args), *_scalar_specialization(*self._varying(args)))
         compiled = self._compiled.get(key)
         if compiled is None:
             if len(self._compiled) >= _MAX_KEYS:  # a bound, should callers vary what is keyed by value
@@ -118,4 +130,9 @@ class Launcher:
             self._compiled[key] = self.kernel[grid](*args, **config.constexprs, num_warps=config.num_warps,
                                                     num_stages=config.num_stages, **pdl)
             return
-        compiled[tuple(grid) + (1,) * (3 - len(grid))](*args, *config.values)
+        grid = (*grid, 1, 1)[:3]
+        stream = driver.active.get_current_stream(device)
+        enter = knobs.runtime.launch_enter_hook  # None unless a profiler set one (Triton 3.6; a chain in later ones)
+        metadata = None if enter is None else compiled.launch_metadata(grid, stream, *args, *config.values)
+        compiled.run(grid[0], grid[1], grid[2], stream, compiled.function, compiled.packed_metadata, metadata, enter,
+                     knobs.runtime.launch_exit_hook, *args, *config.values)

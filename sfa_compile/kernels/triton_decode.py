@@ -131,8 +131,8 @@ def _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, MASK, b, hk, heads, t, ro
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KVAL, KIDX, V, LENGTHS, MASK, O_PART, M_PART, L_PART, NEW_K, NEW_V,
-    scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits, n_parts, pending, n_keys,
+    Q, KVAL, KIDX, V, LENGTHS, MASK, PARTS, NEW_K, NEW_V,
+    scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits, n_parts, pending, n_keys, m_start, l_start,
     sqb, sqh, sqt, sqd,
     skb, skh, sks,
     sib, sih, sis,
@@ -147,6 +147,7 @@ def _decode_split_kernel(
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
+    # PARTS: one float32 workspace, the partial outputs from 0, their running maxima from m_start, sums from l_start.
     # ``pending``: the decode step's new tokens, appended by the prologue kernel (R) or by program n_splits
     # (APPEND), not yet counted in LENGTHS (the merge kernel advances it); ``n_keys``: the cache's slots, where
     # appends stop.
@@ -229,9 +230,9 @@ def _decode_split_kernel(
     acc_rows = tl.arange(0, M_REAL * REP)
     acc_part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + acc_rows
     acc_ok = (acc_rows < group * q_len)[:, None] & col_ok[None, :]
-    tl.store(O_PART + acc_part[:, None] * head_dim + cols[None, :], acc, mask=acc_ok)
-    tl.store(M_PART + part, m_i, mask=row_ok)
-    tl.store(L_PART + part, l_i, mask=row_ok)
+    tl.store(PARTS + acc_part[:, None] * head_dim + cols[None, :], acc, mask=acc_ok)
+    tl.store(PARTS + m_start + part, m_i, mask=row_ok)
+    tl.store(PARTS + l_start + part, l_i, mask=row_ok)
 
 
 @triton.jit
@@ -324,8 +325,8 @@ def _decode_prologue_kernel(
 
 @triton.jit
 def _decode_combine_kernel(
-    O_PART, M_PART, L_PART, OUT, LENGTHS,
-    head_dim, q_len, group, key_heads, n_splits, pending, n_keys,
+    PARTS, OUT, LENGTHS,
+    head_dim, q_len, group, key_heads, n_splits, pending, n_keys, m_start, l_start,
     sob, soh, sot, sod,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ADVANCE: tl.constexpr, PDL: tl.constexpr,
 ):
@@ -343,9 +344,9 @@ def _decode_combine_kernel(
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
     col_ok = cols < head_dim
     part = (bh * n_splits + splits).to(tl.int64) * rows_per_head + r
-    o = tl.load(O_PART + part[:, None] * head_dim + cols[None, :], mask=s_ok[:, None] & col_ok[None, :], other=0.0)
-    m = tl.load(M_PART + part, mask=s_ok, other=float("-inf"))
-    l_part = tl.load(L_PART + part, mask=s_ok, other=0.0)
+    o = tl.load(PARTS + part[:, None] * head_dim + cols[None, :], mask=s_ok[:, None] & col_ok[None, :], other=0.0)
+    m = tl.load(PARTS + m_start + part, mask=s_ok, other=float("-inf"))
+    l_part = tl.load(PARTS + l_start + part, mask=s_ok, other=0.0)
     m_max = tl.max(m, axis=0)
     m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
     w = tl.exp2(m - m_use)
@@ -479,10 +480,12 @@ def _plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: int, n
     merge_cols = min(block_d, _MERGE_COLUMNS)
     merge = _COMBINE.config(dict(BLOCK_S=max(next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, PDL=pdl),
                             4, 3, pdl)
-    # The partial outputs and their softmax statistics in one allocation, each part 16-byte aligned.
+    # The partial outputs and their softmax statistics in one allocation, passed once with the statistics' offsets
+    # (three views of it cost a call ~5 us of host time); each part starts 64-byte aligned, so that 16 divides the
+    # offsets and Triton specializes the kernels on it alike at every size.
     n_rows = batch * key_heads * parts * rows
-    m_start = cdiv(n_rows * head_dim, 4) * 4
-    l_start = m_start + cdiv(n_rows, 4) * 4
+    m_start = cdiv(n_rows * head_dim, 16) * 16
+    l_start = m_start + cdiv(n_rows, 16) * 16
     return _Plan((batch * key_heads, 2 if step else 1), prologue, (parts, batch * key_heads), split,
                  (batch * key_heads * rows, block_d // merge_cols), merge, splits, parts,
                  cdiv(cdiv(max(n_keys, 1), splits), block_n) * block_n, m_start, l_start, l_start + n_rows)
@@ -529,17 +532,15 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
         ), plan.prologue)
         query = sparse_query
     workspace = torch.empty(plan.workspace, dtype=torch.float32, device=query.device)
-    m_start, l_start = plan.m_start, plan.l_start
-    o_part, m_part, l_part = workspace[:m_start], workspace[m_start:l_start], workspace[l_start:]
     _SPLIT(plan.split_grid, (
-        query, key_values, key_indices, value, lengths, mask_arg, o_part, m_part, l_part, new_keys, new_values,
+        query, key_values, key_indices, value, lengths, mask_arg, workspace, new_keys, new_values,
         scale * 1.4426950408889634, topk, head_dim, q_len, group, key_heads, plan.chunk, plan.splits, plan.parts,
-        pending, n_keys, *query.stride(), *kv_strides, *ki_strides, *v_strides, *mask_strides, *new_keys.stride(),
-        *new_values.stride(),
+        pending, n_keys, plan.m_start, plan.l_start, *query.stride(), *kv_strides, *ki_strides, *v_strides,
+        *mask_strides, *new_keys.stride(), *new_values.stride(),
     ), plan.split)
     _COMBINE(plan.merge_grid, (
-        o_part, m_part, l_part, out, lengths, head_dim, q_len, group, key_heads, plan.parts, pending, n_keys,
-        *out.stride(),
+        workspace, out, lengths, head_dim, q_len, group, key_heads, plan.parts, pending, n_keys, plan.m_start,
+        plan.l_start, *out.stride(),
     ), plan.merge)
     return out
 
@@ -547,9 +548,9 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
 # Keyed by value except the arguments that change from step to step (a growing cache's slot count and what follows
 # from it: splits, their length, the mask's strides).
 _PROLOGUE = Launcher(_decode_prologue_kernel, pointers=9, varying=("capacity",))
-_SPLIT = Launcher(_decode_split_kernel, pointers=11, varying=(
-    "scale_log2", "chunk", "n_splits", "n_parts", "n_keys", "smb", "smh", "smt", "sms"))
-_COMBINE = Launcher(_decode_combine_kernel, pointers=5, varying=("n_splits", "n_keys"))
+_SPLIT = Launcher(_decode_split_kernel, pointers=9, varying=(
+    "scale_log2", "chunk", "n_splits", "n_parts", "n_keys", "m_start", "l_start", "smb", "smh", "smt", "sms"))
+_COMBINE = Launcher(_decode_combine_kernel, pointers=3, varying=("n_splits", "n_keys", "m_start", "l_start"))
 
 
 @triton.jit

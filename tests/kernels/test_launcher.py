@@ -79,3 +79,53 @@ def test_host_integer_helpers_equal_tritons():
         for d in (1, 3, 16, 128, 4096):
             assert cdiv(n, d) == triton.cdiv(n, d), (n, d)
     assert cdiv(0, 16) == 0
+
+
+def test_memoized_scalar_keys_keep_types_apart():
+    """The memoized key of the varying scalars equals the rule's, and keeps apart values Python hashes alike but
+    Triton compiles apart (2 and 2.0, 1 and True), whichever came first."""
+    from sfa_compile.kernels.launcher import _scalar_specialization
+
+    for values in [(40, 2.0), (40, 2), (48, 0.5), (1, 3), (True, 3), (2 ** 31 + 8, 1.0)]:
+        assert _scalar_specialization(*values) == _specialization(values), values
+    assert _scalar_specialization(40, 2.0) != _scalar_specialization(40, 2)
+    assert _scalar_specialization(1, 3) != _scalar_specialization(True, 3)
+
+
+@pytest.mark.gpu
+def test_repeated_launches_run_and_call_the_launch_hooks():
+    """After its first launch a kernel runs through the compiled kernel's ``run`` (no JIT), with fresh arguments
+    each call, and a launch hook set by a profiler (proton, for one) still sees every launch with its metadata."""
+    triton = pytest.importorskip("triton")
+    tl = pytest.importorskip("triton.language")
+    from triton import knobs
+
+    from sfa_compile.kernels.launcher import Launcher
+
+    @triton.jit
+    def scale_copy(X, Y, n, factor, BLOCK: tl.constexpr):
+        offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        tl.store(Y + offs, tl.load(X + offs, mask=offs < n) * factor, mask=offs < n)
+
+    launcher = Launcher(scale_copy, pointers=2, varying=("n",))
+    config = launcher.config(dict(BLOCK=64), 4, 1)
+    seen = []
+    hook = lambda metadata: seen.append(metadata.get()["name"])  # noqa: E731
+    chain = knobs.runtime.launch_enter_hook  # a HookChain from Triton 3.7 on, else None or a function
+    for n, hooked in ((100, False), (100, False), (130, False), (100, True), (77, True)):
+        if hooked and hasattr(chain, "add"):
+            chain.add(hook)
+        elif hooked:
+            knobs.runtime.launch_enter_hook = hook
+        try:
+            x = torch.randn(n, device="cuda")
+            y = torch.full_like(x, float("nan"))
+            launcher((triton.cdiv(n, 64),), (x, y, n, 0.5), config)
+            torch.testing.assert_close(y, x * 0.5, rtol=0, atol=0)
+        finally:
+            if hooked and hasattr(chain, "add"):
+                chain.remove(hook)
+            elif hooked:
+                knobs.runtime.launch_enter_hook = chain
+    assert seen == ["scale_copy", "scale_copy"]
+    assert len(launcher._compiled) == 1  # one key: n is varying, and 100, 130, 77 specialize alike
