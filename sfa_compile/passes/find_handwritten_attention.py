@@ -3,12 +3,15 @@
 Matches (pattern "matmul_softmax_matmul", the form of Hugging Face eager attention, GPT-2, BERT, ViT and
 Whisper): q @ k^T by matmul/bmm/einsum with k transposed by transpose/permute/mT; scale by mul or div with
 a constant (Python number, torch.full/tensor, sqrt of one); masks by add (float), masked_fill or where
-with -inf or a dtype minimum (boolean); dtype casts anywhere; softmax over the last dim; dropout; then
+with -inf or a dtype minimum (boolean); the in-place operators on the scores (``scores /= math.sqrt(d)``, as
+Falcon's eager attention writes it, ``*=``, ``+= mask``): the scores are fresh and have no other users, so
+mutating them is their out-of-place form; dtype casts anywhere; softmax over the last dim; dropout; then
 probabilities @ v.
 
 Refuses (returns a Refusal, graph untouched): softmax over another dim; scores or probabilities with
 other users (e.g. attention weights returned); a scale that is not a constant; a mask applied before the
-scale; fill values the op cannot express exactly; anything else between the matmuls. A wrong rewrite is
+scale; a mask updated in place (``mask += scores``: the caller may read the mask again); fill values the op
+cannot express exactly; anything else between the matmuls. A wrong rewrite is
 silent corruption, a missed one is only slower.
 """
 
@@ -126,14 +129,16 @@ class _ScoreChain:
             return self.walk(node.args[0])
         if is_function(node, {operator.mul, torch.mul}) or is_method(node, "mul"):
             return self._scale(node, node.args[0], node.args[1], divide=False)
-        if is_function(node, {operator.truediv, torch.div}) or is_method(node, "div"):
+        if is_function(node, {operator.imul}):  # scores *= c: the mutated operand must be the scores
+            return self._scale(node, node.args[0], node.args[1], divide=False, scores_first=True)
+        if is_function(node, {operator.truediv, torch.div, operator.itruediv}) or is_method(node, "div"):
             if arg(node, 2, "rounding_mode") is not None:
                 raise _Refuse("division with a rounding mode is not a scale")
             return self._scale(node, node.args[0], node.args[1], divide=True)
-        if is_function(node, {operator.add, torch.add}) or is_method(node, "add"):
+        if is_function(node, {operator.add, torch.add, operator.iadd}) or is_method(node, "add"):
             if arg(node, 2, "alpha", 1) != 1:
                 raise _Refuse("add with alpha is not a mask")
-            return self._additive(node)
+            return self._additive(node, scores_first=node.target is operator.iadd)
         if is_method(node, "masked_fill") or is_function(node, {torch.masked_fill}):
             fill = constant_value(node.args[2])
             if not is_very_negative(fill):
@@ -155,10 +160,10 @@ class _ScoreChain:
         if self.seen_scale:
             raise _Refuse("the mask is applied before the scale, which would scale the mask too")
 
-    def _scale(self, node, a, b, divide: bool):
+    def _scale(self, node, a, b, divide: bool, scores_first: bool = False):
         factor = constant_value(b)
         scores = a
-        if factor is None and not divide:
+        if factor is None and not divide and not scores_first:
             factor, scores = constant_value(a), b
         if factor is None:
             raise _Refuse("scale is not a constant")
@@ -168,9 +173,12 @@ class _ScoreChain:
         self.scale *= (1.0 / factor) if divide else factor
         return self.walk(scores)
 
-    def _additive(self, node):
+    def _additive(self, node, scores_first: bool = False):
+        """scores + mask or mask + scores; only the former for ``+=``, which mutates its first operand (a mask
+        mutated in place may be read again after the attention, e.g. by the next layer)."""
         errors = []
-        for scores, mask in ((node.args[0], node.args[1]), (node.args[1], node.args[0])):
+        orders = ((node.args[0], node.args[1]), (node.args[1], node.args[0]))
+        for scores, mask in orders[:1] if scores_first else orders:
             if not isinstance(scores, fx.Node) or not isinstance(mask, fx.Node):
                 continue
             saved = (self.scale, list(self.mask.additive), list(self.mask.keep), list(self.nodes), self.seen_scale)

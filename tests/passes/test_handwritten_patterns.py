@@ -45,6 +45,25 @@ POSITIVE = {
 }
 
 
+
+def _inplace_div_falcon(q, k, v):
+    scores = q @ k.transpose(-1, -2)
+    scores /= math.sqrt(D)  # Falcon's eager attention
+    return F.softmax(scores, dim=-1) @ v
+
+
+def _inplace_mul_add_mask(q, k, v):
+    scores = torch.matmul(q, k.transpose(2, 3))
+    scores *= 0.3
+    scores += ADDITIVE_CAUSAL
+    return F.softmax(scores, dim=-1) @ v
+
+
+ADDITIVE_CAUSAL = torch.zeros(L, L).masked_fill(~causal_tril(), float("-inf"))
+POSITIVE["inplace_div_sqrt"] = (_inplace_div_falcon, {})
+POSITIVE["inplace_mul_add_mask"] = (_inplace_mul_add_mask, {"scale": 0.3, "attn_mask": ADDITIVE_CAUSAL})
+
+
 @pytest.mark.parametrize("name", list(POSITIVE))
 def test_variant_rewritten(name):
     fn, kwargs = POSITIVE[name]
@@ -112,6 +131,24 @@ def test_lookalike_refused_and_untouched(name):
     torch._dynamo.reset()
     out = torch.compile(fn, backend="sfa", options={"topk": 3, "handoff": "aot_eager"})(q, k, v)
     torch.testing.assert_close(out, fn(q, k, v))
+
+
+def test_mask_mutated_in_place_is_refused():
+    """``mask += scores`` mutates the mask, which the caller may read again: the site stays dense and the mask
+    ends as eager mode leaves it."""
+    def fn(q, k, v, mask):
+        mask += q @ k.transpose(-1, -2) * 0.3
+        return F.softmax(mask, dim=-1) @ v
+
+    q, k, v = qkv()
+    mask = torch.zeros(B, H, L, L).masked_fill(~causal_tril(), float("-inf"))
+    report = sfa_compile.explain(fn, q, k, v, mask.clone(), sfa_config=sfa_compile.SFAConfig(topk=3))
+    assert len(report.sites) == 1 and not report.sites[0].rewritten, report.table()
+    torch._dynamo.reset()
+    compiled_mask, eager_mask = mask.clone(), mask.clone()
+    out = torch.compile(fn, backend="sfa", options={"topk": 3, "handoff": "aot_eager"})(q, k, v, compiled_mask)
+    torch.testing.assert_close(out, fn(q, k, v, eager_mask))
+    torch.testing.assert_close(compiled_mask, eager_mask)
 
 
 def test_matmul_without_transpose_is_not_attention():

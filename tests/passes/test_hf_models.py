@@ -50,3 +50,31 @@ def test_every_site_rewritten_and_exact(name, impl):
         want = _outputs(reference_copy(model, topk)(**inputs))
         torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
         assert (got - dense).abs().max() > 1e-4, "topk < head dim must change the output"
+
+
+def test_falcon_eager_scales_scores_in_place():
+    """Falcon's eager attention scales its scores in place (``scores /= math.sqrt(d)``; it uses no attention
+    interface, so ``reference_copy`` cannot serve): every site rewritten, exact at topk = head dim, and at topk <
+    head dim equal to its sdpa attention rewritten (the SDPA-call finder: another path to the same SFA)."""
+    transformers = pytest.importorskip("transformers")
+    falcon = {}
+    for impl in ("eager", "sdpa"):
+        torch.manual_seed(0)
+        config = transformers.FalconConfig(vocab_size=100, num_hidden_layers=2, hidden_size=32, num_attention_heads=2,
+                                           new_decoder_architecture=True, num_kv_heads=1, attn_implementation=impl)
+        falcon[impl] = transformers.FalconForCausalLM(config).eval()
+    ids = torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(0))
+    report = sfa_compile.explain(falcon["eager"], input_ids=ids, sfa_config=sfa_compile.SFAConfig(topk=16))
+    assert [s.rewritten for s in report.sites] == [True, True], report.table()
+    with torch.no_grad():
+        dense = falcon["eager"](input_ids=ids).logits
+        torch._dynamo.reset()
+        same = torch.compile(falcon["eager"], backend="sfa", options={"topk": 16, "handoff": "aot_eager"})
+        torch.testing.assert_close(same(input_ids=ids).logits, dense, rtol=1e-4, atol=1e-5)
+        sparse = {}
+        for impl, model in falcon.items():
+            torch._dynamo.reset()
+            sparse[impl] = torch.compile(model, backend="sfa", options={"topk": 4, "handoff": "aot_eager"})(
+                input_ids=ids).logits
+    torch.testing.assert_close(sparse["eager"], sparse["sdpa"], rtol=1e-4, atol=1e-5)
+    assert (sparse["eager"] - dense).abs().max() > 1e-4, "topk < head dim must change the output"
