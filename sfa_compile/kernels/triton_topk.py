@@ -32,8 +32,10 @@ def feature_block(head_dim: int) -> int:
 
 
 def interpreting() -> bool:
-    """Kernels run on the CPU through Triton's interpreter (one small tile, no tuning)."""
-    return os.environ.get("TRITON_INTERPRET") == "1"
+    """Kernels run on the CPU through Triton's interpreter (one small tile, no tuning). Decided as Triton decides,
+    when it decorated the kernels (``TRITON_INTERPRET=1`` at import), like ``Launcher.interpret``; not re-read from
+    the environment per call."""
+    return _INTERPRETING
 
 
 def autotuning() -> bool:
@@ -104,4 +106,6 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
     return y, keep
 
 
+# Under the interpreter ``triton.jit`` returns an InterpretedFunction, not a JITFunction.
+_INTERPRETING = not isinstance(_topk_sparsify_kernel, triton.runtime.JITFunction)
 _topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "WRITE_KEEP"])(_topk_sparsify_kernel)
