@@ -45,7 +45,6 @@ POSITIVE = {
 }
 
 
-
 def _inplace_div_falcon(q, k, v):
     scores = q @ k.transpose(-1, -2)
     scores /= math.sqrt(D)  # Falcon's eager attention
