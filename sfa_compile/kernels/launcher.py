@@ -41,6 +41,13 @@ def next_power_of_2(n: int) -> int:
     return 1 << (n - 1).bit_length() if n > 1 else 1
 
 
+def interpreted(kernel) -> bool:
+    """Whether Triton decorated ``kernel`` for its interpreter (``TRITON_INTERPRET=1`` at import): it then made an
+    InterpretedFunction, not a JITFunction. Decided once, at decoration, so later changes to the environment do not
+    move it."""
+    return not isinstance(kernel, triton.runtime.JITFunction)
+
+
 def _specialization(args: tuple) -> tuple:
     """What Triton specializes a kernel on, per argument: the key of the ``varying`` ones."""
     return tuple((a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor)
@@ -81,8 +88,7 @@ class Launcher:
 
     def __init__(self, kernel: triton.runtime.JITFunction, pointers: int, varying: tuple[str, ...]):
         self.kernel, self.pointers = kernel, pointers
-        # Triton decides when it decorates the kernel: under its interpreter ``kernel`` is not a JITFunction.
-        self.interpret = not isinstance(kernel, triton.runtime.JITFunction)
+        self.interpret = interpreted(kernel)
         params = list(inspect.signature(kernel.fn).parameters.values())
         constexprs = [i for i, p in enumerate(params) if "constexpr" in str(p.annotation)]
         self.runtime_params = len(params) - len(constexprs)

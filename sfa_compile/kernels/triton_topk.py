@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .launcher import cdiv, next_power_of_2
+from .launcher import cdiv, interpreted, next_power_of_2
 
 # Lowest bit of the float32 pattern that can be non-zero after upcasting from each dtype.
 LOW_BIT = {torch.float32: 0, torch.bfloat16: 16, torch.float16: 13}
@@ -32,10 +32,9 @@ def feature_block(head_dim: int) -> int:
 
 
 def interpreting() -> bool:
-    """Kernels run on the CPU through Triton's interpreter (one small tile, no tuning). Decided as Triton decides,
-    when it decorated the kernels (``TRITON_INTERPRET=1`` at import), like ``Launcher.interpret``; not re-read from
-    the environment per call."""
-    return _INTERPRETING
+    """Kernels run on the CPU through Triton's interpreter (one small tile, no tuning): as Triton decided when it
+    decorated them (``interpreted``, which ``Launcher`` uses too), not the environment read per call."""
+    return interpreted(_topk_sparsify_kernel)
 
 
 def autotuning() -> bool:
@@ -106,6 +105,4 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
     return y, keep
 
 
-# Under the interpreter ``triton.jit`` returns an InterpretedFunction, not a JITFunction.
-_INTERPRETING = not isinstance(_topk_sparsify_kernel, triton.runtime.JITFunction)
 _topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "WRITE_KEEP"])(_topk_sparsify_kernel)

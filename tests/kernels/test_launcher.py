@@ -131,7 +131,7 @@ def test_repeated_launches_run_and_call_the_launch_hooks():
     assert len(launcher._compiled) == 1  # one key: n is varying, and 100, 130, 77 specialize alike
 
 
-def test_prefill_and_decode_paths_agree_on_the_interpreter():
+def test_prefill_and_decode_paths_agree_on_the_interpreter(monkeypatch):
     """The prefill kernels' tile choice (``interpreting``) and the decode launcher decide the interpreter alike: by
     what ``triton.jit`` made of the kernels when they were decorated, not by the environment read later."""
     pytest.importorskip("triton")
@@ -141,12 +141,5 @@ def test_prefill_and_decode_paths_agree_on_the_interpreter():
 
     assert triton_topk.interpreting() == triton_decode._SPLIT.interpret
     assert triton_topk.interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")  # conftest sets it on CPUs
-    saved = os.environ.get("TRITON_INTERPRET")
-    os.environ["TRITON_INTERPRET"] = "0" if saved == "1" else "1"
-    try:
-        assert triton_topk.interpreting() == triton_decode._SPLIT.interpret
-    finally:
-        if saved is None:
-            del os.environ["TRITON_INTERPRET"]
-        else:
-            os.environ["TRITON_INTERPRET"] = saved
+    monkeypatch.setenv("TRITON_INTERPRET", "0" if triton_topk.interpreting() else "1")
+    assert triton_topk.interpreting() == triton_decode._SPLIT.interpret
