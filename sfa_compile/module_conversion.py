@@ -26,7 +26,7 @@ from torch import nn
 
 from .config import SFAConfig
 from .observers import notify
-from .passes.graph_utils import STATIC_VALUE
+from .passes.constants import STATIC_VALUE
 from .passes.pipeline import run_pipeline
 from .projection import SFAProjection
 from .straight_through import sfa_attention

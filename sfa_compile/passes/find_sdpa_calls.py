@@ -14,8 +14,10 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import arg, constant_value, example, is_function, module_path, static_int
+from .constants import constant_value
+from .graph_utils import example, is_function, module_path, static_int
 from .match import AttentionMatch, Refusal
+from .signatures import bind
 
 PATTERN = "sdpa_call"
 SDPA_FUNCTIONS = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_product_attention}
@@ -23,19 +25,20 @@ SDPA_FUNCTIONS = {torch._C._nn.scaled_dot_product_attention, F.scaled_dot_produc
 
 def _match(node: fx.Node) -> Union[AttentionMatch, Refusal]:
     path = module_path(node)
-    q, k, v = node.args[:3]
-    mask = arg(node, 3, "attn_mask")
-    dropout_p = constant_value(arg(node, 4, "dropout_p", 0.0))
-    is_causal = arg(node, 5, "is_causal", False)
-    scale_arg = arg(node, 6, "scale")
-    scale = None if scale_arg is None else constant_value(scale_arg)
-    enable_gqa = arg(node, 7, "enable_gqa", False)
+    args = bind(node)
+    if args is None:
+        return Refusal(PATTERN, path, node, "scaled_dot_product_attention called with arguments it does not take")
+    q, k, v, mask = args["query"], args["key"], args["value"], args["attn_mask"]
+    dropout_p, is_causal, enable_gqa = constant_value(args["dropout_p"]), args["is_causal"], args["enable_gqa"]
+    scale = None if args["scale"] is None else constant_value(args["scale"])
     if dropout_p is None or not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
         return Refusal(PATTERN, path, node, "dropout_p, is_causal and enable_gqa must be constants")
-    if scale_arg is not None and scale is None:
-        return Refusal(PATTERN, path, node, "scale is not a constant")
-    qv = example(q)
-    if qv is None or static_int(qv.size(-1)) is None:
+    if args["scale"] is not None and scale is None:
+        return Refusal(PATTERN, path, node, "scale is not a finite constant")
+    values = [example(t) for t in (q, k, v)]
+    if any(t is None or not t.is_floating_point() for t in values):
+        return Refusal(PATTERN, path, node, "query, key and value must be floating tensors")
+    if static_int(values[0].size(-1)) is None:
         return Refusal(PATTERN, path, node, "head dim is not static")
     return AttentionMatch(
         pattern=PATTERN, module_path=path, output=node, query=q, key=k, value=v, mask=mask,

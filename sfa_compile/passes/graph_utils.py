@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Any, Optional
 
@@ -14,7 +13,6 @@ MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
-STATIC_VALUE = "sfa_static_value"  # node.meta: a scalar proven constant (module_conversion.py), read by constant_value
 MASK_FILL_VALUES = {float("-inf")} | {torch.finfo(d).min for d in (torch.float16, torch.bfloat16, torch.float32,
                                                                   torch.float64)}
 
@@ -59,48 +57,38 @@ def module_path(node: fx.Node) -> str:
     return path.replace("['", ".").replace("']", "").replace("[", ".").replace("]", "").strip(".")
 
 
-def is_cast(node: Any) -> bool:
-    """A dtype-only cast (precision change, no other effect)."""
-    if not is_method(node, *CAST_METHODS):
-        return False
-    if node.target == "to":
-        return all(isinstance(a, torch.dtype) for a in node.args[1:]) and set(node.kwargs) <= {
-            "dtype", "copy", "non_blocking"}
-    if node.target == "type":  # .type() with no dtype returns the type's name, not a tensor
-        return len(node.args) > 1 or "dtype" in node.kwargs
-    return True
+def cast_source(node: Any) -> Optional[fx.Node]:
+    """The input of a dtype-only cast between real floating dtypes (same shape and device), else None.
+
+    Checked on the recorded values, not the call's spelling: ``.to(torch.int32)``, ``.type(torch.IntTensor)``
+    or ``.bool()`` change values, ``.to("cuda")`` moves them; none of those is a harmless cast."""
+    if not is_method(node, *CAST_METHODS) or not node.args:
+        return None
+    source, out = node.args[0], example(node)
+    src = example(source)
+    if src is None or out is None or src.shape != out.shape or src.device != out.device:
+        return None
+    if not (src.is_floating_point() and out.is_floating_point()):
+        return None
+    return source
 
 
-def constant_value(node: Any) -> Optional[float]:
-    """Evaluate a scalar that depends on no graph input (a Python number, torch.full/tensor of one, sqrt
-    of one, arithmetic of those, or a value shape analysis proved constant: meta STATIC_VALUE, set by
-    module_conversion.py); None if it is not such a constant."""
-    if isinstance(node, bool):
-        return None
-    if isinstance(node, fx.Node) and STATIC_VALUE in node.meta:
-        return node.meta[STATIC_VALUE]
-    if isinstance(node, (int, float)):
-        return float(node)
-    if not isinstance(node, fx.Node) or node.op != "call_function":
-        return None
-    target = node.target
-    if target is torch.full:
-        size = arg(node, 0, "size")
-        return constant_value(arg(node, 1, "fill_value")) if tuple(size) in ((), (1,)) else None
-    if target in (torch.tensor, torch.as_tensor, torch.scalar_tensor):
-        return constant_value(arg(node, 0, "data"))
-    unary = {torch.sqrt: math.sqrt, math.sqrt: math.sqrt, torch.rsqrt: lambda x: 1 / math.sqrt(x),
-             operator.neg: operator.neg}
-    if target in unary:
-        inner = constant_value(node.args[0])
-        return None if inner is None else float(unary[target](inner))
-    binary = {operator.mul: operator.mul, operator.truediv: operator.truediv, operator.pow: operator.pow,
-              torch.mul: operator.mul, torch.div: operator.truediv, operator.add: operator.add,
-              operator.sub: operator.sub}
-    if target in binary and len(node.args) == 2:
-        a, b = constant_value(node.args[0]), constant_value(node.args[1])
-        return None if a is None or b is None else float(binary[target](a, b))
-    return None
+def dtype_only_use(user: fx.Node, node: fx.Node) -> bool:
+    """Whether ``user`` reads only the dtype of ``node`` (``x.type_as(node)`` with x another value)."""
+    return is_method(user, "type_as") and len(user.args) == 2 and user.args[1] is node and user.args[0] is not node
+
+
+def uses(node: fx.Node, user: fx.Node) -> int:
+    """How many times ``user`` takes ``node`` as an argument."""
+    count = 0
+
+    def visit(value):
+        nonlocal count
+        count += value is node
+        return value
+
+    torch.fx.node.map_arg((user.args, user.kwargs), visit)
+    return count
 
 
 def is_very_negative(value: Optional[float]) -> bool:
@@ -108,5 +96,10 @@ def is_very_negative(value: Optional[float]) -> bool:
     return value is not None and value in MASK_FILL_VALUES
 
 
-def single_user(node: fx.Node) -> Optional[fx.Node]:
-    return next(iter(node.users)) if len(node.users) == 1 else None
+def sole_consumer(node: fx.Node) -> Optional[fx.Node]:
+    """The one node that reads ``node``'s values, taking it once; None if there are several, or one node
+    takes it twice (one value may fill one role only). Uses that read only its dtype do not count."""
+    consumers = [user for user in node.users if not dtype_only_use(user, node)]
+    if len(consumers) != 1 or uses(node, consumers[0]) != 1:
+        return None
+    return consumers[0]

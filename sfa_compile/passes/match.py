@@ -10,12 +10,22 @@ import torch.fx as fx
 
 
 @dataclasses.dataclass
-class MaskParts:
-    """The mask of a hand-written site as SDPA understands it: additive float terms and boolean keep terms
-    (True = attend). Empty means no mask."""
+class MaskTerm:
+    """One mask step of a hand-written site: an additive float term, or a boolean keep term (True = attend;
+    ``negate``: True = masked). ``space`` is the scores' leading shape where it was applied (views between
+    the products and the softmax may regroup the batch dims)."""
 
-    additive: list = dataclasses.field(default_factory=list)  # fx.Node
-    keep: list = dataclasses.field(default_factory=list)  # (fx.Node, negate: bool)
+    node: fx.Node
+    space: tuple
+    negate: bool = False
+
+
+@dataclasses.dataclass
+class MaskParts:
+    """The mask of a hand-written site as SDPA understands it. Empty means no mask."""
+
+    additive: list = dataclasses.field(default_factory=list)  # MaskTerm
+    keep: list = dataclasses.field(default_factory=list)  # MaskTerm
 
     @property
     def kind(self) -> str:
@@ -40,6 +50,7 @@ class AttentionMatch:
     scale: Optional[float] = None
     enable_gqa: bool = False
     removable: tuple = ()  # nodes of the old subgraph, erased once unused
+    space: Optional[tuple] = None  # leading shape to run the op in when views regroup the batch dims, else None
 
     @property
     def mask_kind(self) -> str:

@@ -22,7 +22,7 @@ import torch.fx as fx
 
 from .graph_utils import example, static_int
 from .gqa import peel_repeated_heads
-from .match import AttentionMatch, MaskParts
+from .match import AttentionMatch, MaskParts, MaskTerm
 
 
 def _fake_value(node: fx.Node, fake_mode) -> None:
@@ -42,18 +42,45 @@ def _emit(graph: fx.Graph, fake_mode, op: str, target, *args, **kwargs) -> fx.No
     return node
 
 
-def _mask_node(graph, fake_mode, mask, query_dtype) -> Optional[fx.Node]:
+def _regroup(graph, fake_mode, node: fx.Node, old: tuple, new: tuple) -> fx.Node:
+    """``node`` with its leading dims ``old`` regrouped into ``new`` (same element count, row-major order, as
+    the view it undoes or repeats); the last two dims stay as they are, static or not."""
+    if tuple(old) == tuple(new):
+        return node
+    if not old or not new:
+        raise ValueError("a value with no batch dims cannot be regrouped")
+    flat = _emit(graph, fake_mode, "call_method", "flatten", node, 0, len(old) - 1)
+    return _emit(graph, fake_mode, "call_method", "unflatten", flat, 0, tuple(new))
+
+
+def _in_space(graph, fake_mode, term: MaskTerm, space: Optional[tuple]) -> fx.Node:
+    """A mask term moved from the leading shape where it was applied to ``space``: broadcast over the old
+    batch dims first (a term may have fewer or size-1 batch dims), then regrouped as the scores were."""
+    if space is None or term.space == space:
+        return term.node
+    value = example(term.node)
+    if value.dim() < 2:
+        raise ValueError("a mask of fewer than 2 dims applied to regrouped scores")
+    full = term.node
+    if tuple(value.shape[:-2]) != tuple(term.space):
+        full = _emit(graph, fake_mode, "call_method", "expand", term.node, *term.space, -1, -1)
+    return _regroup(graph, fake_mode, full, term.space, space)
+
+
+def _mask_node(graph, fake_mode, mask, query_dtype, space: Optional[tuple]) -> Optional[fx.Node]:
     if not isinstance(mask, MaskParts):
         return mask
     keep = None
-    for cond, negate in mask.keep:
-        term = _emit(graph, fake_mode, "call_function", operator.invert, cond) if negate else cond
-        keep = term if keep is None else _emit(graph, fake_mode, "call_function", operator.and_, keep, term)
+    for term in mask.keep:
+        cond = _in_space(graph, fake_mode, term, space)
+        term_keep = _emit(graph, fake_mode, "call_function", operator.invert, cond) if term.negate else cond
+        keep = term_keep if keep is None else _emit(graph, fake_mode, "call_function", operator.and_, keep, term_keep)
     additive = None
     for term in mask.additive:
-        if example(term).dtype not in (torch.float32, query_dtype):
-            term = _emit(graph, fake_mode, "call_method", "to", term, torch.float32)
-        additive = term if additive is None else _emit(graph, fake_mode, "call_function", operator.add, additive, term)
+        node = _in_space(graph, fake_mode, term, space)
+        if example(node).dtype not in (torch.float32, query_dtype):
+            node = _emit(graph, fake_mode, "call_method", "to", node, torch.float32)
+        additive = node if additive is None else _emit(graph, fake_mode, "call_function", operator.add, additive, node)
     if additive is None:
         return keep
     if keep is not None:
@@ -63,7 +90,7 @@ def _mask_node(graph, fake_mode, mask, query_dtype) -> Optional[fx.Node]:
 
 
 def _undo_head_repeat(match: AttentionMatch) -> tuple[fx.Node, fx.Node, bool]:
-    if match.enable_gqa:
+    if match.enable_gqa or match.space is not None:
         return match.key, match.value, True
     k_peeled, v_peeled = peel_repeated_heads(match.key), peel_repeated_heads(match.value)
     if k_peeled and v_peeled and k_peeled[1] == v_peeled[1]:
@@ -73,40 +100,61 @@ def _undo_head_repeat(match: AttentionMatch) -> tuple[fx.Node, fx.Node, bool]:
 
 def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int,
                       make_site: Optional[Callable] = None) -> Optional[str]:
-    """Replace one site by sfa::flash_sfa; returns None on success or the reason it refused."""
+    """Replace one site by sfa::flash_sfa; returns None on success or the reason it refused. Nothing of the
+    old subgraph changes until the new one is built: a step that fails leaves only dead nodes behind."""
     q_value = example(match.query)
     head_dim = static_int(q_value.size(-1))
     if topk > head_dim:
         return f"topk {topk} exceeds the head dim {head_dim}"
     graph, fake_mode = gm.graph, q_value.fake_mode
     key, value, enable_gqa = _undo_head_repeat(match)
-    site = make_site(match, q_value, example(key)) if make_site is not None else None
-    if make_site is not None and site is None:
-        return "conversion needs 3-D or 4-D query and key of the same rank"
-    with graph.inserting_before(match.output):
-        mask = _mask_node(graph, fake_mode, match.mask, q_value.dtype)
-        args = (match.query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale, enable_gqa)
-        if make_site is None:
-            seed = None
-            if match.dropout_p > 0.0:
-                seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
-            call = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default, *args, seed)
-            out = _emit(graph, fake_mode, "call_function", operator.getitem, call, 0)
-        else:
-            # The default scale is written out: the site's head dim is static, an exporter may not see it so.
-            scale = match.scale if match.scale is not None else 1.0 / math.sqrt(head_dim)
-            out = graph.call_module(site, (match.query, key, value),
-                                    dict(attn_mask=mask, dropout_p=match.dropout_p, is_causal=match.is_causal,
-                                         scale=scale, enable_gqa=enable_gqa))
-            fake_args = torch.fx.node.map_arg(args, lambda n: n.meta.get("example_value"))
-            with fake_mode:
-                out.meta["example_value"] = torch.ops.sfa.flash_sfa.default(*fake_args, None)[0]
-        expected_dtype = example(match.output).dtype
-        if expected_dtype != q_value.dtype:
-            out = _emit(graph, fake_mode, "call_method", "to", out, expected_dtype)
+    try:
+        with graph.inserting_before(match.output):
+            out = _emit_site(graph, fake_mode, match, key, value, enable_gqa, topk, head_dim, make_site)
+    except _NoSite as err:
+        return str(err)
+    except Exception as err:  # the fake run rejected an emitted step: the site stays dense, and says why
+        return f"could not emit the op here ({type(err).__name__}: {err})"
     out.meta["nn_module_stack"] = match.output.meta.get("nn_module_stack", {})
     match.output.replace_all_uses_with(out)
     for node in reversed(match.removable):
         if not node.users:
             graph.erase_node(node)
     return None
+
+
+class _NoSite(Exception):
+    pass
+
+
+def _emit_site(graph, fake_mode, match: AttentionMatch, key, value, enable_gqa, topk, head_dim, make_site):
+    query = match.query
+    if match.space is not None:
+        query, key, value = (_regroup(graph, fake_mode, n, tuple(example(n).shape[:-2]), match.space)
+                             for n in (query, key, value))
+    mask = _mask_node(graph, fake_mode, match.mask, example(query).dtype, match.space)
+    args = (query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale, enable_gqa)
+    if make_site is None:
+        seed = None
+        if match.dropout_p > 0.0:
+            seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+        call = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default, *args, seed)
+        out = _emit(graph, fake_mode, "call_function", operator.getitem, call, 0)
+    else:
+        site = make_site(match, example(query), example(key))
+        if site is None:
+            raise _NoSite("conversion needs 3-D or 4-D query and key of the same rank")
+        # The default scale is written out: the site's head dim is static, an exporter may not see it so.
+        scale = match.scale if match.scale is not None else 1.0 / math.sqrt(head_dim)
+        out = graph.call_module(site, (query, key, value),
+                                dict(attn_mask=mask, dropout_p=match.dropout_p, is_causal=match.is_causal,
+                                     scale=scale, enable_gqa=enable_gqa))
+        fake_args = torch.fx.node.map_arg(args, lambda n: n.meta.get("example_value"))
+        with fake_mode:
+            out.meta["example_value"] = torch.ops.sfa.flash_sfa.default(*fake_args, None)[0]
+    expected = example(match.output)
+    if match.space is not None:
+        out = _regroup(graph, fake_mode, out, match.space, tuple(expected.shape[:-2]))
+    if expected.dtype != example(out).dtype:
+        out = _emit(graph, fake_mode, "call_method", "to", out, expected.dtype)
+    return out
