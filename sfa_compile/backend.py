@@ -13,7 +13,8 @@ from typing import Any, Optional
 import torch.fx as fx
 
 from .config import SFAConfig
-from .passes.pipeline import run_pipeline
+from .passes import inductor_guard
+from .passes.pipeline import left_dense, run_pipeline, warn_or_raise
 
 HANDOFFS = ("inductor", "aot_eager", "eager")
 
@@ -53,5 +54,9 @@ def sfa_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict
     if kwargs.get("mode") not in (None, "default"):
         raise ValueError(f"sfa backend: mode={kwargs['mode']!r} is not supported; pass Inductor settings in options")
     config, settings = parse_options(options)
-    run_pipeline(gm, config)
+    warn_or_raise(left_dense(run_pipeline(gm, config), config), config, "sfa backend")
+    if settings.handoff == "inductor":
+        from torch._inductor.compile_fx import compile_fx
+
+        return compile_fx(gm, example_inputs, config_patches=inductor_guard.config_patches())
     return lookup_backend(settings.handoff)(gm, example_inputs)

@@ -24,16 +24,21 @@ class SFAConfig:
             the head-dim bound is checked where the head dim is known). topk == head dim is dense attention.
         layers: regular expression over module paths (e.g. ``r"layers\.(0|1)\."``); only attention sites
             whose path matches (re.search) become SFA, the rest stay dense. None converts every site.
+        strict: any selected attention site left dense (refused, or topk above its head dim) is an error that
+            lists the sites and reasons, instead of a warning.
         version: format version of the serialized config; only ``CONFIG_VERSION`` is accepted.
     """
 
     topk: int = 16
     layers: Optional[str] = None
+    strict: bool = False
     version: int = CONFIG_VERSION
 
     def __post_init__(self) -> None:
         if isinstance(self.topk, bool) or not isinstance(self.topk, int) or self.topk < 1:
             raise ValueError(f"SFAConfig.topk must be an integer >= 1, got {self.topk!r}")
+        if not isinstance(self.strict, bool):
+            raise ValueError(f"SFAConfig.strict must be True or False, got {self.strict!r}")
         if self.layers is not None:
             try:
                 re.compile(self.layers)

@@ -12,7 +12,6 @@ The SFA settings are recorded in ``model.config.sfa`` so that checkpoints carry 
 
 from __future__ import annotations
 
-import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -24,6 +23,7 @@ from .integrations.hf_attention import ATTN_IMPLEMENTATION, register
 from .observers import observe
 from .integrations.hf_loading import LOADER_MARKER
 from .module_conversion import InputSpec, rewrite_module, settings
+from .passes.pipeline import left_dense, warn_or_raise
 from .projection import SFAProjection, fold_into_linear
 
 
@@ -162,9 +162,7 @@ def _convert_module(model, config, examples, example, refine_steps, progress):
     if not sites:
         found = "; ".join(f"{r.module_path or '<root>'}: {r.reason}" for r in refused) or "no attention was found"
         raise ValueError(f"convert: no attention site of {type(model).__name__} could be rewritten ({found})")
-    if refused:
-        warnings.warn("convert: these attention sites stay dense: " + "; ".join(
-            f"{r.module_path or '<root>'} ({r.reason})" for r in refused), stacklevel=3)
+    warn_or_raise(left_dense(reports, config), config, "convert")
     gm.sfa_settings = settings(config, spec, sites, type(model))
     if examples:
         calibrate(gm, examples, steps=refine_steps, progress=progress)

@@ -34,7 +34,7 @@ def test_backend_by_name_without_import():
 
 
 def test_unknown_option_lists_valid_ones():
-    with pytest.raises(ValueError, match=r"unknown option\(s\) \['topK'\]; valid options: \['handoff', 'layers', 'topk'\]"):
+    with pytest.raises(ValueError, match=r"unknown option\(s\) \['topK'\]; valid options: \['handoff', 'layers', 'strict', 'topk'\]"):
         parse_options({"topK": 8})
     with pytest.raises(ValueError, match="handoff must be one of"):
         parse_options({"handoff": "tensorrt"})
@@ -94,3 +94,21 @@ def test_sequence_length_changes_do_not_recompile_more_than_inductor():
     sfa = _count_compiles("sfa", {"topk": 4})
     plain = _count_compiles("inductor")
     assert sfa <= plain, (sfa, plain)
+
+
+def _refused_site(q, k, v):
+    return torch.softmax(q @ k.transpose(-1, -2), dim=-2) @ v
+
+
+def test_sites_left_dense_warn_once_per_compile_and_strict_raises():
+    q, k, v = (torch.randn(1, 2, 5, 8) for _ in range(3))
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match=r"1 attention site\(s\) stay dense: <root> \(softmax over dim -2"):
+        torch.compile(_refused_site, backend="sfa", options={"topk": 4, "handoff": "eager"})(q, k, v)
+    torch._dynamo.reset()
+    with pytest.raises(Exception, match=r"stay dense \(strict=True\): <root> \(softmax over dim -2"):
+        torch.compile(_refused_site, backend="sfa", options={"topk": 4, "strict": True, "handoff": "eager"})(q, k, v)
+    torch._dynamo.reset()
+    with pytest.warns(UserWarning, match="topk 8 equals the head dim"):
+        torch.compile(lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v), backend="sfa",
+                      options={"topk": 8, "handoff": "eager"})(q, k, v)

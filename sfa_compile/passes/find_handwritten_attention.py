@@ -19,8 +19,8 @@ import torch
 import torch.fx as fx
 
 from .constants import constant_value
-from .graph_utils import (DROPOUT_FUNCTIONS, SOFTMAX_FUNCTIONS, example, is_function, is_method, module_path,
-                          sole_consumer, static_int)
+from .graph_utils import (DROPOUT_FUNCTIONS, SOFTMAX_FUNCTIONS, example, is_function, is_method, may_mutate,
+                          module_path, same_batch, sole_consumer, static_int)
 from .match import AttentionMatch, Refusal
 from .products import pv_value, qk_product
 from .score_chain import Refuse, ScoreChain, identity_source, leading, view_source
@@ -61,8 +61,10 @@ def _dropout(node: fx.Node) -> Optional[float]:
     if args.get("inplace", False) is not False:
         raise Refuse("in-place dropout on the probabilities")
     p, training = constant_value(args["p"]), args.get("training", args.get("train"))
-    if p is None or not isinstance(training, bool) or not 0.0 <= p <= 1.0:
+    if p is None or not isinstance(training, bool):
         raise Refuse("dropout with a non-constant p or training flag")
+    if training and not 0.0 <= p < 1.0:
+        raise Refuse(f"dropout with p={p}")
     return p if training else 0.0
 
 
@@ -110,7 +112,17 @@ def _check_space(chain: ScoreChain, softmax: fx.Node, qk: fx.Node, q, k, probs, 
     return space
 
 
-def _match_softmax(softmax: fx.Node) -> Union[AttentionMatch, Refusal, None]:
+def _check_no_writes_between(nodes: list, order: dict) -> None:
+    """The op runs where the old output was: nothing between the first product and it may write to a value
+    (q, k, v, a mask, or an alias of one) that the old subgraph read earlier."""
+    first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
+    ours = set(nodes)
+    for node in list(order)[first:last + 1]:
+        if node not in ours and may_mutate(node):
+            raise Refuse(f"an in-place op ({node.name}) runs between q @ k^T and the attention output")
+
+
+def _match_softmax(softmax: fx.Node, order: dict) -> Union[AttentionMatch, Refusal, None]:
     args = bind(softmax)
     scores_in = args["input"] if args is not None else (softmax.args[0] if softmax.args else None)
     chain = ScoreChain()
@@ -132,7 +144,10 @@ def _match_softmax(softmax: fx.Node) -> Union[AttentionMatch, Refusal, None]:
             raise Refuse(f"q, k and v must be floating tensors of one dtype ({qv.dtype}, {kv.dtype}, {vv.dtype})")
         if static_int(qv.size(-1)) is None:
             raise Refuse("head dim is not static")
+        if not same_batch(qv, kv, vv, gqa=False):
+            raise Refuse("q, k and v have different batch dims (broadcast in the products)")
         space = _check_space(chain, softmax, chain.nodes[-1], q, k, probs, v)
+        _check_no_writes_between(chain.nodes + forward_nodes, order)
     except Refuse as err:
         return Refusal(PATTERN, module_path(softmax), softmax, str(err))
     mask = chain.mask if chain.mask.kind != "none" else None
@@ -154,5 +169,6 @@ def _reaches_qk(node, depth: int = 8) -> bool:
 
 def find_handwritten_attention(gm: fx.GraphModule) -> list:
     """Matches and refusals for every softmax in the graph that is fed by q @ k^T."""
-    return [result for result in (_match_softmax(node) for node in gm.graph.nodes if _is_softmax(node))
+    order = {node: i for i, node in enumerate(gm.graph.nodes)}
+    return [result for result in (_match_softmax(node, order) for node in gm.graph.nodes if _is_softmax(node))
             if result is not None]

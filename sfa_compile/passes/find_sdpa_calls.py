@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .constants import constant_value
-from .graph_utils import example, is_function, module_path, static_int
+from .graph_utils import example, is_function, module_path, same_batch, static_int
 from .match import AttentionMatch, Refusal
 from .signatures import bind
 
@@ -40,6 +40,8 @@ def _match(node: fx.Node) -> Union[AttentionMatch, Refusal]:
         return Refusal(PATTERN, path, node, "query, key and value must be floating tensors")
     if static_int(values[0].size(-1)) is None:
         return Refusal(PATTERN, path, node, "head dim is not static")
+    if not same_batch(*values, gqa=enable_gqa):
+        return Refusal(PATTERN, path, node, "query, key and value have different batch dims (broadcast)")
     return AttentionMatch(
         pattern=PATTERN, module_path=path, output=node, query=q, key=k, value=v, mask=mask,
         dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, removable=(node,),

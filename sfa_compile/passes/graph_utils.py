@@ -103,3 +103,31 @@ def sole_consumer(node: fx.Node) -> Optional[fx.Node]:
     if len(consumers) != 1 or uses(node, consumers[0]) != 1:
         return None
     return consumers[0]
+
+
+_IN_PLACE_OPERATORS = {operator.iadd, operator.isub, operator.imul, operator.itruediv, operator.ifloordiv,
+                       operator.imod, operator.ipow, operator.imatmul, operator.iand, operator.ior, operator.ixor,
+                       operator.ilshift, operator.irshift, operator.setitem}
+
+
+def may_mutate(node: fx.Node) -> bool:
+    """Whether a call may write to one of its arguments: in-place operators and methods (``add_``), item
+    assignment, ``out=``. Conservative: a missed rewrite is only slower."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.endswith("__")
+    if node.op != "call_function":
+        return False  # placeholders, attributes, and leaf torch.nn modules (which write no argument)
+    name = getattr(node.target, "__name__", "")
+    return node.target in _IN_PLACE_OPERATORS or "out" in node.kwargs or (name.endswith("_") and not
+                                                                          name.endswith("__"))
+
+
+def same_batch(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, gqa: bool) -> bool:
+    """Whether q, k and v have the same batch dims (no broadcasting between them); with ``gqa``, k and v may
+    have fewer heads (dim -3) than q, a divisor of them."""
+    qb, kb, vb = tuple(query.shape[:-2]), tuple(key.shape[:-2]), tuple(value.shape[:-2])
+    if kb != vb or len(qb) != len(kb):
+        return False
+    if gqa and qb:
+        return qb[:-1] == kb[:-1] and kb[-1] != 0 and qb[-1] % kb[-1] == 0
+    return qb == kb

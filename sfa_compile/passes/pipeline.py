@@ -7,13 +7,14 @@ reason); it logs, never prints.
 from __future__ import annotations
 
 import logging
+import warnings
 
 import torch.fx as fx
 
 from ..config import SFAConfig
 from .find_handwritten_attention import find_handwritten_attention
 from .find_sdpa_calls import find_sdpa_calls
-from .graph_utils import example
+from .graph_utils import example, may_mutate
 from .gqa import peel_repeated_heads
 from .match import AttentionMatch, Refusal, SiteReport
 from .rewrite_attention import rewrite_attention
@@ -63,10 +64,42 @@ def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True, ma
                 reason = rewrite_attention(gm, found, config.topk, make_site)
                 reports.append(summary if reason is None else _report(found, False, reason))
     if rewrite:
-        gm.graph.eliminate_dead_code()
+        # FX's own purity test keeps in-place methods (x.add_(1)) only in some torch versions: ours keeps them all.
+        gm.graph.eliminate_dead_code(is_impure_node=lambda node: node.is_impure() or may_mutate(node))
         gm.graph.lint()
         gm.recompile()
     for r in reports:
         log.info("sfa: %s %s at %s (%s)", "rewrote" if r.rewritten else "left dense", r.pattern,
                  r.module_path or "<root>", r.reason or f"mask {r.mask}, gqa {r.gqa_ratio}")
     return reports
+
+
+class SitesLeftDense(RuntimeError):
+    """Raised under ``SFAConfig(strict=True)`` when a selected attention site stays dense."""
+
+
+def left_dense(reports: list, config: SFAConfig) -> list:
+    """(site, reason) of each selected site that computes dense attention: refused, or topk at least its
+    head dim (sites the ``layers`` filter leaves out are the user's choice and not listed)."""
+    found = []
+    for r in reports:
+        if not config.converts(r.module_path):
+            continue
+        if not r.rewritten:
+            found.append((r.module_path or "<root>", r.reason))
+        elif r.query_shape and r.query_shape[-1] == config.topk:
+            found.append((r.module_path or "<root>", f"topk {config.topk} equals the head dim: no feature is dropped"))
+    return found
+
+
+def warn_or_raise(found: list, config: SFAConfig, what: str) -> None:
+    """One warning naming how many sites stay dense and the first reason; an error listing all under strict."""
+    if not found:
+        return
+    if config.strict:
+        raise SitesLeftDense(f"{what}: {len(found)} attention site(s) stay dense (strict=True): " +
+                             "; ".join(f"{path} ({reason})" for path, reason in found))
+    path, reason = found[0]
+    more = f" and {len(found) - 1} more" if len(found) > 1 else ""
+    warnings.warn(f"{what}: {len(found)} attention site(s) stay dense: {path} ({reason}){more}; "
+                  "sfa_compile.explain(model, *inputs) lists every site and reason", stacklevel=2)

@@ -157,4 +157,6 @@ def _emit_site(graph, fake_mode, match: AttentionMatch, key, value, enable_gqa, 
         out = _regroup(graph, fake_mode, out, match.space, tuple(expected.shape[:-2]))
     if expected.dtype != example(out).dtype:
         out = _emit(graph, fake_mode, "call_method", "to", out, expected.dtype)
+    if tuple(example(out).shape) != tuple(expected.shape):
+        raise _NoSite(f"the op's output would be {tuple(example(out).shape)}, the site's is {tuple(expected.shape)}")
     return out

@@ -2,8 +2,8 @@
 
 Accepted steps: a constant scale (mul or div, also ``*=`` and ``/=`` on the scores); an additive mask
 (``scores + mask``, ``+=``); a boolean mask by ``masked_fill`` or ``where`` with -inf or a dtype minimum; a
-dtype-only cast between floating dtypes; ``contiguous``/``clone``; a view or reshape that regroups only the
-leading (batch) dims. Every value on the chain must be read by exactly one node, once (a value filling two
+dtype-only cast between floating dtypes that keeps the range (a narrower one could overflow where the op does
+not); ``contiguous``/``clone``; a view or reshape that regroups only the leading (batch) dims. Every value on the chain must be read by exactly one node, once (a value filling two
 roles, e.g. the scores added to themselves as their own mask, is refused), and keep the scores' shape (a mask
 may not broadcast the scores larger). Anything else is a refusal with its reason.
 """
@@ -85,6 +85,9 @@ class ScoreChain:
             return self._product(node, product)
         source = identity_source(node)
         if source is not None:
+            if example(node).is_floating_point() and example(source).is_floating_point() and \
+                    torch.finfo(example(node).dtype).max < torch.finfo(example(source).dtype).max:
+                raise Refuse(f"a cast of the scores to {example(node).dtype} may overflow where the op would not")
             return self.walk(source)
         source = view_source(node)
         if source is not None:

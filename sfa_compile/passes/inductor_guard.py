@@ -1,0 +1,67 @@
+"""Keep Inductor's attention fusion off the graphs the "sfa" backend hands over, scoped to that compile call.
+
+Inductor rewrites attention-shaped chains into SDPA in its joint-graph patterns (fuse_attention), and in
+torch 2.13 also chains that are not attention: softmax over the query axis becomes SDPA over the key axis
+(pytorch/pytorch#196468, a silent wrong result). We own attention detection: what our passes rewrote is already
+``sfa::flash_sfa``, and every softmax left in the graph was refused or left dense on purpose. So before the joint
+patterns run, each softmax (``aten._softmax``, and ``aten.amax``, the first step of its decomposed form in
+inference graphs) is renamed to a target no pattern knows, and renamed back right after; nothing else Inductor
+does changes. The two passes ride on ``compile_fx``'s ``config_patches``, which covers the
+lazily compiled backward too, and run before/after any custom joint passes the user configured.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.fx as fx
+from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
+
+
+
+def hidden_softmax(*args):
+    """Stands in for aten._softmax between the two passes (never called: the graph is not run meanwhile)."""
+    return torch.ops.aten._softmax.default(*args)
+
+
+def hidden_amax(*args):
+    """Stands in for aten.amax between the two passes."""
+    return torch.ops.aten.amax.default(*args)
+
+
+_HIDDEN = {torch.ops.aten._softmax.default: hidden_softmax, torch.ops.aten.amax.default: hidden_amax}
+
+
+class _Retarget(CustomGraphPass):
+    def __init__(self, targets: dict, others: tuple, before: bool):
+        self.targets, self.others, self.before = targets, others, before
+
+    def __call__(self, graph: fx.Graph) -> None:
+        if not self.before:
+            self._run_others(graph)
+        for node in graph.nodes:
+            if node.op == "call_function" and node.target in self.targets:
+                node.target = self.targets[node.target]
+        if self.before:
+            self._run_others(graph)
+
+    def _run_others(self, graph: fx.Graph) -> None:
+        for other in self.others:
+            other(graph)
+
+    def uuid(self) -> Any:
+        others = tuple(o.uuid() if isinstance(o, CustomGraphPass) else None for o in self.others)
+        # Inductor's caches key compiled graphs by this: it names this file's code, so an edit is a new key.
+        return (get_hash_for_files((__file__,)), self.before, others) if None not in others else None
+
+
+def config_patches() -> dict:
+    """Inductor config for one compile call: softmax hidden from the joint-graph patterns, user passes kept."""
+    from torch._inductor import config
+
+    pre = get_custom_graph_passes(config.joint_custom_pre_pass)
+    post = get_custom_graph_passes(config.joint_custom_post_pass)
+    restore = {hidden: op for op, hidden in _HIDDEN.items()}
+    return {"joint_custom_pre_pass": _Retarget(_HIDDEN, pre, before=False),
+            "joint_custom_post_pass": _Retarget(restore, post, before=True)}
