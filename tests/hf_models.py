@@ -19,6 +19,13 @@ def sfa_reference_attention(module, query, key, value, attention_mask, scaling=N
     """Hugging Face attention function computing every attention with sfa_compile.flash_sfa (as SDPA would)."""
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
+    position_bias = kwargs.get("position_bias")  # T5's relative position bias, added to the scores
+    if position_bias is not None:
+        if is_causal:  # the mask function left causality to is_causal: written out, as the bias needs a mask
+            causal = torch.ones(query.shape[2], key.shape[2], dtype=torch.bool, device=query.device).tril()
+            position_bias = position_bias.masked_fill(~causal, float("-inf"))
+            is_causal = False
+        attention_mask = position_bias if attention_mask is None else position_bias + attention_mask
     out = flash_sfa(query, key, value, topk=REFERENCE_TOPK["value"], attn_mask=attention_mask, scale=scaling,
                     is_causal=is_causal, enable_gqa=key.shape[1] != query.shape[1])
     return out.transpose(1, 2).contiguous(), None
@@ -73,10 +80,45 @@ def build(name: str, impl: str):
         feats = torch.randn(1, 8, 32, generator=torch.Generator().manual_seed(0))
         return (transformers.WhisperModel(cfg), {"input_features": feats, "decoder_input_ids": _ids(1, 5)},
                 3, 16)
+    seq2seq = dict(d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                   encoder_ffn_dim=64, decoder_ffn_dim=64, max_position_embeddings=64, pad_token_id=1, bos_token_id=0,
+                   eos_token_id=2, decoder_start_token_id=2, **small)
+    if name == "t5":  # no scaling, relative position bias added to the scores
+        cfg = transformers.T5Config(d_model=32, d_kv=16, d_ff=64, num_layers=1, num_decoder_layers=1, num_heads=2,
+                                    decoder_start_token_id=0, pad_token_id=0, **small)
+        return transformers.T5Model(cfg), {"input_ids": _ids(), "decoder_input_ids": _ids(2, 5, seed=1)}, 3, 16
+    if name in ("bart", "marian", "mbart"):
+        cls = {"bart": (transformers.BartConfig, transformers.BartModel),
+               "marian": (transformers.MarianConfig, transformers.MarianModel),
+               "mbart": (transformers.MBartConfig, transformers.MBartModel)}[name]
+        return cls[1](cls[0](**seq2seq)), {"input_ids": _ids(), "decoder_input_ids": _ids(2, 5, seed=1)}, 3, 16
+    if name == "bloom":  # ALiBi through baddbmm, scores viewed to add the mask and viewed back
+        cfg = transformers.BloomConfig(hidden_size=32, n_layer=2, n_head=2, **small)
+        return transformers.BloomForCausalLM(cfg), {"input_ids": _ids()}, 2, 16
+    causal_lm = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, max_position_embeddings=64, **small)
+    if name == "gpt_neox":
+        cfg = transformers.GPTNeoXConfig(intermediate_size=64, **causal_lm)
+        return transformers.GPTNeoXForCausalLM(cfg), {"input_ids": _ids()}, 2, 16
+    if name == "opt":
+        cfg = transformers.OPTConfig(ffn_dim=64, word_embed_proj_dim=32, **causal_lm)
+        return transformers.OPTForCausalLM(cfg), {"input_ids": _ids()}, 2, 16
+    if name == "phi":
+        cfg = transformers.PhiConfig(intermediate_size=64, **causal_lm)
+        return transformers.PhiForCausalLM(cfg), {"input_ids": _ids()}, 2, 16
+    if name == "stablelm":
+        cfg = transformers.StableLmConfig(intermediate_size=64, num_key_value_heads=1, **causal_lm)
+        return transformers.StableLmForCausalLM(cfg), {"input_ids": _ids()}, 2, 16
+    if name in ("gemma2", "gemma2_softcap"):  # the soft-capped variant must stay dense (tanh is not attention)
+        cfg = transformers.Gemma2Config(intermediate_size=64, num_key_value_heads=1, head_dim=16,
+                                        attn_logit_softcapping=50.0 if name == "gemma2_softcap" else None, **causal_lm)
+        return transformers.Gemma2ForCausalLM(cfg), {"input_ids": _ids()}, 2, 16
     raise KeyError(name)
 
 
-MODELS = ["gpt2", "llama", "qwen3", "mistral", "bert", "vit", "whisper"]
+MODELS = ["gpt2", "llama", "qwen3", "mistral", "bert", "vit", "whisper", "t5", "bart", "marian", "mbart", "gpt_neox",
+          "opt", "phi", "stablelm", "gemma2"]
+EAGER_ONLY = {"gemma2", "bloom", "gemma2_softcap"}  # transformers offers no "sdpa" attention for these
+CASES = [(name, impl) for name in MODELS for impl in ("eager", "sdpa") if impl == "eager" or name not in EAGER_ONLY]
 
 
 def reference_copy(model, topk: int):
