@@ -1,4 +1,4 @@
-"""The pass pipeline, in one ordered list: finders first, then the rewrite, then dead-code removal.
+"""The pass pipeline, in one ordered list: lowering of opaque attention calls, finders, the rewrite, dead code.
 
 ``run_pipeline`` returns one SiteReport per attention site it saw (rewritten or refused, with the
 reason); it logs, never prints.
@@ -13,6 +13,7 @@ import torch.fx as fx
 
 from ..config import SFAConfig
 from .find_handwritten_attention import find_handwritten_attention
+from .expand_multi_head_attention import expand_multi_head_attention
 from .find_sdpa_calls import find_sdpa_calls
 from .graph_utils import example, may_mutate
 from .gqa import peel_repeated_heads
@@ -51,6 +52,8 @@ def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True, ma
     """Find every attention site in ``gm`` and (if ``rewrite``) rewrite the accepted ones in place
     (``make_site``: see rewrite_attention)."""
     reports = []
+    if rewrite:  # lowering first: the finders then see the attention inside
+        reports.extend(_report(refusal, False) for refusal in expand_multi_head_attention(gm))
     for finder in FINDERS:
         for found in finder(gm):
             if isinstance(found, Refusal):

@@ -25,7 +25,7 @@ from .gqa import peel_repeated_heads
 from .match import AttentionMatch, MaskParts, MaskTerm
 
 
-def _fake_value(node: fx.Node, fake_mode) -> None:
+def fake_value(node: fx.Node, fake_mode) -> None:
     """Record the output's fake value on a new node, as Dynamo does, for passes that read it."""
     args, kwargs = torch.fx.node.map_arg((node.args, node.kwargs), lambda n: n.meta.get("example_value"))
     with fake_mode:
@@ -38,7 +38,7 @@ def _fake_value(node: fx.Node, fake_mode) -> None:
 
 def _emit(graph: fx.Graph, fake_mode, op: str, target, *args, **kwargs) -> fx.Node:
     node = graph.create_node(op, target, args, kwargs)
-    _fake_value(node, fake_mode)
+    fake_value(node, fake_mode)
     return node
 
 
