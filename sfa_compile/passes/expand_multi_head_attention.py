@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .graph_utils import example, module_path, static_int
 from .match import Refusal
-from .rewrite_attention import fake_value
+from .inline import inline_function
 
 PATTERN = "multi_head_attention"
 _PARAMETERS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
@@ -140,16 +140,8 @@ def expand_multi_head_attention(gm: fx.GraphModule) -> list:
             continue
         query, key = example(args["query"]), example(args["key"])
         sizes = (query.size(0), key.size(0), query.size(1), query.size(2), args["num_heads"])
-        traced = torch.fx.symbolic_trace(_expansion(args, sizes, query.dtype))
-        env = {placeholder: args[name] for placeholder, name in zip(
-            [n for n in traced.graph.nodes if n.op == "placeholder"], _INPUTS)}
-        with gm.graph.inserting_before(node):
-            out = gm.graph.graph_copy(traced.graph, env)
-        stack = node.meta.get("nn_module_stack", {})
-        for new in env.values():
-            if isinstance(new, fx.Node) and new not in node.all_input_nodes and new.op != "placeholder":
-                new.meta["nn_module_stack"] = stack
-                fake_value(new, query.fake_mode)
+        out = inline_function(gm, node, _expansion(args, sizes, query.dtype), [args[name] for name in _INPUTS],
+                              query.fake_mode)
         for user in list(node.users):
             if user.target is operator.getitem and user.args[1] == 0:
                 user.replace_all_uses_with(out)

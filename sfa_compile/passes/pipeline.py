@@ -14,6 +14,7 @@ import torch.fx as fx
 from ..config import SFAConfig
 from .find_handwritten_attention import find_handwritten_attention
 from .expand_multi_head_attention import expand_multi_head_attention
+from .expand_transformer_encoder_layer import expand_transformer_encoder_layer
 from .find_sdpa_calls import find_sdpa_calls
 from .graph_utils import example, may_mutate
 from .gqa import peel_repeated_heads
@@ -22,6 +23,7 @@ from .rewrite_attention import rewrite_attention
 
 log = logging.getLogger("sfa_compile")
 
+LOWERINGS = (expand_multi_head_attention, expand_transformer_encoder_layer)
 FINDERS = (find_sdpa_calls, find_handwritten_attention)
 
 
@@ -53,7 +55,8 @@ def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True, ma
     (``make_site``: see rewrite_attention)."""
     reports = []
     if rewrite:  # lowering first: the finders then see the attention inside
-        reports.extend(_report(refusal, False) for refusal in expand_multi_head_attention(gm))
+        for lowering in LOWERINGS:
+            reports.extend(_report(refusal, False) for refusal in lowering(gm))
     for finder in FINDERS:
         for found in finder(gm):
             if isinstance(found, Refusal):

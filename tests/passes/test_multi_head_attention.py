@@ -69,3 +69,32 @@ def test_attention_weights_used_stays_dense():
     assert [(s.rewritten, "weights are used" in s.reason) for s in report.sites] == [(False, True)], report.table()
     torch._dynamo.reset()
     torch.testing.assert_close(torch.compile(fn, backend="sfa", options={"topk": 2})(), fn())
+
+
+@pytest.mark.parametrize("norm_first", [False, True])
+@pytest.mark.parametrize("activation", ["relu", "gelu"])
+@pytest.mark.parametrize("mask", ["none", "padding", "both", "float padding of -1"])
+def test_encoder_layer_inference_fast_path_expanded_exactly(norm_first, activation, mask):
+    """eval + no_grad: nn.TransformerEncoderLayer calls torch._transformer_encoder_layer_fwd (the whole layer)."""
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(E, H, 32, batch_first=True, norm_first=norm_first,
+                                       activation=activation).eval()
+    x, _, _ = _inputs()
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    kwargs = {"none": {}, "padding": {"src_key_padding_mask": padding},
+              "both": {"src_key_padding_mask": padding, "src_mask": torch.ones(5, 5, dtype=torch.bool).triu(1)},
+              # the fast path masks every nonzero entry (here unlike the layer's training path, which adds -1)
+              "float padding of -1": {"src_key_padding_mask": torch.zeros(2, 5).masked_fill(padding, -1.0)}}[mask]
+    fn = lambda: layer(x, **kwargs)  # noqa: E731
+    with torch.no_grad():
+        torch._dynamo.reset()
+        graphs = []
+        torch.compile(fn, backend=lambda gm, ex: graphs.append(gm) or gm.forward)()
+        assert any(n.target is torch._transformer_encoder_layer_fwd for n in graphs[0].graph.nodes)
+        torch._dynamo.reset()
+        report = sfa_compile.explain(fn, sfa_config=sfa_compile.SFAConfig(topk=E // H))
+        assert [s.rewritten for s in report.sites] == [True], report.table()
+        torch._dynamo.reset()
+        got = torch.compile(fn, backend="sfa", options={"topk": E // H, "handoff": "aot_eager"})()
+        torch.testing.assert_close(got, fn(), rtol=1e-5, atol=1e-5)
