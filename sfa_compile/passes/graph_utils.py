@@ -92,7 +92,7 @@ def uses(node: fx.Node, user: fx.Node) -> int:
 
 
 def is_very_negative(value: Optional[float]) -> bool:
-    """-inf or a float dtype's minimum: masking with it is the same as -inf except for fully masked rows."""
+    """-inf or a float dtype's minimum: the fills a mask may use (rewrite_attention keeps a finite one's value)."""
     return value is not None and value in MASK_FILL_VALUES
 
 

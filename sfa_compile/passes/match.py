@@ -18,6 +18,7 @@ class MaskTerm:
     node: fx.Node
     space: tuple
     negate: bool = False
+    fill: float = float("-inf")  # a keep term's value at masked positions (-inf or a dtype minimum)
 
 
 @dataclasses.dataclass

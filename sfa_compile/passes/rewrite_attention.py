@@ -68,16 +68,23 @@ def _in_space(graph, fake_mode, term: MaskTerm, space: Optional[tuple]) -> fx.No
 
 
 def _mask_node(graph, fake_mode, mask, query_dtype, space: Optional[tuple]) -> Optional[fx.Node]:
+    """The site's mask as the op takes it. Keep terms filled with -inf combine into one boolean mask; a finite
+    fill (a dtype minimum) becomes an additive term holding that value, so a row whose keys are all masked
+    mixes all values uniformly, as eager mode does, instead of returning zeros."""
     if not isinstance(mask, MaskParts):
         return mask
     keep = None
+    additive_terms = [_in_space(graph, fake_mode, term, space) for term in mask.additive]
     for term in mask.keep:
         cond = _in_space(graph, fake_mode, term, space)
+        if term.fill != float("-inf"):
+            values = (term.fill, 0.0) if term.negate else (0.0, term.fill)
+            additive_terms.append(_emit(graph, fake_mode, "call_function", torch.where, cond, *values))
+            continue
         term_keep = _emit(graph, fake_mode, "call_function", operator.invert, cond) if term.negate else cond
         keep = term_keep if keep is None else _emit(graph, fake_mode, "call_function", operator.and_, keep, term_keep)
     additive = None
-    for term in mask.additive:
-        node = _in_space(graph, fake_mode, term, space)
+    for node in additive_terms:
         if example(node).dtype not in (torch.float32, query_dtype):
             node = _emit(graph, fake_mode, "call_method", "to", node, torch.float32)
         additive = node if additive is None else _emit(graph, fake_mode, "call_function", operator.add, additive, node)

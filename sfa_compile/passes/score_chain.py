@@ -177,13 +177,14 @@ class ScoreChain:
             raise Refuse("the mask condition is not a boolean tensor")
         self._mask_allowed()
         self._same_shape(node, scores)
-        self._term(node, cond, self.mask.keep, negate)
+        self._term(node, cond, self.mask.keep, negate, value)
         return self.walk(scores)
 
-    def _term(self, node: fx.Node, term: Any, terms: list, negate: bool = False) -> None:
+    def _term(self, node: fx.Node, term: Any, terms: list, negate: bool = False,
+              fill: float = float("-inf")) -> None:
         value = example(term)
         if value is None or value.is_complex():
             raise Refuse("the mask is not a real tensor")
         if value.dim() > example(node).dim():
             raise Refuse("a mask broadcasts the scores to a larger shape")
-        terms.append(MaskTerm(term, leading(node), negate))
+        terms.append(MaskTerm(term, leading(node), negate, fill))

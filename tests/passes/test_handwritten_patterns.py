@@ -195,3 +195,29 @@ def test_registered_tril_buffer_mask():
     torch._dynamo.reset()
     out = torch.compile(module, backend="sfa", options={"topk": 3, "handoff": "aot_eager"})(q, k, v)
     torch.testing.assert_close(out, oracle_sfa(q, k, v, 3, is_causal=True).float(), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("fill", ["masked_fill", "where"])
+def test_dtype_minimum_fill_keeps_eager_meaning_on_fully_masked_rows(fill):
+    """With a finite fill (HF's dtype minimum) eager mode mixes all values uniformly in a row whose keys are all
+    masked; the rewrite must too (a -inf mask would give zeros there)."""
+    keep = causal_tril().clone()
+    keep[2] = False  # row 2 attends to nothing
+    minimum = torch.finfo(torch.float32).min
+
+    def fn(q, k, v):
+        scores = q @ k.transpose(-1, -2) * 0.5
+        if fill == "masked_fill":
+            scores = scores.masked_fill(~keep, minimum)
+        else:
+            scores = torch.where(keep, scores, minimum)
+        return F.softmax(scores, dim=-1) @ v
+
+    q, k, v = qkv()
+    want = fn(q, k, v)
+    torch.testing.assert_close(want[:, :, 2], v.mean(-2).expand_as(want[:, :, 2]))
+    report = sfa_compile.explain(fn, q, k, v, sfa_config=sfa_compile.SFAConfig(topk=D))
+    assert [s.rewritten for s in report.sites] == [True], report.table()
+    torch._dynamo.reset()
+    got = torch.compile(fn, backend="sfa", options={"topk": D, "handoff": "aot_eager"})(q, k, v)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
