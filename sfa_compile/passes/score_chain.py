@@ -3,9 +3,10 @@
 Accepted steps: a constant scale (mul or div, also ``*=`` and ``/=`` on the scores); an additive mask
 (``scores + mask``, ``+=``); a boolean mask by ``masked_fill`` or ``where`` with -inf or a dtype minimum; a
 dtype-only cast between floating dtypes that keeps the range (a narrower one could overflow where the op does
-not); ``contiguous``/``clone``; a view or reshape that regroups only the leading (batch) dims. Every value on the chain must be read by exactly one node, once (a value filling two
-roles, e.g. the scores added to themselves as their own mask, is refused), and keep the scores' shape (a mask
-may not broadcast the scores larger). Anything else is a refusal with its reason.
+not); ``contiguous``/``clone``; a view or reshape that regroups only the leading (batch) dims. Every value on
+the chain must be read by exactly one node, once (a value filling two roles, e.g. the scores added to
+themselves as their own mask, is refused), and keep the scores' shape (a mask may not broadcast the scores
+larger). Anything else is a refusal with its reason.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from .constants import constant_fill, constant_value
-from .graph_utils import cast_source, example, is_function, is_method, is_very_negative, sole_consumer
+from .graph_utils import CAST_METHODS, cast_source, example, is_function, is_method, is_very_negative, sole_consumer
 from .match import MaskParts, MaskTerm
 from .products import QKProduct, qk_product
 from .signatures import bind
@@ -93,6 +94,10 @@ class ScoreChain:
         if source is not None:
             self.views = True
             return self.walk(source)
+        if is_method(node, *CAST_METHODS):
+            src = example(node.args[0]) if node.args else None
+            raise Refuse(f"a cast from {getattr(src, 'dtype', '?')} to {example(node).dtype} between q @ k^T and "
+                         "softmax (only floating-to-floating casts keep the values)")
         if is_function(node, {torch.tanh}) or is_method(node, "tanh"):
             raise Refuse("attention logit soft-capping (tanh of the scores) is not plain attention")
         args = bind(node)
