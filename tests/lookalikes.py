@@ -100,7 +100,8 @@ LOOKALIKES = {
 
 # Refused as well, but not compared with eager mode under Inductor: Inductor computes a downcast followed by an
 # upcast in the wider dtype (its emulate_precision_casts is off), whatever our backend does.
-NARROWED = {"scores narrowed to fp16": lambda q, k, v: F.softmax((q @ kt(k)).half().float(), -1) @ v}
+NARROWED = {"scores narrowed to fp16": lambda q, k, v: F.softmax((q @ kt(k)).half().float(), -1) @ v,
+            "softmax in fp16": lambda q, k, v: F.softmax(q @ kt(k), -1, dtype=torch.float16).float() @ v}
 REFUSED = {**LOOKALIKES, **NARROWED}
 
 # What explain must say for some of them (a substring of the reason).
@@ -116,4 +117,5 @@ REFUSAL_REASONS = {
     "einsum diagonal of v": "not @ v",
     "q written after the scores": "in-place op",
     "scores narrowed to fp16": "may overflow",
+    "softmax in fp16": "narrows the scores",
 }

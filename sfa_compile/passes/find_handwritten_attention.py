@@ -49,6 +49,8 @@ def _softmax_input(softmax: fx.Node) -> fx.Node:
         raise Refuse(f"softmax over dim {dim}, not the key dim")
     if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
         raise Refuse(f"softmax with dtype {dtype}")
+    if dtype is not None and torch.finfo(dtype).max < torch.finfo(value.dtype).max:
+        raise Refuse(f"softmax in {dtype} narrows the scores, which may overflow where the op would not")
     return scores
 
 
@@ -167,8 +169,15 @@ def _reaches_qk(node, depth: int = 8) -> bool:
     return any(_reaches_qk(a, depth - 1) for a in node.all_input_nodes)
 
 
+def _match_or_refuse(softmax: fx.Node, order: dict) -> Union[AttentionMatch, Refusal, None]:
+    try:
+        return _match_softmax(softmax, order)
+    except Exception as err:  # a graph this matcher did not foresee: refuse it, never fail the compile
+        return Refusal(PATTERN, module_path(softmax), softmax, f"could not analyze ({type(err).__name__}: {err})")
+
+
 def find_handwritten_attention(gm: fx.GraphModule) -> list:
     """Matches and refusals for every softmax in the graph that is fed by q @ k^T."""
     order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    return [result for result in (_match_softmax(node, order) for node in gm.graph.nodes if _is_softmax(node))
+    return [result for result in (_match_or_refuse(node, order) for node in gm.graph.nodes if _is_softmax(node))
             if result is not None]

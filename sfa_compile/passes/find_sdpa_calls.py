@@ -48,5 +48,12 @@ def _match(node: fx.Node) -> Union[AttentionMatch, Refusal]:
     )
 
 
+def _match_or_refuse(node: fx.Node) -> Union[AttentionMatch, Refusal]:
+    try:
+        return _match(node)
+    except Exception as err:  # a call this matcher did not foresee: refuse it, never fail the compile
+        return Refusal(PATTERN, module_path(node), node, f"could not analyze ({type(err).__name__}: {err})")
+
+
 def find_sdpa_calls(gm: fx.GraphModule) -> list:
-    return [_match(n) for n in gm.graph.nodes if is_function(n, SDPA_FUNCTIONS)]
+    return [_match_or_refuse(n) for n in gm.graph.nodes if is_function(n, SDPA_FUNCTIONS)]

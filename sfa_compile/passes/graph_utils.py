@@ -117,6 +117,9 @@ def may_mutate(node: fx.Node) -> bool:
         return node.target.endswith("_") and not node.target.endswith("__")
     if node.op != "call_function":
         return False  # placeholders, attributes, and leaf torch.nn modules (which write no argument)
+    schema = getattr(node.target, "_schema", None)  # an aten/custom OpOverload says so itself
+    if schema is not None and getattr(schema, "is_mutable", False):
+        return True
     name = getattr(node.target, "__name__", "")
     return node.target in _IN_PLACE_OPERATORS or "out" in node.kwargs or (name.endswith("_") and not
                                                                           name.endswith("__"))

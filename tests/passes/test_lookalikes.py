@@ -52,6 +52,22 @@ def test_refusals_name_their_reason():
         assert len(report.sites) == 1 and reason in report.sites[0].reason, (name, report.table())
 
 
+def test_a_matcher_error_is_a_refusal_not_a_failed_compile(monkeypatch):
+    from sfa_compile.passes import find_handwritten_attention as finder
+
+    def broken(softmax, order):
+        raise RuntimeError("unforeseen graph")
+
+    monkeypatch.setattr(finder, "_match_softmax", broken)
+    fn = LOOKALIKES["softmax over queries"]
+    q, k, v = qkv()
+    report = sfa_compile.explain(fn, q, k, v, sfa_config=sfa_compile.SFAConfig(topk=2))
+    assert [(s.rewritten, "could not analyze (RuntimeError: unforeseen graph)" in s.reason)
+            for s in report.sites] == [(False, True)], report.table()
+    torch._dynamo.reset()
+    torch.testing.assert_close(torch.compile(fn, backend="sfa", options={"topk": 2})(q, k, v), fn(q, k, v))
+
+
 # True attention in the call forms and constants that used to crash the compile or be misread.
 def _keywords(q, k, v):
     scores = torch.matmul(input=q, other=k.transpose(-1, -2)) * 0.25
