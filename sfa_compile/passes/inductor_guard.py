@@ -12,12 +12,15 @@ lazily compiled backward too, and run before/after any custom joint passes the u
 
 from __future__ import annotations
 
+import hashlib
+import pathlib
 from typing import Any
 
 import torch
 import torch.fx as fx
-from torch._inductor.custom_graph_pass import CustomGraphPass, get_custom_graph_passes, get_hash_for_files
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
+_CODE_HASH = hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
 
 
 def hidden_softmax(*args):
@@ -53,15 +56,21 @@ class _Retarget(CustomGraphPass):
     def uuid(self) -> Any:
         others = tuple(o.uuid() if isinstance(o, CustomGraphPass) else None for o in self.others)
         # Inductor's caches key compiled graphs by this: it names this file's code, so an edit is a new key.
-        return (get_hash_for_files((__file__,)), self.before, others) if None not in others else None
+        return (_CODE_HASH, self.before, others) if None not in others else None
+
+
+def _configured(passes) -> tuple:
+    """The user's joint passes as a tuple (the setting holds None, one pass, or a list of them)."""
+    if passes is None:
+        return ()
+    return tuple(passes) if isinstance(passes, (list, tuple)) else (passes,)
 
 
 def config_patches() -> dict:
     """Inductor config for one compile call: softmax hidden from the joint-graph patterns, user passes kept."""
     from torch._inductor import config
 
-    pre = get_custom_graph_passes(config.joint_custom_pre_pass)
-    post = get_custom_graph_passes(config.joint_custom_post_pass)
+    pre, post = _configured(config.joint_custom_pre_pass), _configured(config.joint_custom_post_pass)
     restore = {hidden: op for op, hidden in _HIDDEN.items()}
     return {"joint_custom_pre_pass": _Retarget(_HIDDEN, pre, before=False),
             "joint_custom_post_pass": _Retarget(restore, post, before=True)}
