@@ -119,3 +119,4 @@ REFUSAL_REASONS = {
     "scores narrowed to fp16": "may overflow",
     "softmax in fp16": "narrows the scores",
 }
+

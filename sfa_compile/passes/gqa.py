@@ -43,4 +43,13 @@ def peel_repeated_heads(node: fx.Node) -> Optional[tuple[fx.Node, int]]:
     heads, rep_heads = static_int(src.size(1)), static_int(out.size(1))
     if not heads or not rep_heads or rep_heads % heads:
         return None
-    return base, rep_heads // heads
+    n_rep = rep_heads // heads
+    # Only the heads may grow: an expand of another size-1 dim (a length-1 key repeated along its length, say)
+    # keeps the head count and must not be read as a repetition of heads.
+    if tuple(out.shape) != (src.size(0), rep_heads, src.size(2), src.size(3)):
+        return None
+    if base is not node.args[0]:  # expand + reshape: the expand must add exactly the repeat dim at position 2
+        expanded = example(node.args[0])
+        if expanded is None or tuple(expanded.shape) != (src.size(0), heads, n_rep, src.size(2), src.size(3)):
+            return None
+    return base, n_rep

@@ -96,9 +96,19 @@ def _permute_keyword(q, k, v):
     return F.softmax(torch.matmul(q, k.permute(dims=(0, 1, 3, 2))) * D ** -0.5, dim=-1) @ v
 
 
+def _length_one_key_expanded(q, k, v):
+    """One key repeated along the key length by x.unsqueeze(2).expand(...).reshape(...), the shape of repeat_kv:
+    heads are not repeated, so this is not GQA and the repeated keys are the keys."""
+    b, h, length, d = k.shape
+    k_rep = k[:, :, :1].unsqueeze(2).expand(b, h, 1, length, d).reshape(b, h, length, d)
+    v_rep = v[:, :, :1].unsqueeze(2).expand(b, h, 1, length, d).reshape(b, h, length, d)
+    return F.softmax(q @ k_rep.transpose(-1, -2), -1) @ v_rep
+
+
 ATTENTION = {"keyword arguments": (_keywords, 0.25), "bf16 constant scale": (_bf16_constant_scale, 0.30078125),
              "bf16 sqrt scale": (_bf16_sqrt_scale, 1 / 2.453125), "T5 cast back": (_t5_cast_back, 1.0),
-             "einsum list operands": (_einsum_list_operands, 1.0), "permute by keyword": (_permute_keyword, D ** -0.5)}
+             "einsum list operands": (_einsum_list_operands, 1.0), "permute by keyword": (_permute_keyword, D ** -0.5),
+             "length-one key expanded": (_length_one_key_expanded, 1.0)}
 
 
 @pytest.mark.parametrize("name", list(ATTENTION))
