@@ -127,3 +127,36 @@ def reference_copy(model, topk: int):
     ref = copy.deepcopy(model)
     ref.set_attn_implementation("sfa_reference")
     return ref
+
+
+def _bloom_sfa_attention(self, hidden_states, residual, alibi, attention_mask, layer_past=None, use_cache=False,
+                         output_attentions=False, **kwargs):
+    """BloomAttention.forward (transformers 5) with its baddbmm/softmax/bmm computed by flash_sfa: ALiBi and the
+    mask as one additive mask, scale inv_norm_factor."""
+    from transformers.models.bloom.modeling_bloom import dropout_add
+
+    batch_size, q_length, _ = hidden_states.shape
+    query, key, value = self._reshape(self.query_key_value(hidden_states))
+    if layer_past is not None:
+        key, value = layer_past.update(key, value, self.layer_idx)
+    mask = self.beta * alibi.view(batch_size, self.num_heads, 1, -1)
+    if attention_mask is not None:
+        mask = mask + attention_mask
+    context = flash_sfa(query, key, value, topk=REFERENCE_TOPK["value"], attn_mask=mask, scale=self.inv_norm_factor)
+    context = self._merge_heads(context.reshape(batch_size * self.num_heads, q_length, self.head_dim))
+    return dropout_add(self.dense(context), residual, self.hidden_dropout, self.training), None
+
+
+def bloom_reference_copy(model, topk: int):
+    """A Bloom model's copy whose attention is computed eagerly by flash_sfa at ``topk`` (Bloom has no
+    attention interface for ``reference_copy`` to use)."""
+    import types
+
+    from transformers.models.bloom.modeling_bloom import BloomAttention
+
+    REFERENCE_TOPK["value"] = topk
+    ref = copy.deepcopy(model)
+    for module in ref.modules():
+        if isinstance(module, BloomAttention):
+            module.forward = types.MethodType(_bloom_sfa_attention, module)
+    return ref

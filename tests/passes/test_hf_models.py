@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import sfa_compile
-from hf_models import CASES, build, reference_copy
+from hf_models import CASES, bloom_reference_copy, build, reference_copy
 
 
 def _plain_graph_count(model, inputs) -> int:
@@ -82,7 +82,8 @@ def test_falcon_eager_scales_scores_in_place():
 
 def test_bloom_alibi_through_baddbmm_and_views():
     """Bloom (no attention interface, so no reference copy): scores from baddbmm(alibi, q, k^T) in (B*H) batch
-    dims, viewed to (B, H) to add the mask, viewed back for bmm with v. Rewritten, exact at topk = head dim."""
+    dims, viewed to (B, H) to add the mask, viewed back for bmm with v. Rewritten, exact at topk = head dim, and
+    at smaller topk equal to Bloom's attention computed by flash_sfa."""
     model, inputs, sites, head_dim = build("bloom", "eager")
     model.eval()
     torch._dynamo.reset()
@@ -94,8 +95,10 @@ def test_bloom_alibi_through_baddbmm_and_views():
         same = torch.compile(model, backend="sfa", options={"topk": head_dim, "handoff": "aot_eager"})
         torch.testing.assert_close(same(**inputs).logits, dense, rtol=1e-4, atol=1e-5)
         torch._dynamo.reset()
-        sparse = torch.compile(model, backend="sfa", options={"topk": 4, "handoff": "aot_eager"})
-        assert (sparse(**inputs).logits - dense).abs().max() > 1e-5, "topk < head dim must change the output"
+        sparse = torch.compile(model, backend="sfa", options={"topk": 4, "handoff": "aot_eager"})(**inputs).logits
+        torch.testing.assert_close(bloom_reference_copy(model, head_dim)(**inputs).logits, dense, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(sparse, bloom_reference_copy(model, 4)(**inputs).logits, rtol=1e-4, atol=1e-5)
+        assert (sparse - dense).abs().max() > 1e-5, "topk < head dim must change the output"
 
 
 def test_gemma2_soft_capping_stays_dense_and_exact():
