@@ -18,10 +18,10 @@ import datetime
 import math
 import platform
 import time
+from pydoc_data.topics import topics
 
 import torch
 import transformers
-from pydoc_data.topics import topics
 
 import sfa_compile
 
@@ -97,7 +97,8 @@ def main():
           f"GPT-2 shape {args.layers} layers x {args.width} wide, {args.heads} heads of {head_dim}, byte-level, "
           f"{len(train_data)} train / {len(held_out)} held-out bytes, {args.steps} steps of {args.batch} x "
           f"{args.length} ({epochs:.1f} epochs)")
-    print("| attention | held-out loss (nats/byte) | perplexity per byte | bits per byte | train-slice loss | train s |\n"
+    print("| attention | held-out loss (nats/byte) | perplexity per byte | bits per byte | train-slice loss "
+          "| train s |\n"
           "|---|---|---|---|---|---|")
     for name, model in (("dense (SDPA)", dense), (f"SFA topk {head_dim // 8}", sfa)):
         start = time.time()

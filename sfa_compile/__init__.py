@@ -9,11 +9,11 @@ from .explain import explain
 from .exporters.onnx_export import export_onnx
 from .exporters.ort_plugin import ort_session
 from .finetune import finetune
-from .projection import projection_parameters
 from .functional import flash_sfa, flash_sfa_decode
 from .integrations.hf_attention import register as _register_hf
 from .kernels import CompressedFeatures, densify, sparsify
 from .kernels.kv_cache import CompressedKVCache
+from .projection import projection_parameters
 
 __version__ = "0.1.0"
 

@@ -41,7 +41,8 @@ def parse_options(options: Optional[dict]) -> tuple[SFAConfig, BackendSettings]:
     backend_keys = {f.name for f in dataclasses.fields(BackendSettings)}
     unknown = sorted(set(options) - config_keys - backend_keys)
     if unknown:
-        raise ValueError(f"sfa backend: unknown option(s) {unknown}; valid options: {sorted(config_keys | backend_keys)}")
+        valid = sorted(config_keys | backend_keys)
+        raise ValueError(f"sfa backend: unknown option(s) {unknown}; valid options: {valid}")
     config = SFAConfig(**{k: v for k, v in options.items() if k in config_keys})
     settings = BackendSettings(**{k: v for k, v in options.items() if k in backend_keys})
     return config, settings

@@ -20,9 +20,9 @@ from .calibrate import calibrate
 from .config import SFAConfig
 from .finetune import call_model
 from .integrations.hf_attention import ATTN_IMPLEMENTATION, register
-from .observers import observe
 from .integrations.hf_loading import LOADER_MARKER
 from .module_conversion import InputSpec, rewrite_module, settings
+from .observers import observe
 from .passes.pipeline import left_dense, warn_or_raise
 from .projection import SFAProjection, fold_into_linear
 

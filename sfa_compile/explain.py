@@ -33,7 +33,8 @@ class Explanation:
         return self.table()
 
 
-def explain(model: torch.nn.Module, *example_args, sfa_config: Optional[SFAConfig] = None, **example_kwargs) -> Explanation:
+def explain(model: torch.nn.Module, *example_args, sfa_config: Optional[SFAConfig] = None,
+            **example_kwargs) -> Explanation:
     """Trace ``model`` on the example inputs with Dynamo and report every attention site: module path,
     pattern, shapes, mask kind, GQA ratio, and whether the "sfa" backend rewrites it or why not."""
     config = sfa_config or SFAConfig()

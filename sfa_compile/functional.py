@@ -7,8 +7,8 @@ from typing import Optional
 import torch
 
 from .kernels import ops
-from .kernels.kv_cache import CompressedKVCache
 from .kernels.checks import check_topk
+from .kernels.kv_cache import CompressedKVCache
 
 
 def flash_sfa(

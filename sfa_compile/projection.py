@@ -30,7 +30,8 @@ class SFAProjection(nn.Module):
         self.weight = nn.Parameter(torch.eye(head_dim).repeat(key_heads, 1, 1)) if runtime else None
 
     def extra_repr(self) -> str:
-        return f"key_heads={self.key_heads}, head_dim={self.head_dim}, topk={self.topk}, runtime={self.weight is not None}"
+        return (f"key_heads={self.key_heads}, head_dim={self.head_dim}, topk={self.topk}, "
+                f"runtime={self.weight is not None}")
 
     def project(self, x: torch.Tensor) -> torch.Tensor:
         """x (batch, heads, length, d) with heads a multiple of key_heads -> x R of its key head."""

@@ -12,10 +12,10 @@ import sys
 sys.path.insert(0, str(pathlib.Path(__file__).parent))
 
 import torch  # noqa: E402
-
-import sfa_compile  # noqa: E402
 from hf_models import CASES, MODELS  # noqa: E402
 from lookalikes import REFUSAL_REASONS, REFUSED, qkv  # noqa: E402
+
+import sfa_compile  # noqa: E402
 
 README = pathlib.Path(__file__).parent.parent / "README.md"
 START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"

@@ -176,7 +176,8 @@ def test_refusals_are_clear():
         sfa_compile.convert(nn.Linear(8, 8), example=q)
     with pytest.raises(ValueError, match="exceeds the head dim 8"):
         sfa_compile.convert(SdpaBlock(16, 2), sfa_compile.SFAConfig(topk=9), example=torch.randn(1, 3, 16))
-    with pytest.warns(UserWarning, match=r"2 attention site\(s\) stay dense: layers\.0 \(topk 9 exceeds the head dim 8\) and 1 more"):
+    dense = r"2 attention site\(s\) stay dense: layers\.0 \(topk 9 exceeds the head dim 8\) and 1 more"
+    with pytest.warns(UserWarning, match=dense):
         sfa_compile.convert(model(), sfa_compile.SFAConfig(topk=9), example=inputs(1, 3, 0))
 
 

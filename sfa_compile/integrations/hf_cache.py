@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
-from ..kernels.kv_cache import CompressedKVCache
 from ..kernels.checks import MAX_QUERY_LENGTH
+from ..kernels.kv_cache import CompressedKVCache
 from .hf_attention import ATTN_IMPLEMENTATION, CACHE_TAG
 
 
@@ -77,8 +77,9 @@ class SFACacheLayer(CacheLayerMixin):
             if self.max_cache_len is None:
                 raise ValueError("SFACache under torch.compile needs a static cache: SFACache(model, max_cache_len=N)")
             if key_states.size(2) > MAX_QUERY_LENGTH:
-                raise ValueError(f"SFACache: a compiled step got {key_states.size(2)} new tokens; compiled steps attend "
-                                 f"over the compressed cache with at most {MAX_QUERY_LENGTH}. Run the prompt uncompiled "
+                raise ValueError(f"SFACache: a compiled step got {key_states.size(2)} new tokens; compiled steps "
+                                 f"attend over the compressed cache with at most {MAX_QUERY_LENGTH}. Run the prompt "
+                                 "uncompiled "
                                  "(transformers' generate does) or feed it in chunks of at most 16 tokens")
             self.decoding = True
         else:

@@ -5,8 +5,8 @@ settings. transformers then builds the registered ``SFALoader`` while loading, t
 after the model skeleton exists and before the weights are read: it switches the model to
 ``attn_implementation="sfa"`` and attaches the recorded ``SFAProjection`` modules, so their tensors load like
 any other weight. Projection tensors missing from the checkpoint or of the wrong shape are errors naming the
-tensor (checked before loading, and again after it: every run-time projection must be orthogonal). It removes every trace of
-"quantization" from the model (SFA does not change weights' storage; ``.half()``, training and saving stay
+tensor (checked before loading, and again after it: every run-time projection must be orthogonal). It removes every
+trace of "quantization" from the model (SFA does not change weights' storage; ``.half()``, training and saving stay
 plain), then puts the marker back into the config so that ``save_pretrained`` keeps the checkpoint loadable.
 """
 

@@ -103,7 +103,8 @@ def check_flash_sfa_args(
         q_heads, k_heads, v_heads = query.size(-3), key.size(-3), value.size(-3)
         if k_heads != v_heads:
             raise ValueError(
-                f"flash_sfa: with enable_gqa, key and value must have the same number of heads, got {k_heads} and {v_heads}"
+                f"flash_sfa: with enable_gqa, key and value must have the same number of heads, got {k_heads} and "
+                f"{v_heads}"
             )
         if q_heads % k_heads != 0:
             raise ValueError(

@@ -21,8 +21,16 @@ from typing import Optional
 
 import torch
 
-from .checks import (MAX_QUERY_LENGTH, check_append_args, check_decode_args, check_flash_sfa_args, check_step_args,
-                     default_scale, output_shape, score_shape)
+from .checks import (
+    MAX_QUERY_LENGTH,
+    check_append_args,
+    check_decode_args,
+    check_flash_sfa_args,
+    check_step_args,
+    default_scale,
+    output_shape,
+    score_shape,
+)
 from .kv_cache import advance_lengths, append_reference
 from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
 
@@ -47,7 +55,8 @@ def flash_sfa_op(
     dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
-    return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
+    return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                               dropout_seed)
 
 
 @flash_sfa_op.register_kernel("cuda")

@@ -77,7 +77,8 @@ def _topk_sparsify_kernel(
     h = (rows // length) % n_heads
     b = rows // (length * n_heads)
     ok = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
-    x = tl.load(X + (b * stride_b + h * stride_h + n * stride_n)[:, None] + cols[None, :] * stride_d, mask=ok, other=0.0)
+    x = tl.load(X + (b * stride_b + h * stride_h + n * stride_n)[:, None] + cols[None, :] * stride_d,
+                mask=ok, other=0.0)
     keep = topk_keep(x, ok, topk, LOW_BIT)
     out = rows[:, None] * head_dim + cols[None, :]
     tl.store(Y + out, tl.where(keep, x, 0.0), mask=ok)

@@ -21,8 +21,8 @@ import torch.fx as fx
 import torch.nn.functional as F
 
 from .graph_utils import example, module_path, static_int
-from .match import Refusal
 from .inline import inline_function
+from .match import Refusal
 
 PATTERN = "multi_head_attention"
 _PARAMETERS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",

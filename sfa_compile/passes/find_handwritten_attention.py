@@ -19,8 +19,18 @@ import torch
 import torch.fx as fx
 
 from .constants import constant_value
-from .graph_utils import (DROPOUT_FUNCTIONS, SOFTMAX_FUNCTIONS, example, is_function, is_method, may_mutate,
-                          module_path, same_batch, sole_consumer, static_int)
+from .graph_utils import (
+    DROPOUT_FUNCTIONS,
+    SOFTMAX_FUNCTIONS,
+    example,
+    is_function,
+    is_method,
+    may_mutate,
+    module_path,
+    same_batch,
+    sole_consumer,
+    static_int,
+)
 from .match import AttentionMatch, Refusal
 from .products import pv_value, qk_product
 from .score_chain import Refuse, ScoreChain, identity_source, leading, view_source

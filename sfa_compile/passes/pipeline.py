@@ -12,12 +12,12 @@ import warnings
 import torch.fx as fx
 
 from ..config import SFAConfig
-from .find_handwritten_attention import find_handwritten_attention
 from .expand_multi_head_attention import expand_multi_head_attention
 from .expand_transformer_encoder_layer import expand_transformer_encoder_layer
+from .find_handwritten_attention import find_handwritten_attention
 from .find_sdpa_calls import find_sdpa_calls
-from .graph_utils import example, may_mutate
 from .gqa import peel_repeated_heads
+from .graph_utils import example, may_mutate
 from .match import AttentionMatch, Refusal, SiteReport
 from .rewrite_attention import rewrite_attention
 

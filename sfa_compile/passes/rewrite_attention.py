@@ -20,8 +20,8 @@ from typing import Callable, Optional
 import torch
 import torch.fx as fx
 
-from .graph_utils import example, static_int
 from .gqa import peel_repeated_heads
+from .graph_utils import example, static_int
 from .match import AttentionMatch, MaskParts, MaskTerm
 
 

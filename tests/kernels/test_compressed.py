@@ -1,11 +1,12 @@
 import pytest
 import torch
-
-from sfa_compile import densify, sparsify
 from sfa_oracle import oracle_keep
 
+from sfa_compile import densify, sparsify
 
-@pytest.mark.parametrize("head_dim,topk,idx_dtype", [(8, 3, torch.uint8), (256, 16, torch.uint8), (300, 7, torch.int16)])
+
+@pytest.mark.parametrize("head_dim,topk,idx_dtype",
+                         [(8, 3, torch.uint8), (256, 16, torch.uint8), (300, 7, torch.int16)])
 def test_round_trip_matches_topk(head_dim, topk, idx_dtype):
     torch.manual_seed(head_dim)
     x = torch.randn(2, 3, 5, head_dim, dtype=torch.bfloat16)

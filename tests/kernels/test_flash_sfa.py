@@ -3,15 +3,15 @@
 import random
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sfa_oracle import oracle_sfa
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sfa_compile import flash_sfa
 from sfa_compile.kernels import reference
-from sfa_oracle import oracle_sfa
 
 
 def random_case(seed):
@@ -76,8 +76,9 @@ def test_topk_equal_head_dim_is_sdpa(seed):
     torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-6)
 
 
-@pytest.mark.parametrize("shape_q,shape_kv", [((5, 8), (7, 8)), ((3, 5, 8), (3, 7, 8)), ((2, 1, 3, 5, 8), (2, 1, 3, 7, 8)),
-                                              ((2, 4, 5, 8), (1, 4, 7, 8)), ((2, 4, 5, 8), (2, 1, 7, 8))])
+@pytest.mark.parametrize("shape_q,shape_kv", [((5, 8), (7, 8)), ((3, 5, 8), (3, 7, 8)),
+                                              ((2, 1, 3, 5, 8), (2, 1, 3, 7, 8)), ((2, 4, 5, 8), (1, 4, 7, 8)),
+                                              ((2, 4, 5, 8), (2, 1, 7, 8))])
 def test_batch_dims_and_broadcasting_like_sdpa(shape_q, shape_kv):
     torch.manual_seed(0)
     q, k, v = torch.randn(shape_q), torch.randn(shape_kv), torch.randn(shape_kv)

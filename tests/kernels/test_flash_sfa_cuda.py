@@ -5,10 +5,10 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-
-from sfa_compile import flash_sfa
 from sfa_oracle import oracle_sfa
 from test_flash_sfa_triton import assert_within_2x, naive
+
+from sfa_compile import flash_sfa
 
 pytestmark = pytest.mark.gpu
 

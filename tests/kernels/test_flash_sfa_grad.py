@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from sfa_oracle import oracle_keep, oracle_sfa
+from test_flash_sfa import random_case
 
 from sfa_compile import flash_sfa
 from sfa_compile.kernels import ops
-from sfa_oracle import oracle_keep, oracle_sfa
-from test_flash_sfa import random_case
 
 
 @pytest.mark.parametrize("seed", range(12))

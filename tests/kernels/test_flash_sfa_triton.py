@@ -13,10 +13,11 @@ import torch
 
 triton = pytest.importorskip("triton")
 
+from sfa_oracle import oracle_keep, oracle_sfa  # noqa: E402
+
 from sfa_compile.kernels import flash_sfa_triton, reference  # noqa: E402
 from sfa_compile.kernels.topk import sparsify_dense  # noqa: E402
 from sfa_compile.kernels.triton_topk import sparsify_triton  # noqa: E402
-from sfa_oracle import oracle_keep, oracle_sfa  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def naive(q, k, v, topk, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):

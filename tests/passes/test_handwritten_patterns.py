@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from sfa_oracle import oracle_sfa
 
 import sfa_compile
-from sfa_oracle import oracle_sfa
 
 B, H, L, D = 2, 4, 6, 8
 

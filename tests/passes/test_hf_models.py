@@ -2,9 +2,9 @@
 
 import pytest
 import torch
+from hf_models import CASES, bloom_reference_copy, build, reference_copy
 
 import sfa_compile
-from hf_models import CASES, bloom_reference_copy, build, reference_copy
 
 
 def _plain_graph_count(model, inputs) -> int:

@@ -9,9 +9,9 @@ import operator
 import pytest
 import torch
 import torch.nn.functional as F
+from lookalikes import LOOKALIKES, REFUSAL_REASONS, REFUSED, D, causal, kt, qkv
 
 import sfa_compile
-from lookalikes import LOOKALIKES, REFUSAL_REASONS, REFUSED, D, causal, kt, qkv
 from sfa_compile.passes.constants import constant_value
 
 

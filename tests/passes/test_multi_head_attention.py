@@ -1,6 +1,8 @@
 """PyTorch's own attention modules: nn.MultiheadAttention and the nn.Transformer layers call
 F.multi_head_attention_forward, which Dynamo keeps opaque; the expansion pass must open it exactly."""
 
+from functools import partial
+
 import pytest
 import torch
 import torch.nn as nn
@@ -18,6 +20,10 @@ def _inputs():
     return x, mem, kpm
 
 
+def _call(module, query, memory, **kwargs):
+    return module(query, memory, memory, **kwargs)[0]
+
+
 def _cases():
     torch.manual_seed(0)
     x, mem, kpm = _inputs()
@@ -26,11 +32,11 @@ def _cases():
     for batch_first in (True, False):
         m = nn.MultiheadAttention(E, H, batch_first=batch_first)
         xx, mm = (x, mem) if batch_first else (x.transpose(0, 1), mem.transpose(0, 1))
-        cases[f"mha batch_first={batch_first}"] = (lambda m, a, b: lambda: m(a, b, b, need_weights=False)[0])(m, xx, mm)
-        cases[f"mha key_padding_mask batch_first={batch_first}"] = (lambda m, a, b: lambda: m(
-            a, b, b, key_padding_mask=kpm, need_weights=False)[0])(m, xx, mm)
-        cases[f"mha bool attn_mask, weights unused, batch_first={batch_first}"] = (lambda m, a, b: lambda: m(
-            a, b, b, attn_mask=causal_bool)[0])(m, xx, mm)
+        cases[f"mha batch_first={batch_first}"] = partial(_call, m, xx, mm, need_weights=False)
+        cases[f"mha key_padding_mask batch_first={batch_first}"] = partial(_call, m, xx, mm, key_padding_mask=kpm,
+                                                                            need_weights=False)
+        cases[f"mha bool attn_mask, weights unused, batch_first={batch_first}"] = partial(_call, m, xx, mm,
+                                                                                          attn_mask=causal_bool)
     other = nn.MultiheadAttention(E, H, batch_first=True, kdim=8, vdim=12)
     k8, v12 = torch.randn(2, 7, 8), torch.randn(2, 7, 12)
     cases["mha kdim vdim"] = lambda: other(x, k8, v12, need_weights=False)[0]

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from sfa_oracle import oracle_sfa
 
 import sfa_compile
 from sfa_compile.passes.pipeline import run_pipeline
-from sfa_oracle import oracle_sfa
 
 
 def _rewritten_graph(fn, *args):
@@ -26,7 +26,8 @@ def _rewritten_graph(fn, *args):
 @pytest.mark.parametrize("mask_kind", ["bool", "float"])
 def test_all_arguments_carried(mask_kind):
     g = torch.Generator().manual_seed(0)
-    q, k, v = torch.randn(2, 4, 5, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
+    q = torch.randn(2, 4, 5, 8, generator=g)
+    k, v = torch.randn(2, 2, 7, 8, generator=g), torch.randn(2, 2, 7, 8, generator=g)
     mask = torch.rand(5, 7, generator=g) > 0.3 if mask_kind == "bool" else torch.randn(5, 7, generator=g)
 
     def fn(q, k, v, mask):
