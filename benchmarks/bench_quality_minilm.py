@@ -29,7 +29,7 @@ import torch.nn.functional as F
 import transformers
 
 import sfa_compile
-from sfa_compile.finetune import finetune
+from sfa_compile.training.finetune import finetune
 
 
 def embed(model, batch):

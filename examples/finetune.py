@@ -14,7 +14,7 @@ import torch.distributed as dist
 import transformers
 
 import sfa_compile
-from sfa_compile.textdata import builtin_sentences
+from sfa_compile.conversion.textdata import builtin_sentences
 
 
 def batches(sentences, vocab, size=8, length=32):

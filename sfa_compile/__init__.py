@@ -1,19 +1,19 @@
 """sfa-compile: turn dense-attention PyTorch models into Sparse Feature Attention (SFA) models."""
 
-from .calibrate import calibrate
-from .checkpoint import load, save
 from .config import SFAConfig
-from .convert import convert
-from .distill import attention_distillation
+from .conversion.calibrate import calibrate
+from .conversion.checkpoint import load, save
+from .conversion.convert import convert
 from .explain import explain
 from .exporters.onnx_export import export_onnx
 from .exporters.ort_plugin import ort_session
-from .finetune import finetune
 from .functional import flash_sfa, flash_sfa_decode
-from .integrations.hf_attention import register as _register_hf
+from .integrations import register as _register_hf
 from .kernels import CompressedFeatures, densify, sparsify
 from .kernels.kv_cache import CompressedKVCache
 from .projection import projection_parameters
+from .training.distill import attention_distillation
+from .training.finetune import finetune
 
 __version__ = "0.1.0"
 

@@ -18,7 +18,7 @@ def _demo(args: argparse.Namespace) -> int:
 def _load_dense(model_dir: str):
     import transformers
 
-    from .checkpoint import architecture_class
+    from .conversion.checkpoint import architecture_class
 
     config = transformers.AutoConfig.from_pretrained(model_dir)
     cls = architecture_class(getattr(config, "architectures", None), transformers.AutoModel)
@@ -33,7 +33,7 @@ def _check_output(path: str, force: bool) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from . import convert, save
     from .config import SFAConfig
-    from .textdata import text_examples
+    from .conversion.textdata import text_examples
 
     _check_output(args.output, args.force)  # before any expensive work
     config = SFAConfig(topk=args.topk, layers=args.layers)
@@ -50,7 +50,7 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from . import finetune, load, save
-    from .textdata import text_examples
+    from .conversion.textdata import text_examples
 
     _check_output(args.output, args.force)
     model = load(args.model_dir)
@@ -108,7 +108,7 @@ def _build_plugin(args: argparse.Namespace) -> int:
 def _finetune_defaults():
     import inspect
 
-    from .finetune import finetune
+    from .training.finetune import finetune
 
     return inspect.signature(finetune).parameters
 

@@ -94,3 +94,13 @@ class orthogonal_training:
         for m in self.projections:
             parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         return False
+
+
+def attach_projections(model, sfa_settings: dict) -> None:
+    """Recreate the SFAProjection modules recorded in ``model.config.sfa`` (before loading their weights)."""
+    modules = dict(model.named_modules())
+    runtime = sfa_settings.get("projection") == "runtime"
+    for path, (_, key_heads, head_dim) in sfa_settings["converted_layers"].items():
+        if path not in modules:
+            raise ValueError(f"SFA checkpoint names attention layer {path!r}, which this model does not have")
+        modules[path].sfa = SFAProjection(key_heads, head_dim, sfa_settings["topk"], runtime=runtime)

@@ -10,7 +10,7 @@ from sfa_oracle import oracle_sfa
 from torch import nn
 
 import sfa_compile
-from sfa_compile.module_conversion import SFAAttention
+from sfa_compile.conversion.modules import SFAAttention
 from sfa_compile.projection import orthogonality_error
 
 

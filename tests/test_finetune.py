@@ -10,11 +10,11 @@ from hf_models import build
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import sfa_compile
-from sfa_compile.distill import dropped_energy
+from sfa_compile.conversion.modules import SFAAttention
 from sfa_compile.kernels.topk import sparsify_dense
-from sfa_compile.module_conversion import SFAAttention
-from sfa_compile.observers import observe
-from sfa_compile.straight_through import sfa_attention, straight_through_topk
+from sfa_compile.training.distill import dropped_energy
+from sfa_compile.training.observers import observe
+from sfa_compile.training.straight_through import sfa_attention, straight_through_topk
 
 
 def _qkv(seed=0, heads=4, key_heads=2, length=9, dim=16):

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 
 from ..functional import flash_sfa_decode
-from ..observers import notify
-from ..straight_through import sfa_attention
+from ..training.observers import notify
+from ..training.straight_through import sfa_attention
 
 ATTN_IMPLEMENTATION = "sfa"
 CACHE_TAG = "_sfa_cache_layer"  # set by SFACache.update on the keys it hands to the attention function
@@ -59,17 +59,10 @@ def _decode(cache_layer, query, key, value, attention_mask, scaling):
     return out.transpose(1, 2).contiguous(), None
 
 
-def register() -> bool:
-    """Register "sfa" with transformers (attention and mask function, checkpoint loader); False when
-    transformers is missing."""
-    try:
-        from transformers import AttentionInterface, AttentionMaskInterface
-        from transformers.masking_utils import sdpa_mask
-    except ImportError:
-        return False
-    from .hf_loading import register as register_loader
+def register_attention() -> None:
+    """Register the "sfa" attention function and its mask function with transformers."""
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
 
     AttentionInterface.register(ATTN_IMPLEMENTATION, sfa_attention_forward)
     AttentionMaskInterface.register(ATTN_IMPLEMENTATION, sdpa_mask)
-    register_loader()
-    return True

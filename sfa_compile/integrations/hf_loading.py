@@ -41,7 +41,7 @@ def _check_projection_tensors(model, checkpoint_files) -> None:
                              f"{tuple(param.shape)}")
 
 
-def register() -> None:
+def register_loader() -> None:
     """Register the "sfa" loader with transformers (idempotent)."""
     global _registered
     if _registered:
@@ -67,7 +67,7 @@ def register() -> None:
         requires_calibration = False
 
         def _process_model_before_weight_loading(self, model, **kwargs):
-            from ..convert import attach_projections
+            from ..projection import attach_projections
             from .hf_attention import ATTN_IMPLEMENTATION
 
             settings = getattr(model.config, "sfa", None)

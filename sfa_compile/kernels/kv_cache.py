@@ -20,41 +20,9 @@ from typing import Optional, Sequence
 
 import torch
 
+from .cache_reference import dense_cache
 from .checks import check_topk
-from .compressed import densify, index_dtype, sparsify
-from .topk import project_by_key_head
-
-
-def dense_cache(key_values: torch.Tensor, key_indices: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Dense (keys, values) of a cache layout (batch, key heads, slots, ...): keys scattered back to
-    ``head_dim`` features; slots at or past ``lengths[b]`` hold garbage and come back as zeros."""
-    valid = (torch.arange(values.size(2), device=values.device)[None, :] < lengths[:, None])[:, None, :, None]
-    zero = torch.zeros((), dtype=values.dtype, device=values.device)
-    keys = densify(torch.where(valid, key_values, zero), torch.where(valid, key_indices.to(torch.int64), 0), head_dim)
-    return keys, torch.where(valid, values, zero)
-
-
-def append_reference(key_values: torch.Tensor, key_indices: torch.Tensor, values: torch.Tensor, lengths: torch.Tensor,
-                     new_keys: torch.Tensor, new_values: torch.Tensor, counts: Optional[torch.Tensor],
-                     projection: Optional[torch.Tensor] = None) -> None:
-    """The ``sfa::compressed_cache_append`` op in PyTorch: write at each sequence's length, advance it."""
-    if projection is not None:
-        new_keys = project_by_key_head(new_keys, projection)
-    length, capacity = new_keys.size(2), values.size(2)
-    compressed = sparsify(new_keys, key_values.size(-1))
-    counts_list = [length] * new_keys.size(0) if counts is None else counts.tolist()
-    for b, (start, count) in enumerate(zip(lengths.tolist(), counts_list)):
-        n = max(0, min(count, capacity - start))
-        key_values[b, :, start:start + n] = compressed.values[b, :, :n].to(key_values.dtype)
-        key_indices[b, :, start:start + n] = compressed.indices[b, :, :n].to(key_indices.dtype)
-        values[b, :, start:start + n] = new_values[b, :, :n].to(values.dtype)
-    advance_lengths(lengths, length, counts, capacity)
-
-
-def advance_lengths(lengths: torch.Tensor, length: int, counts: Optional[torch.Tensor], capacity: int) -> None:
-    """After an append: every sequence grew by ``length`` tokens (or ``counts[b]``), at most to the capacity."""
-    lengths.add_(length if counts is None else counts).clamp_(max=capacity)
+from .compressed import index_dtype
 
 
 class CompressedKVCache:

@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from .cache_reference import advance_lengths, append_reference
 from .checks import (
     MAX_QUERY_LENGTH,
     check_append_args,
@@ -31,7 +32,6 @@ from .checks import (
     output_shape,
     score_shape,
 )
-from .kv_cache import advance_lengths, append_reference
 from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
 
 

@@ -17,8 +17,8 @@ from typing import Optional
 
 import torch
 
+from .cache_reference import dense_cache
 from .checks import default_scale, gqa_group_size, output_shape
-from .kv_cache import dense_cache
 from .topk import project_by_key_head, sparsify_dense
 
 SCORE_CHUNK_ELEMENTS = 1 << 24

@@ -24,12 +24,12 @@ import torch
 import torch.fx as fx
 from torch import nn
 
-from .config import SFAConfig
-from .observers import notify
-from .passes.constants import STATIC_VALUE
-from .passes.pipeline import run_pipeline
-from .projection import SFAProjection
-from .straight_through import sfa_attention
+from ..config import SFAConfig
+from ..passes.constants import STATIC_VALUE
+from ..passes.pipeline import run_pipeline
+from ..projection import SFAProjection
+from ..training.observers import notify
+from ..training.straight_through import sfa_attention
 
 log = logging.getLogger("sfa_compile")
 

@@ -24,11 +24,10 @@ from pathlib import Path
 import safetensors.torch
 import torch
 
-from .config import SFAConfig
-from .convert import is_hf_model
-from .integrations.hf_attention import register
-from .module_conversion import InputSpec, qualified_name, rewrite_module
-from .projection import check_orthogonal
+from ..config import SFAConfig
+from ..integrations import is_hf_model, register
+from ..projection import check_orthogonal
+from .modules import InputSpec, qualified_name, rewrite_module
 
 MODULE_SETTINGS = "sfa_model.json"
 MODULE_WEIGHTS = "model.safetensors"

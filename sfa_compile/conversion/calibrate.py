@@ -15,10 +15,11 @@ from typing import Iterable
 
 import torch
 
-from .finetune import call_model, finetune
-from .observers import observe
-from .progress import progress_bar
-from .projection import SFAProjection
+from ..projection import SFAProjection
+from ..training.finetune import finetune
+from ..training.model_call import call_model
+from ..training.observers import observe
+from ..training.progress import progress_bar
 
 
 class _MomentCollector:

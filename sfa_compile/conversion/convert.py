@@ -16,23 +16,16 @@ from typing import Iterable, Optional
 
 import torch
 
+from ..config import SFAConfig
+from ..integrations import is_hf_model, register
+from ..integrations.hf_attention import ATTN_IMPLEMENTATION
+from ..integrations.hf_loading import LOADER_MARKER
+from ..passes.pipeline import left_dense, warn_or_raise
+from ..projection import SFAProjection, fold_into_linear
+from ..training.model_call import call_model
+from ..training.observers import observe
 from .calibrate import calibrate
-from .config import SFAConfig
-from .finetune import call_model
-from .integrations.hf_attention import ATTN_IMPLEMENTATION, register
-from .integrations.hf_loading import LOADER_MARKER
-from .module_conversion import InputSpec, rewrite_module, settings
-from .observers import observe
-from .passes.pipeline import left_dense, warn_or_raise
-from .projection import SFAProjection, fold_into_linear
-
-
-def is_hf_model(model) -> bool:
-    try:
-        from transformers import PreTrainedModel
-    except ImportError:
-        return False
-    return isinstance(model, PreTrainedModel)
+from .modules import InputSpec, rewrite_module, settings
 
 
 def attention_layers(model, example) -> dict[str, tuple[int, int, int]]:
@@ -167,14 +160,3 @@ def _convert_module(model, config, examples, example, refine_steps, progress):
     if examples:
         calibrate(gm, examples, steps=refine_steps, progress=progress)
     return gm.eval()
-
-
-def attach_projections(model, sfa_settings: dict) -> None:
-    """Recreate the SFAProjection modules recorded in ``model.config.sfa`` (before loading their weights)."""
-    modules = dict(model.named_modules())
-    runtime = sfa_settings.get("projection") == "runtime"
-    for path, (_, key_heads, head_dim) in sfa_settings["converted_layers"].items():
-        if path not in modules:
-            raise ValueError(f"SFA checkpoint names attention layer {path!r}, which this model does not have")
-        modules[path].sfa = SFAProjection(key_heads, head_dim, sfa_settings["topk"], runtime=runtime)
-

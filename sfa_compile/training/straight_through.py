@@ -15,8 +15,8 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .functional import flash_sfa
-from .kernels.topk import topk_mask
+from ..functional import flash_sfa
+from ..kernels.topk import topk_mask
 
 _active = [0]  # nesting depth of straight_through_topk blocks
 

@@ -22,21 +22,11 @@ from typing import Callable, Iterable, Optional, Sequence
 import torch
 import torch.distributed as dist
 
+from ..projection import SFAProjection, orthogonal_training, projection_parameters
 from .distill import attention_distillation
+from .model_call import call_model
 from .progress import progress_bar
-from .projection import SFAProjection, orthogonal_training, projection_parameters
 from .straight_through import straight_through_topk
-
-
-def call_model(model, example):
-    """Run ``model`` on one example: a dict of keyword arguments, a tuple of positional ones, or a tensor."""
-    device = next(model.parameters()).device
-    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
-    if isinstance(example, dict):
-        return model(**{k: move(v) for k, v in example.items()})
-    if isinstance(example, (tuple, list)):
-        return model(*[move(x) for x in example])
-    return model(move(example))
 
 
 class _TrainingStep(torch.nn.Module):

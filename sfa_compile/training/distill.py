@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from .kernels.topk import topk_mask
+from ..kernels.topk import topk_mask
 from .observers import observe
 
 

@@ -1,0 +1,1 @@
+"""Fine-tuning SFA models: the Eq. 8 distillation loss, straight-through top-k, attention observers."""

@@ -1,0 +1,16 @@
+"""Calling a model on one example, as conversion, calibration and fine-tuning all do."""
+
+from __future__ import annotations
+
+import torch
+
+
+def call_model(model, example):
+    """Run ``model`` on one example: a dict of keyword arguments, a tuple of positional ones, or a tensor."""
+    device = next(model.parameters()).device
+    move = lambda x: x.to(device) if isinstance(x, torch.Tensor) else x  # noqa: E731
+    if isinstance(example, dict):
+        return model(**{k: move(v) for k, v in example.items()})
+    if isinstance(example, (tuple, list)):
+        return model(*[move(x) for x in example])
+    return model(move(example))
