@@ -57,7 +57,7 @@ class SFACacheLayer(CacheLayerMixin):
                                        fixed=static)
         # R in the model dtype, converted once: the kernels compress keys and project queries with it. An identity
         # R (a conversion without calibration: plain top-k) is dropped, x @ I being x exactly: it would only cost
-        # the decode step a projection kernel (H100, Qwen3-0.6B shape, 32k: ~2.4 us of ~42 per layer).
+        # the decode step a projection kernel.
         weight = self.projection.weight
         self.weight = None if weight is None else weight.detach().to(value_states.dtype)
         if self.weight is not None and not torch.compiler.is_compiling() and _is_identity(self.weight):

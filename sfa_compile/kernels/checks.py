@@ -177,7 +177,7 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
             raise ValueError(f"{name}: attn_mask must be boolean (True = attend), got {attn_mask.dtype}")
-        # Compared size by size: torch.broadcast_shapes costs ~17 us, paid in every layer of an eager decode step.
+        # Compared size by size: torch.broadcast_shapes is slow for a check paid in every layer of a decode step.
         target = (batch, q_heads, q_len, n_keys)
         if attn_mask.dim() != 4 or not all(size == 1 or size == want for size, want in zip(attn_mask.shape, target)):
             raise ValueError(f"{name}: attn_mask {tuple(attn_mask.shape)} must be 4-D and broadcast to "

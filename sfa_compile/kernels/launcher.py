@@ -1,9 +1,8 @@
 """Repeated Triton launches at a fraction of the host time: the compiled kernel's launcher, called directly.
 
-``kernel[grid](*args)`` binds and specializes every argument in Triton's JIT on every call: 34 us of host time for
-the decode split kernel's 63 arguments on the H100 machine, against 12 us for ``CompiledKernel[grid](*args)`` and
-8 us for the compiled kernel's ``run`` (the C launcher), which both of them end in. A decode step runs once per layer
-and token, so ``Launcher`` remembers the compiled kernels it launched, keyed by a refinement of what Triton
+``kernel[grid](*args)`` binds and specializes every argument in Triton's JIT on every call, several times the host
+time of the compiled kernel's ``run`` (the C launcher) that it ends in. A decode step runs once per layer and token,
+so ``Launcher`` remembers the compiled kernels it launched, keyed by a refinement of what Triton
 specializes them on, and calls the matching one's ``run`` as ``CompiledKernel[grid]`` does (current stream, launch
 metadata and hooks for profilers) without building its closure per call. The key: the launch settings
 (``LaunchConfig``: constexprs, warps, stages, programmatic launch; prepared once by the caller), the device, each
@@ -14,7 +13,7 @@ divides it and its width, a float by its type. A key's first launch goes through
 when needed; under Triton's interpreter every launch does.
 
 The kernels' host code computes launch sizes with ``cdiv`` and ``next_power_of_2`` below, not with Triton's: those
-are ``triton.constexpr_function``s (Triton 3.6-3.9), ~5 us per call from the host, which a decode call paid 9 times.
+are ``triton.constexpr_function``s (Triton 3.6-3.9), slow to call from the host.
 """
 
 from __future__ import annotations

@@ -12,7 +12,7 @@ function of its inputs (recomputable in the backward, checkable by opcheck, trac
 
 The three decode ops are inference-only and run once per layer of every generation step, so they are defined
 with torch.library's lower-level API (``_inference_op``) instead of ``torch.library.custom_op``, whose Python
-dispatch layers cost an eager call ~20 us, ~70 us when the op mutates arguments (against ~7 us).
+dispatch layers cost an eager call several times the host time, most when the op mutates arguments.
 """
 
 from __future__ import annotations
@@ -154,8 +154,8 @@ def _inference_op(name: str, mutates_args: tuple[str, ...], reference, cuda, fak
     """Define ``sfa::<name>`` (schema from ``reference``'s annotations) with torch.library's define / impl /
     register_fake and return its overload. ``reference`` runs on every device, ``cuda`` on CUDA tensors, ``fake``
     gives shapes. Why not ``torch.library.custom_op``: in eager mode it dispatches through Python autograd and
-    ADInplaceOrView layers (the latter re-reads the schema's argument list for every argument: ~60 us per call of
-    a mutating op; torch 2.11-2.13), which a decode step would pay in every layer. Inference only, like
+    ADInplaceOrView layers (the latter re-reads the schema's argument list for every argument of a mutating op;
+    torch 2.11-2.13), which a decode step would pay in every layer. Inference only, like
     flash-attn's ``flash_attn_with_kvcache``: the Autograd key falls through and both implementations run without
     grad, so outputs never carry a gradient on any device; the CUDA kernels bump the version counters of what they
     write, as autograd expects of in-place ops."""
@@ -274,7 +274,7 @@ def _flash_sfa_decode_step_reference(
 ) -> torch.Tensor:
     """One decode step: ``sfa::compressed_cache_append`` of the step's (B, Hk, T, d) keys and values, then
     ``sfa::flash_sfa_decode`` of its queries over the cache (the new tokens included). On CUDA, with <= 16 new
-    tokens and queries, both run in the decode kernels' own launches (two per step without R, three with; was six)."""
+    tokens and queries, both run in the decode kernels' own launches (two per step without R, three with)."""
     check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
     append_reference(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
     return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,

@@ -18,8 +18,7 @@ Decode step (``decode`` given the step's new keys and values): without R, one mo
 head) of the split kernel appends them at the sequence's length and attends to them from registers, while the
 others stream the tokens cached before; with R, the prologue kernel appends them (its second program column)
 and the split kernel counts them in each sequence's length. The merge kernel advances the device lengths. A
-whole step of one layer is two launches without R, three with (was six: append, two length updates, query
-prologue, split, merge).
+whole step of one layer is two launches without R, three with.
 
 Append: one program per (sequence, key head, block of 16 new tokens) projects the key rows by R when given
 (above head dim 128, R runs as a torch matmul before either kernel), computes their top-k, writes the kept
@@ -42,17 +41,15 @@ from .triton_topk import LOW_BIT, feature_block, topk_keep
 
 _MIN_SPLIT_TOKENS = 128
 _LONG_SPLIT_TOKENS = 4096  # four-per-multiprocessor splits this long are split four times further
-_MERGE_COLUMNS = 32  # feature columns per merge program (H100, d = 128: 32 or 64 alike, all 128 0.3-0.4 us slower)
-# The fused projection loads R as one (d, d) tile per program: measured and tested on the GPU up to d = 128.
-# Beyond that the tile (64K elements at d = 256) would spill registers, so R runs as a torch matmul first.
+_MERGE_COLUMNS = 32  # feature columns per merge program: more programs with fewer bytes each
+# The fused projection loads R as one (d, d) tile per program, tested on the GPU up to d = 128; beyond that the
+# tile would spill registers, so R runs as a torch matmul first.
 _MAX_FUSED_PROJECTION_DIM = 128
 
 
 def _min_rows(block_d: int, topk: int, num_warps: int) -> int:
-    """Score rows per program at least: Triton 3.6 fails to compile 4 rows at head dim 16, and 2 rows with 4 warps
-    (thread locality pass; H100 probe over group 1/2/4, head dim 16/32/128, topk 4/8/16, with and without masks).
-    2 rows with 2 warps compile (H100 tests and probes: head dim 24-128, topk up to 16), and a GQA-2 step then
-    gathers and ranks half the rows it did with 2 padding rows (batch 1, 16 / 8 heads, 32k: 0.5-0.7 us less)."""
+    """Score rows per program at least: the fewest Triton 3.6 compiles (its thread locality pass fails on 4 rows at
+    head dim 16 and on 2 rows with 4 warps); 2 rows with 2 warps let a GQA-2 step rank no padding rows."""
     if block_d <= 16:
         return 8
     return 2 if num_warps == 2 and block_d <= 128 and topk <= 16 else 4
@@ -198,7 +195,7 @@ def _decode_split_kernel(
         n_ok = offs_n < stop
         # The compressed rows must load as vectors for the pipeliner to prefetch them asynchronously like V: with
         # a power-of-two topk the mask is constant along the row, and row offsets are declared multiples of
-        # ROW_ALIGN (host-checked). Otherwise they load byte-wise and synchronously (H100, topk 8: 8-15% slower).
+        # ROW_ALIGN (host-checked). Otherwise they load byte-wise and synchronously, which is slower.
         if EVEN_K:
             nk_ok = tl.broadcast_to(n_ok[:, None], (BLOCK_N, BLOCK_K))
         else:
@@ -225,7 +222,7 @@ def _decode_split_kernel(
                                                sib, sih, sis, svb, svh, svs, smb, smh, smt, sms, REP, BLOCK_D,
                                                LOW_BIT, HAS_MASK, MASK_ROW, PRECISION)
     if PDL:  # the merge kernel may launch now (it waits for this grid's results); earlier, its programs would take
-        gdc_launch_dependents()  # multiprocessor slots from the splits still streaming keys (H100: +1 us a step)
+        gdc_launch_dependents()  # multiprocessor slots from the splits still streaming keys
     part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + rows
     acc_rows = tl.arange(0, M_REAL * REP)
     acc_part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + acc_rows
@@ -331,8 +328,7 @@ def _decode_combine_kernel(
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, ADVANCE: tl.constexpr, PDL: tl.constexpr,
 ):
     # One program per (sequence, key head, group row) and BLOCK_D feature columns: more programs with fewer bytes
-    # each, and the partial outputs are loaded before the statistics' reductions, so the loads overlap (H100, batch
-    # 1: 0.7-0.8 us less than one program per row loading after them).
+    # each, and the partial outputs are loaded before the statistics' reductions, so the loads overlap.
     if PDL:  # launched while the split kernel runs: wait for its results
         gdc_wait()
     row = tl.program_id(0)  # over (sequence, key head, group row)
@@ -385,17 +381,16 @@ def _programmatic_launch(device: int) -> bool:
 def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, append: bool,
                    num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
                    num_stages: Optional[int], device: int, interpret: bool) -> tuple[int, int, int, int]:
-    """(splits, key block, warps, stages), each unless given; chosen by sweeps on an H100 (benchmarks/RESULTS.md).
+    """(splits, key block, warps, stages), each unless given; chosen by sweeps (benchmarks/RESULTS.md, LOG.md).
 
     With >= 16 (sequence, key head) pairs, <= 4 score rows and topk <= 16: about two programs per multiprocessor
     (long splits: fewer partial results to merge), 4 warps, 3 stages, 64-key blocks up to topk 8 and 128-key blocks
-    up to topk 16 (batch 2-16, GQA 4, 32k/128k: 1.45-1.83x of cuDNN, against 1.36-1.75x for the rules below).
-    Otherwise about four programs per multiprocessor with splits of >= 128 keys: 64-key blocks, 4 warps, 2 stages
-    up to topk 8; 32-key blocks, 2 warps, 3 stages above (batch 1, topk 16: 116 against 142 us at 128k); splits
-    still >= 4096 keys long are split four times further, with the tiles above where measured, else 32-key blocks,
-    2 warps, 2 stages. When the split kernel ``append``s a step's new tokens, their program counts in the programs
-    per multiprocessor (one more would wait for a second wave), and four programs per multiprocessor take 32-key
-    blocks, 2 warps, 3 stages at every topk (batch 1, 8 key heads, 32k, topk 8: 36.3 against 44.7 us)."""
+    up to topk 16. Otherwise about four programs per multiprocessor with splits of >= 128 keys: 64-key blocks,
+    4 warps, 2 stages up to topk 8; 32-key blocks, 2 warps, 3 stages above; splits still >= 4096 keys long are
+    split four times further, with the tiles above where swept, else 32-key blocks, 2 warps, 2 stages. When the
+    split kernel ``append``s a step's new tokens, their program counts in the programs per multiprocessor (one
+    more would wait for a second wave), and four programs per multiprocessor take 32-key blocks, 2 warps, 3 stages
+    at every topk."""
     if interpret:
         return num_splits or max(1, min(4, cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
     sms = _multiprocessors(device)
@@ -481,7 +476,7 @@ def _plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: int, n
     merge = _COMBINE.config(dict(BLOCK_S=max(next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, PDL=pdl),
                             4, 3, pdl)
     # The partial outputs and their softmax statistics in one allocation, passed once with the statistics' offsets
-    # (three views of it cost a call ~5 us of host time); each part starts 64-byte aligned, so that 16 divides the
+    # (three views of it cost host time every call); each part starts 64-byte aligned, so that 16 divides the
     # offsets and Triton specializes the kernels on it alike at every size.
     n_rows = batch * key_heads * parts * rows
     m_start = cdiv(n_rows * head_dim, 16) * 16
