@@ -20,9 +20,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import example, module_path, static_int
-from .inline import inline_function
-from .match import Refusal
+from .graph_utils import example, static_int
+from .inline import expand_calls
 
 PATTERN = "multi_head_attention"
 _PARAMETERS = ("query", "key", "value", "embed_dim_to_check", "num_heads", "in_proj_weight", "in_proj_bias",
@@ -127,30 +126,24 @@ def _refusal(node: fx.Node, args: Optional[dict]) -> Optional[str]:
     return None
 
 
+def _plan(node: fx.Node):
+    args = _bind(node)
+    reason = _refusal(node, args)
+    if reason is not None:
+        return reason
+    query, key = example(args["query"]), example(args["key"])
+    sizes = (query.size(0), key.size(0), query.size(1), query.size(2), args["num_heads"])
+    return _expansion(args, sizes, query.dtype), [args[name] for name in _INPUTS], query.fake_mode
+
+
+def _replace(node: fx.Node, out: fx.Node) -> None:
+    for user in list(node.users):  # getitem 0 is the output; the unused weights' getitem goes too
+        if user.target is operator.getitem and user.args[1] == 0:
+            user.replace_all_uses_with(out)
+        node.graph.erase_node(user)
+    node.graph.erase_node(node)
+
+
 def expand_multi_head_attention(gm: fx.GraphModule) -> list:
     """Expand every eligible call in place; returns a Refusal for each call left as it is."""
-    refusals = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not F.multi_head_attention_forward:
-            continue
-        args = _bind(node)
-        reason = _refusal(node, args)
-        if reason is not None:
-            refusals.append(Refusal(PATTERN, module_path(node), node, f"multi_head_attention_forward: {reason}"))
-            continue
-        query, key = example(args["query"]), example(args["key"])
-        sizes = (query.size(0), key.size(0), query.size(1), query.size(2), args["num_heads"])
-        try:
-            out = inline_function(gm, node, _expansion(args, sizes, query.dtype), [args[name] for name in _INPUTS],
-                                  query.fake_mode)
-        except Exception as err:  # nothing read the copied nodes yet: they are dead code, the call stays
-            refusals.append(Refusal(PATTERN, module_path(node), node, f"could not expand ({type(err).__name__}: "
-                                    f"{err})"))
-            continue
-        for user in list(node.users):
-            if user.target is operator.getitem and user.args[1] == 0:
-                user.replace_all_uses_with(out)
-            gm.graph.erase_node(user)
-        gm.graph.erase_node(node)
-    return refusals
-
+    return expand_calls(gm, F.multi_head_attention_forward, PATTERN, "multi_head_attention_forward", _plan, _replace)

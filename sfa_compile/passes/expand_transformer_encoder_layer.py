@@ -16,9 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .graph_utils import example, module_path, static_int
-from .inline import inline_function
-from .match import Refusal
+from .graph_utils import example, static_int
+from .inline import expand_calls
 
 PATTERN = "transformer_encoder_layer"
 _PARAMETERS = ("src", "embed_dim", "num_heads", "qkv_weight", "qkv_bias", "proj_weight", "proj_bias", "use_gelu",
@@ -91,25 +90,21 @@ def _expansion(args: dict, sizes: tuple):
     return expanded
 
 
+def _plan(node: fx.Node):
+    args = _bind(node)
+    reason = _refusal(args)
+    if reason is not None:
+        return reason
+    src = example(args["src"])
+    return _expansion(args, tuple(src.shape)), [args[name] for name in _INPUTS], src.fake_mode
+
+
+def _replace(node: fx.Node, out: fx.Node) -> None:
+    node.replace_all_uses_with(out)
+    node.graph.erase_node(node)
+
+
 def expand_transformer_encoder_layer(gm: fx.GraphModule) -> list:
     """Expand every eligible call in place; returns a Refusal for each call left as it is."""
-    refusals = []
-    for node in list(gm.graph.nodes):
-        if node.op != "call_function" or node.target is not torch._transformer_encoder_layer_fwd:
-            continue
-        args = _bind(node)
-        reason = _refusal(args)
-        if reason is not None:
-            refusals.append(Refusal(PATTERN, module_path(node), node, f"transformer encoder fast path: {reason}"))
-            continue
-        src = example(args["src"])
-        try:
-            out = inline_function(gm, node, _expansion(args, tuple(src.shape)), [args[name] for name in _INPUTS],
-                                  src.fake_mode)
-        except Exception as err:  # nothing read the copied nodes yet: they are dead code, the call stays
-            refusals.append(Refusal(PATTERN, module_path(node), node, f"could not expand ({type(err).__name__}: "
-                                    f"{err})"))
-            continue
-        node.replace_all_uses_with(out)
-        gm.graph.erase_node(node)
-    return refusals
+    return expand_calls(gm, torch._transformer_encoder_layer_fwd, PATTERN, "transformer encoder fast path", _plan,
+                        _replace)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Union
 
 import torch.fx as fx
 
+from .graph_utils import module_path
+from .match import Refusal
 from .rewrite_attention import fake_value
 
 
@@ -26,3 +28,26 @@ def inline_function(gm: fx.GraphModule, node: fx.Node, function: Callable, input
             new.meta["nn_module_stack"] = stack
             fake_value(new, fake_mode)
     return out
+
+
+def expand_calls(gm: fx.GraphModule, target, pattern: str, label: str,
+                 plan: Callable[[fx.Node], Union[str, tuple]], replace: Callable[[fx.Node, fx.Node], None]) -> list:
+    """Expand every call of ``target``: ``plan(node)`` gives the reason to leave it as it is, or (function, inputs,
+    fake mode) to inline in its place; ``replace(node, out)`` hands the call's users to the expansion and erases
+    it. Returns a Refusal (pattern, "label: reason") for each call left as it is."""
+    refusals = []
+    for node in list(gm.graph.nodes):
+        if node.op != "call_function" or node.target is not target:
+            continue
+        planned = plan(node)
+        if isinstance(planned, str):
+            refusals.append(Refusal(pattern, module_path(node), node, f"{label}: {planned}"))
+            continue
+        try:
+            out = inline_function(gm, node, *planned)
+        except Exception as err:  # nothing reads the copied nodes yet: they are dead code, and the call stays
+            refusals.append(Refusal(pattern, module_path(node), node,
+                                    f"{label}: could not expand ({type(err).__name__}: {err})"))
+            continue
+        replace(node, out)
+    return refusals

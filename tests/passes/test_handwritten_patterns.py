@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from rewritten import flash_sfa_calls
 from sfa_oracle import oracle_sfa
 
 import sfa_compile
@@ -158,17 +159,7 @@ def test_matmul_without_transpose_is_not_attention():
 def test_dropout_in_training_becomes_op_dropout():
     q, k, v = qkv()
     fn = lambda q, k, v: F.dropout(F.softmax(q @ k.transpose(-1, -2), -1), p=0.25, training=True) @ v  # noqa: E731
-    torch._dynamo.reset()
-    graphs = []
-
-    def capture(gm, example_inputs):
-        from sfa_compile.passes.pipeline import run_pipeline
-        run_pipeline(gm, sfa_compile.SFAConfig(topk=3))
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compile(fn, backend=capture)(q, k, v)
-    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.sfa.flash_sfa.default]
+    calls = flash_sfa_calls(fn, q, k, v, topk=3)
     assert len(calls) == 1 and calls[0].args[5] == 0.25 and calls[0].args[9] is not None
 
 

@@ -10,6 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from lookalikes import LOOKALIKES, REFUSAL_REASONS, REFUSED, D, causal, kt, qkv
+from rewritten import flash_sfa_calls
 
 import sfa_compile
 from sfa_compile.passes.constants import constant_value
@@ -120,17 +121,7 @@ def test_attention_in_every_call_form_is_rewritten_exactly(name):
     torch._dynamo.reset()
     got = torch.compile(fn, backend="sfa", options={"topk": D})(q, k, v)
     torch.testing.assert_close(got, fn(q, k, v), rtol=1e-5, atol=1e-5)
-    torch._dynamo.reset()
-    graphs = []
-
-    def capture(gm, example_inputs):
-        from sfa_compile.passes.pipeline import run_pipeline
-        run_pipeline(gm, sfa_compile.SFAConfig(topk=2))
-        graphs.append(gm)
-        return gm.forward
-
-    torch.compile(fn, backend=capture)(q, k, v)
-    calls = [n for n in graphs[0].graph.nodes if n.target is torch.ops.sfa.flash_sfa.default]
+    calls = flash_sfa_calls(fn, q, k, v, topk=2)
     assert len(calls) == 1 and calls[0].args[7] == scale
 
 
