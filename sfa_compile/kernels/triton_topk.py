@@ -13,6 +13,7 @@ inf values may pick a different one of them). The cost does not depend on ``topk
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -37,8 +38,10 @@ def interpreting() -> bool:
     return interpreted(_topk_sparsify_kernel)
 
 
+@functools.cache
 def autotuning() -> bool:
-    """False with SFA_AUTOTUNE=0: default tiles, no tuning pass on the first call of a shape."""
+    """False with SFA_AUTOTUNE=0: default tiles, no tuning pass on the first call of a shape. Read once, at the
+    first launch (set it before running kernels)."""
     return os.environ.get("SFA_AUTOTUNE", "1") != "0"
 
 

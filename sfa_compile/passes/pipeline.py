@@ -20,6 +20,7 @@ from .gqa import peel_repeated_heads
 from .graph_utils import example, may_mutate
 from .match import AttentionMatch, Refusal, SiteReport
 from .rewrite_attention import rewrite_attention
+from .rewrite_to_module import rewrite_to_module
 
 log = logging.getLogger("sfa_compile")
 
@@ -52,7 +53,7 @@ def _report(match, rewritten: bool, reason: str = "") -> SiteReport:
 
 def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True, make_site=None) -> list:
     """Find every attention site in ``gm`` and (if ``rewrite``) rewrite the accepted ones in place
-    (``make_site``: see rewrite_attention)."""
+    (with ``make_site``, into submodule calls: see rewrite_to_module)."""
     reports = []
     if rewrite:  # lowering first: the finders then see the attention inside
         for lowering in LOWERINGS:
@@ -67,7 +68,8 @@ def run_pipeline(gm: fx.GraphModule, config: SFAConfig, rewrite: bool = True, ma
                 reports.append(_report(found, False, "explain only"))
             else:
                 summary = _report(found, True)  # read shapes before the rewrite erases nodes
-                reason = rewrite_attention(gm, found, config.topk, make_site)
+                reason = (rewrite_attention(gm, found, config.topk) if make_site is None else
+                          rewrite_to_module(gm, found, config.topk, make_site))
                 reports.append(summary if reason is None else _report(found, False, reason))
     if rewrite:
         # FX's own purity test keeps in-place methods (x.add_(1)) only in some torch versions: ours keeps them all.

@@ -4,16 +4,13 @@ Emits, before the matched output: the mask in SDPA form (additive terms summed, 
 combined, -inf where a keep term is False), repeated K/V heads undone into ``enable_gqa``, the op call
 and its first output (the second, the log-sum-exp, serves the backward), and a dtype cast when the
 matched subgraph produced another dtype. Then erases the old subgraph. Refuses (returns a reason) when
-topk exceeds the site's head dim.
+topk exceeds the site's head dim, or when a step of the new subgraph fails on the fake values.
 
-With ``make_site`` (offline conversion of plain modules, module_conversion.py) the op call is instead a call of
-the submodule ``make_site(match, query, key)`` (fake values) adds to the graph module and names (None: refuse): an
-SFAAttention that owns the site's projection R and takes SDPA's arguments.
+``replace_site`` is the shared procedure; rewrite_to_module.py emits a submodule call in place of the op.
 """
 
 from __future__ import annotations
 
-import math
 import operator
 from typing import Callable, Optional
 
@@ -105,10 +102,15 @@ def _undo_head_repeat(match: AttentionMatch) -> tuple[fx.Node, fx.Node, bool]:
     return match.key, match.value, False
 
 
-def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int,
-                      make_site: Optional[Callable] = None) -> Optional[str]:
-    """Replace one site by sfa::flash_sfa; returns None on success or the reason it refused. Nothing of the
-    old subgraph changes until the new one is built: a step that fails leaves only dead nodes behind."""
+class SiteRefused(Exception):
+    """Raised while emitting a site: it stays dense, with this reason."""
+
+
+def replace_site(gm: fx.GraphModule, match: AttentionMatch, topk: int, emit_call: Callable) -> Optional[str]:
+    """Replace one site by what ``emit_call(graph, fake_mode, match, args)`` emits for the op's arguments
+    ``args`` = (query, key, value, topk, mask, dropout_p, is_causal, scale, enable_gqa); returns None on success or
+    the reason it refused. Nothing of the old subgraph changes until the new one is built: a step that fails
+    leaves only dead nodes behind."""
     q_value = example(match.query)
     head_dim = static_int(q_value.size(-1))
     if topk > head_dim:
@@ -117,8 +119,8 @@ def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int,
     key, value, enable_gqa = _undo_head_repeat(match)
     try:
         with graph.inserting_before(match.output):
-            out = _emit_site(graph, fake_mode, match, key, value, enable_gqa, topk, head_dim, make_site)
-    except _NoSite as err:
+            out = _emit_site(graph, fake_mode, match, key, value, enable_gqa, topk, emit_call)
+    except SiteRefused as err:
         return str(err)
     except Exception as err:  # the fake run rejected an emitted step: the site stays dense, and says why
         return f"could not emit the op here ({type(err).__name__}: {err})"
@@ -130,40 +132,33 @@ def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int,
     return None
 
 
-class _NoSite(Exception):
-    pass
-
-
-def _emit_site(graph, fake_mode, match: AttentionMatch, key, value, enable_gqa, topk, head_dim, make_site):
+def _emit_site(graph, fake_mode, match: AttentionMatch, key, value, enable_gqa, topk, emit_call):
     query = match.query
     if match.space is not None:
         query, key, value = (_regroup(graph, fake_mode, n, tuple(example(n).shape[:-2]), match.space)
                              for n in (query, key, value))
     mask = _mask_node(graph, fake_mode, match.mask, example(query).dtype, match.space)
     args = (query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale, enable_gqa)
-    if make_site is None:
-        seed = None
-        if match.dropout_p > 0.0:
-            seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
-        call = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default, *args, seed)
-        out = _emit(graph, fake_mode, "call_function", operator.getitem, call, 0)
-    else:
-        site = make_site(match, example(query), example(key))
-        if site is None:
-            raise _NoSite("conversion needs 3-D or 4-D query and key of the same rank")
-        # The default scale is written out: the site's head dim is static, an exporter may not see it so.
-        scale = match.scale if match.scale is not None else 1.0 / math.sqrt(head_dim)
-        out = graph.call_module(site, (query, key, value),
-                                dict(attn_mask=mask, dropout_p=match.dropout_p, is_causal=match.is_causal,
-                                     scale=scale, enable_gqa=enable_gqa))
-        fake_args = torch.fx.node.map_arg(args, lambda n: n.meta.get("example_value"))
-        with fake_mode:
-            out.meta["example_value"] = torch.ops.sfa.flash_sfa.default(*fake_args, None)[0]
+    out = emit_call(graph, fake_mode, match, args)
     expected = example(match.output)
     if match.space is not None:
         out = _regroup(graph, fake_mode, out, match.space, tuple(expected.shape[:-2]))
     if expected.dtype != example(out).dtype:
         out = _emit(graph, fake_mode, "call_method", "to", out, expected.dtype)
     if tuple(example(out).shape) != tuple(expected.shape):
-        raise _NoSite(f"the op's output would be {tuple(example(out).shape)}, the site's is {tuple(expected.shape)}")
+        raise SiteRefused(f"the op's output would be {tuple(example(out).shape)}, the site's is "
+                          f"{tuple(expected.shape)}")
     return out
+
+
+def _op_call(graph, fake_mode, match: AttentionMatch, args: tuple) -> fx.Node:
+    seed = None
+    if match.dropout_p > 0.0:  # the op's dropout draws from this seed, drawn where the model's dropout was
+        seed = _emit(graph, fake_mode, "call_function", torch.randint, 0, 2**62, (), dtype=torch.int64)
+    call = _emit(graph, fake_mode, "call_function", torch.ops.sfa.flash_sfa.default, *args, seed)
+    return _emit(graph, fake_mode, "call_function", operator.getitem, call, 0)
+
+
+def rewrite_attention(gm: fx.GraphModule, match: AttentionMatch, topk: int) -> Optional[str]:
+    """Replace one site by sfa::flash_sfa; returns None on success or the reason it refused."""
+    return replace_site(gm, match, topk, _op_call)
