@@ -68,7 +68,7 @@ def test_layer_filter_and_bad_topk():
 def test_distillation_loss_zero_only_when_dense():
     for topk, positive in ((None, False), (4, True)):
         model, _, inputs, _, _ = converted("llama", topk)
-        with sfa_compile.attention_distillation() as distill:
+        with sfa_compile.attention_distillation(model) as distill:
             model(**inputs)
         loss = distill.loss().item()
         assert (loss > 1e-6) == positive, loss
@@ -76,7 +76,7 @@ def test_distillation_loss_zero_only_when_dense():
 
 def test_refinement_lowers_distillation_loss():
     def eq8(model, inputs):
-        with torch.no_grad(), sfa_compile.attention_distillation() as distill:
+        with torch.no_grad(), sfa_compile.attention_distillation(model) as distill:
             model(**inputs)
             return distill.loss().item()
 

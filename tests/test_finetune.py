@@ -35,8 +35,7 @@ def test_straight_through_keeps_the_forward_and_passes_gradients_to_dropped_feat
 
     exact = sfa_attention(q, k, v, topk=4, enable_gqa=True, **kwargs)
     dq_exact, = torch.autograd.grad(exact, q, grad_out)
-    with straight_through_topk():
-        ste = sfa_attention(q, k, v, topk=4, enable_gqa=True, **kwargs)
+    ste = sfa_attention(q, k, v, topk=4, enable_gqa=True, straight_through=True, **kwargs)
     dq_ste, dk_ste = torch.autograd.grad(ste, (q, k), grad_out)
     torch.testing.assert_close(ste, exact)
 
@@ -57,7 +56,7 @@ def test_straight_through_reaches_converted_plain_module_sites():
     site = SFAAttention(key_heads=1, head_dim=16, topk=4).double()
     q, k, v = _qkv(heads=1, key_heads=1)
     keep = sparsify_dense(q.detach(), 4)[1]
-    with straight_through_topk():
+    with straight_through_topk(site):
         dq, = torch.autograd.grad(site(q, k, v).sum(), q)
     assert (dq[~keep] != 0).any()
 
@@ -65,7 +64,7 @@ def test_straight_through_reaches_converted_plain_module_sites():
 def test_straight_through_reaches_hugging_face_sites():
     def q_proj_grad(model, inputs, straight):
         model.zero_grad()
-        with straight_through_topk() if straight else torch.enable_grad():
+        with straight_through_topk(model) if straight else torch.enable_grad():
             model(**inputs).logits.square().mean().backward()
         return model.model.layers[0].self_attn.q_proj.weight.grad.clone()
 
@@ -89,7 +88,7 @@ def _converted_llama(topk=4):
 
 def test_sparsity_weight_adds_the_dropped_energy_term():
     model, inputs = _converted_llama()
-    with torch.no_grad(), sfa_compile.attention_distillation(sparsity=True) as distill:
+    with torch.no_grad(), sfa_compile.attention_distillation(model, sparsity=True) as distill:
         model(**inputs)
         energy = distill.dropped_energy().item()
     assert 0.0 < energy < 1.0
@@ -104,7 +103,7 @@ def test_warmup_topks_and_final_lr_factor_follow_the_schedule():
     seen, lrs = [], []
     handle = register_optimizer_step_pre_hook(lambda opt, args, kwargs: lrs.append(opt.param_groups[0]["lr"]))
     try:
-        with observe(lambda module, *rest: seen.append(module.sfa.topk) if module is layer else None):
+        with observe(model, lambda module, *rest: seen.append(module.sfa.topk) if module is layer else None):
             sfa_compile.finetune(model, [inputs], 8, lr=1e-3, warmup_topks=(12, 8), final_lr_factor=0.5,
                                  progress=False)
     finally:

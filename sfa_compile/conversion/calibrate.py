@@ -58,7 +58,7 @@ def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = 1e-3, pr
     was_training = model.training
     model.eval()
     collector = _MomentCollector()
-    with torch.no_grad(), observe(collector):
+    with torch.no_grad(), observe(model, collector):
         for example in progress_bar(examples, "calibrating: principal axes", progress):
             call_model(model, example)
     for sfa, (cq, ck) in collector.moments.items():

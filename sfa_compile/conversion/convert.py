@@ -38,7 +38,7 @@ def attention_layers(model, example) -> dict[str, tuple[int, int, int]]:
 
     was_training = model.training
     model.eval()
-    with torch.no_grad(), observe(record):
+    with torch.no_grad(), observe(model, record):
         call_model(model, example)
     model.train(was_training)
     return found

@@ -29,7 +29,7 @@ from ..passes.constants import STATIC_VALUE
 from ..passes.pipeline import run_pipeline
 from ..projection import SFAProjection
 from ..training.observers import notify
-from ..training.straight_through import sfa_attention
+from ..training.straight_through import sfa_attention, straight_through_on
 
 log = logging.getLogger("sfa_compile")
 
@@ -59,7 +59,8 @@ class SFAAttention(nn.Module):
         query, key = self.sfa.project(query), self.sfa.project(key)
         sdpa_kwargs = dict(attn_mask=attn_mask, dropout_p=dropout_p if self.training else 0.0, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
-        out = sfa_attention(query, key, value, topk=self.sfa.topk, **sdpa_kwargs)
+        out = sfa_attention(query, key, value, topk=self.sfa.topk, straight_through=straight_through_on(self),
+                            **sdpa_kwargs)
         notify(self, query, key, value, attn_mask, out, sdpa_kwargs)
         return out.squeeze(1) if folded_heads else out
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 
 from ..functional import flash_sfa_decode
 from ..training.observers import notify
-from ..training.straight_through import sfa_attention
+from ..training.straight_through import sfa_attention, straight_through_on
 
 ATTN_IMPLEMENTATION = "sfa"
 CACHE_TAG = "_sfa_cache_layer"  # set by SFACache.update on the keys it hands to the attention function
@@ -42,7 +42,8 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
         out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
     else:
         query, key = sfa.project(query), sfa.project(key)
-        out = sfa_attention(query, key, value, topk=sfa.topk, **sdpa_kwargs)
+        out = sfa_attention(query, key, value, topk=sfa.topk, straight_through=straight_through_on(module),
+                            **sdpa_kwargs)
     notify(module, query, key, value, attention_mask, out, sdpa_kwargs)
     return out.transpose(1, 2).contiguous(), None
 

@@ -1,7 +1,7 @@
 """Training terms collected from SFA layers during a forward pass.
 
 - The paper's Eq. 8: mean over SFA layers and heads of ||O_sfa - stopgrad(O_dense)||^2. Inside
-  ``attention_distillation()``, every SFA layer of a converted model also computes its dense attention output
+  ``attention_distillation(model)``, every SFA layer of the converted model also computes its dense attention output
   from the same (projected) queries and keys with SDPA under no_grad (flash or memory-efficient kernels: no
   score matrix is materialized) and adds the squared error of its per-head outputs. Since R is orthogonal,
   dense scores from projected q and k equal the original model's.
@@ -9,7 +9,7 @@
   key's squared norm that top-k drops. Penalizing it pushes the model and R to concentrate each row in fewer
   features; with straight-through top-k this is SR-STE's decay of the pruned entries (Zhou et al. 2021).
 
-    with attention_distillation() as distill:
+    with attention_distillation(model) as distill:
         out = model(**batch)
         loss = task_loss(out) + lam * distill.loss() + mu * distill.dropped_energy()
 """
@@ -72,7 +72,8 @@ class AttentionDistillation:
 
 
 @contextlib.contextmanager
-def attention_distillation(sparsity: bool = False):
+def attention_distillation(model: torch.nn.Module, sparsity: bool = False):
+    """Collect the Eq. 8 terms of ``model``'s SFA layers over the forward passes inside the block."""
     distill = AttentionDistillation(sparsity)
-    with observe(distill):
+    with observe(model, distill):
         yield distill

@@ -41,8 +41,8 @@ class _TrainingStep(torch.nn.Module):
 
     def forward(self, example):
         sparsity = self.sparsity_weight > 0
-        with attention_distillation(sparsity) as distill, \
-                straight_through_topk() if self.straight_through else contextlib.nullcontext():
+        with attention_distillation(self.model, sparsity) as distill, \
+                straight_through_topk(self.model) if self.straight_through else contextlib.nullcontext():
             out = call_model(self.model, example)
             loss = self.lam * distill.loss()
             if sparsity:

@@ -1,7 +1,7 @@
 """Straight-through top-k for fine-tuning, and the attention call every SFA site makes.
 
 SFA's gradient reaches only the kept features (DESIGN.md section 1), so training can sharpen the features
-already kept but never learns that a dropped one should have been kept. Inside ``straight_through_topk()``,
+already kept but never learns that a dropped one should have been kept. Inside ``straight_through_topk(model)``,
 SFA sites instead sparsify q and k with a straight-through estimator (Bengio et al. 2013; as SR-STE trains
 N:M sparse weights): the forward pass is unchanged (the same top-k values, exact softmax), while a dropped
 feature receives the gradient it would get if it were kept, so features can enter and leave the kept set.
@@ -10,25 +10,24 @@ feature receives the gradient it would get if it were kept, so features can ente
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 
 from ..functional import flash_sfa
 from ..kernels.topk import topk_mask
+from .observers import marked
 
-_active = [0]  # nesting depth of straight_through_topk blocks
+STRAIGHT_THROUGH = "_sfa_straight_through"  # attribute of a module inside straight_through_topk(model)
 
 
-@contextlib.contextmanager
-def straight_through_topk():
-    """SFA sites run with straight-through top-k gradients inside the block."""
-    _active[0] += 1
-    try:
-        yield
-    finally:
-        _active[0] -= 1
+def straight_through_topk(model: torch.nn.Module):
+    """``model``'s SFA sites run with straight-through top-k gradients inside the block."""
+    return marked(model, STRAIGHT_THROUGH, lambda old: True)
+
+
+def straight_through_on(module: torch.nn.Module) -> bool:
+    """Whether the attention layer ``module`` runs inside ``straight_through_topk`` of its model."""
+    return getattr(module, STRAIGHT_THROUGH, False)
 
 
 def _straight_through(x: torch.Tensor, topk: int) -> torch.Tensor:
@@ -37,10 +36,10 @@ def _straight_through(x: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.where(topk_mask(x.detach(), topk), x, x - x.detach())
 
 
-def sfa_attention(query, key, value, *, topk: int, **sdpa_kwargs) -> torch.Tensor:
-    """``flash_sfa`` of projected q and k, or inside ``straight_through_topk()`` the same forward values
-    through SDPA on straight-through sparsified q and k (its backward then gives every feature a gradient)."""
-    if not _active[0] or not torch.is_grad_enabled():
+def sfa_attention(query, key, value, *, topk: int, straight_through: bool = False, **sdpa_kwargs) -> torch.Tensor:
+    """``flash_sfa`` of projected q and k, or with ``straight_through`` the same forward values through SDPA on
+    straight-through sparsified q and k (its backward then gives every feature a gradient)."""
+    if not straight_through or not torch.is_grad_enabled():
         return flash_sfa(query, key, value, topk=topk, **sdpa_kwargs)
     return F.scaled_dot_product_attention(_straight_through(query, topk), _straight_through(key, topk), value,
                                           **sdpa_kwargs)
