@@ -1,10 +1,71 @@
-"""The ``sfa-compile`` command line. Subcommands read their defaults from SFAConfig and the library."""
+"""The ``sfa-compile`` command line. Subcommands read their defaults from SFAConfig and the library.
+
+Arguments are checked before any work starts; an error the user can fix prints one line,
+``sfa-compile: error: <what> (<how to fix>)``, and exits 1 (2 for usage errors), with the traceback only under
+``--debug``. Nothing is fetched from a model hub unless ``--from-hub`` asks for it.
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
+
+
+class CliError(Exception):
+    """An error the user can fix; its message says what and how."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line naming the command's help, exit status 2 (argparse prints the whole usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"sfa-compile: error: {message} (see {self.prog} --help)\n")
+
+
+class _Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Every option with a default shows it; required options and flags say nothing of one."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.required or action.default is None or action.default is False or action.nargs == 0:
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
+def _count(minimum: int):
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def _topk(text: str) -> int:
+    from .config import SFAConfig
+
+    value = _count(1)(text)
+    try:
+        SFAConfig(topk=value)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return value
+
+
+def _local_dir(path: str, what: str, hub_hint: bool = False) -> Path:
+    directory = Path(path)
+    if not directory.is_dir():
+        fix = f"pass a local directory, or --from-hub to download {path!r} from the Hugging Face Hub" if hub_hint \
+            else "pass the directory that sfa-compile convert or save wrote"
+        raise CliError(f"{path} is not a local {what} directory ({fix})")
+    if not (directory / "config.json").is_file():
+        raise CliError(f"{path} has no config.json (pass a directory written by save_pretrained or sfa-compile)")
+    return directory
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -15,19 +76,25 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_dense(model_dir: str):
+def _load_dense(model_dir: str, from_hub: bool):
     import transformers
 
     from .conversion.checkpoint import architecture_class
 
-    config = transformers.AutoConfig.from_pretrained(model_dir)
+    if not from_hub:
+        _local_dir(model_dir, "model", hub_hint=True)
+    local = {"local_files_only": not from_hub}
+    config = transformers.AutoConfig.from_pretrained(model_dir, **local)
+    if getattr(config, "sfa", None):
+        raise CliError(f"{model_dir} is already an SFA checkpoint (convert the dense model it came from, or "
+                       "fine-tune this one with sfa-compile finetune)")
     cls = architecture_class(getattr(config, "architectures", None), transformers.AutoModel)
-    return cls.from_pretrained(model_dir), config
+    return cls.from_pretrained(model_dir, **local), config
 
 
 def _check_output(path: str, force: bool) -> None:
     if Path(path).exists() and not force:
-        raise SystemExit(f"sfa-compile: {path} already exists; pass --force to overwrite it")
+        raise CliError(f"{path} already exists (pass --force to overwrite it)")
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -37,7 +104,7 @@ def _convert(args: argparse.Namespace) -> int:
 
     _check_output(args.output, args.force)  # before any expensive work
     config = SFAConfig(topk=args.topk, layers=args.layers)
-    model, hf_config = _load_dense(args.model_dir)
+    model, hf_config = _load_dense(args.model_dir, args.from_hub)
     calibration = text_examples(args.model_dir, hf_config, args.calibrate) if args.calibrate else None
     convert(model.eval(), config, calibration, refine_steps=args.refine_steps)
     save(model, args.output, force=args.force)
@@ -53,7 +120,7 @@ def _finetune(args: argparse.Namespace) -> int:
     from .conversion.textdata import text_examples
 
     _check_output(args.output, args.force)
-    model = load(args.model_dir)
+    model = load(_local_dir(args.model_dir, "SFA checkpoint"))
     causal_lm = type(model).__name__.endswith("ForCausalLM")
     data = text_examples(args.model_dir, model.config, args.sentences, labels=causal_lm)
     task = (lambda out, example: out.loss) if causal_lm else None
@@ -75,11 +142,11 @@ def _export(args: argparse.Namespace) -> int:
     from .exporters.onnx_export import flash_sfa_nodes
 
     _check_output(args.output, args.force)
-    model = load(args.model_dir)
+    model = load(_local_dir(args.model_dir, "SFA checkpoint"))
     parameters = inspect.signature(model.forward).parameters
     if "input_ids" not in parameters or not getattr(model.config, "vocab_size", 0):
-        raise SystemExit(f"sfa-compile: export builds token-id example inputs; {type(model).__name__} takes other "
-                         "inputs: call sfa_compile.export_onnx(model, args, path, kwargs=...) with your own")
+        raise CliError(f"export builds token-id example inputs, and {type(model).__name__} takes other inputs "
+                       "(call sfa_compile.export_onnx(model, args, path, kwargs=...) with your own)")
     model.config.use_cache = False  # the exported graph computes outputs, not a KV cache
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=generator)}
@@ -101,7 +168,7 @@ def _build_plugin(args: argparse.Namespace) -> int:
             print(f"fetched ONNX Runtime headers -> {include_dir}")
         print(build_plugin(include_dir, force=args.force))
     except PluginUnavailable as exc:
-        raise SystemExit(f"sfa-compile: {exc}") from None
+        raise CliError(str(exc)) from None
     return 0
 
 
@@ -114,33 +181,43 @@ def _finetune_defaults():
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sfa-compile", description=__doc__)
+    from . import __version__
+
+    shown = _Help
+    parser = _Parser(prog="sfa-compile", description=__doc__.splitlines()[0], formatter_class=shown)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     sub = parser.add_subparsers(dest="command", required=True)
-    demo = sub.add_parser("demo", help="SFA vs dense attention on a built-in default problem (no downloads)")
-    demo.add_argument("--length", type=int, default=512, help="sequence length (default: 512)")
-    demo.add_argument("--head-dim", type=int, default=64, choices=[32, 64, 128], help="head dim (default: 64)")
+    demo = sub.add_parser("demo", help="SFA vs dense attention on a built-in default problem (no downloads)",
+                          formatter_class=shown)
+    demo.add_argument("--length", type=_count(1), default=512, help="sequence length")
+    demo.add_argument("--head-dim", type=int, default=64, choices=[32, 64, 128], help="head dim")
     demo.set_defaults(func=_demo)
 
     from .config import SFAConfig
 
     defaults = SFAConfig()
     tuning = _finetune_defaults()
-    conv = sub.add_parser("convert", help="convert a Hugging Face model directory into an SFA checkpoint")
+    conv = sub.add_parser("convert", help="convert a Hugging Face model directory into an SFA checkpoint",
+                          formatter_class=shown)
     conv.add_argument("model_dir", help="directory with config.json and weights (save_pretrained layout)")
     conv.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    conv.add_argument("--topk", type=int, default=defaults.topk, help=f"features kept (default: {defaults.topk})")
+    conv.add_argument("--from-hub", action="store_true",
+                      help="MODEL_DIR is a Hugging Face Hub id to download (otherwise nothing is fetched)")
+    conv.add_argument("--topk", type=_topk, default=defaults.topk, help="features kept per token and head")
     conv.add_argument("--layers", default=defaults.layers, help="regex over module paths of layers to convert")
-    conv.add_argument("--calibrate", type=int, default=0, metavar="N",
-                      help="fit projections on N built-in sentences (default: 0, plain top-k)")
-    conv.add_argument("--refine-steps", type=int, default=0, help="Eq. 8 refinement steps after calibration")
+    conv.add_argument("--calibrate", type=_count(0), default=0, metavar="N",
+                      help="fit projections on N built-in sentences (0: plain top-k)")
+    conv.add_argument("--refine-steps", type=_count(0), default=0, help="Eq. 8 refinement steps after calibration")
     conv.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     conv.set_defaults(func=_convert)
 
-    tune = sub.add_parser("finetune", help="fine-tune an SFA checkpoint with the Eq. 8 loss on built-in text")
+    tune = sub.add_parser("finetune", help="fine-tune an SFA checkpoint with the Eq. 8 loss on built-in text",
+                          formatter_class=shown)
     tune.add_argument("model_dir", help="SFA checkpoint directory (from sfa-compile convert)")
     tune.add_argument("-o", "--output", required=True, help="output directory (written atomically)")
-    tune.add_argument("--steps", type=int, default=100)
-    tune.add_argument("--sentences", type=int, default=256, help="built-in sentences to train on")
+    tune.add_argument("--steps", type=_count(1), default=100, help="optimizer steps")
+    tune.add_argument("--sentences", type=_count(1), default=256, help="built-in sentences to train on")
     tune.add_argument("--lr", type=float, default=tuning["lr"].default, help="learning rate of the projections")
     tune.add_argument("--model-lr", type=float, default=tuning["model_lr"].default,
                       help="learning rate of the model's weights")
@@ -149,24 +226,26 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--straight-through", action="store_true",
                       help="straight-through top-k gradients: dropped features learn whether to enter the kept set")
     tune.add_argument("--sparsity-weight", type=float, default=tuning["sparsity_weight"].default,
-                      help="weight of the penalty on the energy top-k drops (default: %(default)s)")
+                      help="weight of the penalty on the energy top-k drops")
     tune.add_argument("--warmup-topks", type=int, nargs="+", default=tuning["warmup_topks"].default, metavar="K",
                       help="gradual sparsification: larger top-k values for the first steps (e.g. 16 12 for topk 8)")
     tune.add_argument("--final-lr-factor", type=float, default=tuning["final_lr_factor"].default,
-                      help="learning rates times this for the last quarter of the steps (default: %(default)s)")
+                      help="learning rates times this for the last quarter of the steps")
     tune.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     tune.set_defaults(func=_finetune)
 
-    export = sub.add_parser("export", help="export an SFA checkpoint to ONNX (com.sfa::FlashSFA nodes)")
+    export = sub.add_parser("export", help="export an SFA checkpoint to ONNX (com.sfa::FlashSFA nodes)",
+                            formatter_class=shown)
     export.add_argument("model_dir", help="SFA checkpoint directory (from sfa-compile convert)")
     export.add_argument("-o", "--output", required=True, help="output .onnx file (written atomically)")
-    export.add_argument("--batch", type=int, default=2, help="batch of the example input (stays dynamic)")
-    export.add_argument("--length", type=int, default=16, help="length of the example input (stays dynamic)")
-    export.add_argument("--opset", type=int, default=None, help="ONNX opset (default: the exporter's, >= 18)")
+    export.add_argument("--batch", type=_count(1), default=2, help="batch of the example input (stays dynamic)")
+    export.add_argument("--length", type=_count(1), default=16, help="length of the example input (stays dynamic)")
+    export.add_argument("--opset", type=_count(18), default=None, help="ONNX opset (default: the exporter's)")
     export.add_argument("--force", action="store_true", help="overwrite an existing output file")
     export.set_defaults(func=_export)
 
-    plugin = sub.add_parser("build-plugin", help="build the FlashSFA ONNX Runtime plugin; prints its path")
+    plugin = sub.add_parser("build-plugin", help="build the FlashSFA ONNX Runtime plugin; prints its path",
+                            formatter_class=shown)
     plugin.add_argument("--include-dir", help="ONNX Runtime include directory (default: $SFA_ORT_INCLUDE, then "
                         "fetched or system headers)")
     plugin.add_argument("--fetch-headers", action="store_true",
@@ -176,9 +255,24 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _message(exc: Exception) -> str:
+    """At most three lines; errors we did not foresee also name their type and the way to the traceback."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    text = " ".join(lines[:3]) if len(lines) > 3 else "\n".join(lines)
+    if isinstance(exc, (CliError, ValueError, OSError)) or type(exc).__name__ == "PluginUnavailable":
+        return text
+    return f"{type(exc).__name__}: {text} (rerun with --debug for the traceback)"
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
-    return args.func(args)
+    try:
+        return args.func(args)
+    except Exception as exc:  # noqa: BLE001 - every error becomes one message; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"sfa-compile: error: {_message(exc)}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

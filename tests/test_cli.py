@@ -1,6 +1,10 @@
+import argparse
 import subprocess
 import sys
 
+import pytest
+
+import sfa_compile
 from sfa_compile.cli import main
 from sfa_compile.demo import run_demo
 
@@ -23,3 +27,50 @@ def test_demo_command_prints_table(capsys):
 def test_console_module_entry():
     proc = subprocess.run([sys.executable, "-m", "sfa_compile", "--help"], capture_output=True, text=True)
     assert proc.returncode == 0 and "demo" in proc.stdout
+
+
+def _run(*argv):
+    """(exit status, stderr) of the command line run as users run it."""
+    proc = subprocess.run([sys.executable, "-m", "sfa_compile", *argv], capture_output=True, text=True)
+    return proc.returncode, proc.stderr
+
+
+@pytest.mark.parametrize("argv, status, message", [
+    (["demo", "--length", "0"], 2, "argument --length: must be at least 1, got 0"),
+    (["convert", "DIR", "-o", "OUT", "--topk", "0"], 2, "argument --topk: must be at least 1"),
+    (["convert", "DIR", "-o", "OUT", "--calibrate", "-5"], 2, "argument --calibrate: must be at least 0, got -5"),
+    (["convert", "DIR", "-o", "OUT", "--refine-steps", "x"], 2, "expected an integer, got 'x'"),
+    (["finetune", "DIR", "-o", "OUT", "--steps", "0"], 2, "argument --steps: must be at least 1"),
+    (["export", "DIR", "-o", "OUT", "--opset", "9"], 2, "argument --opset: must be at least 18"),
+    (["convert", "no/such/model", "-o", "OUT"], 1, "not a local model directory (pass a local directory, or "
+                                                   "--from-hub"),
+    (["finetune", "no/such/dir", "-o", "OUT"], 1, "not a local SFA checkpoint directory"),
+    (["export", "no/such/dir", "-o", "OUT"], 1, "not a local SFA checkpoint directory"),
+    (["bogus"], 2, "invalid choice: 'bogus'"),
+])
+def test_bad_input_is_one_line_with_the_fix_and_no_traceback(tmp_path, argv, status, message):
+    argv = [str(tmp_path / "dir") if a == "DIR" else str(tmp_path / "out") if a == "OUT" else a for a in argv]
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "config.json").write_text("{}")
+    code, err = _run(*argv)
+    assert code == status and err.startswith("sfa-compile: error: ") and message in err, err
+    assert len(err.strip().splitlines()) <= 3 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_debug_shows_the_traceback_and_version_prints(tmp_path):
+    code, err = _run("--debug", "finetune", str(tmp_path / "missing"), "-o", str(tmp_path / "out"))
+    assert code == 1 and "Traceback" in err and "CliError" in err
+    proc = subprocess.run([sys.executable, "-m", "sfa_compile", "--version"], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"sfa-compile {sfa_compile.__version__}"
+
+
+def test_every_option_shows_its_default_in_help():
+    from sfa_compile.cli import build_parser
+
+    subparsers = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for name, sub in subparsers.choices.items():
+        text = sub.format_help()
+        for action in sub._actions:
+            if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
+                assert f"(default: {action.default}" in " ".join(text.split()), (name, action.dest)

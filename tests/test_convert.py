@@ -166,8 +166,10 @@ def test_cli_convert_and_finetune(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--topk", "4",
                      "--calibrate", "8"]) == 0
     assert "converted 2 attention layers" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="--force"):
-        cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa")])
+    assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa")]) == 1
+    assert "already exists (pass --force to overwrite it)" in capsys.readouterr().err
+    assert cli_main(["convert", str(tmp_path / "sfa"), "-o", str(tmp_path / "again")]) == 1
+    assert "already an SFA checkpoint" in capsys.readouterr().err and not (tmp_path / "again").exists()
     assert cli_main(["finetune", str(tmp_path / "sfa"), "-o", str(tmp_path / "tuned"), "--steps", "3",
                      "--sentences", "8", "--straight-through", "--sparsity-weight", "0.3", "--warmup-topks", "8",
                      "--final-lr-factor", "0.25"]) == 0
