@@ -74,3 +74,15 @@ def test_every_option_shows_its_default_in_help():
         for action in sub._actions:
             if action.default not in (None, False, argparse.SUPPRESS) and action.option_strings:
                 assert f"(default: {action.default}" in " ".join(text.split()), (name, action.dest)
+
+
+def test_topk_above_the_head_dim_is_one_line_and_writes_nothing(tmp_path, capsys):
+    from hf_models import build
+
+    model, _, _, head_dim = build("llama", "eager")
+    model.save_pretrained(tmp_path / "dense")
+    assert main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--topk", "1000"]) == 1
+    err = capsys.readouterr().err  # transformers' own progress bars may come first
+    tail = err[err.index("sfa-compile: error: "):]
+    assert "topk 1000 exceeds the head dim 16" in tail and len(tail.strip().splitlines()) == 1, err
+    assert "Traceback" not in err and not (tmp_path / "sfa").exists()
