@@ -100,35 +100,40 @@ def _check_output(path: str, force: bool) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from . import convert, save
     from .config import SFAConfig
-    from .conversion.textdata import text_examples
+    from .conversion.textdata import local_tokenizer, text_examples
 
     _check_output(args.output, args.force)  # before any expensive work
+    if not args.from_hub:
+        _local_dir(args.model_dir, "model", hub_hint=True)
     config = SFAConfig(topk=args.topk, layers=args.layers)
+    calibration = text_examples(args.model_dir, args.calibrate, download=args.from_hub) if args.calibrate else None
     model, hf_config = _load_dense(args.model_dir, args.from_hub)
-    calibration = text_examples(args.model_dir, hf_config, args.calibrate) if args.calibrate else None
     convert(model.eval(), config, calibration, refine_steps=args.refine_steps)
-    save(model, args.output, force=args.force)
+    tokenizer = local_tokenizer(args.model_dir, download=args.from_hub)
+    save(model, args.output, force=args.force, tokenizer=tokenizer)
     sfa = model.config.sfa
+    sentences = sum(len(batch["input_ids"]) for batch in calibration or ())
+    calibrated = f", calibrated on {sentences} built-in sentences" if calibration else ""
+    copied = ", tokenizer copied" if tokenizer is not None else ", no tokenizer in the input"
     print(f"converted {len(sfa['converted_layers'])} attention layers (topk {args.topk}, projection "
-          f"{sfa['projection']}{', calibrated on %d sentences' % args.calibrate if args.calibrate else ''}) "
-          f"-> {args.output}")
+          f"{sfa['projection']}{calibrated}{copied}) -> {args.output}")
     return 0
 
 
 def _finetune(args: argparse.Namespace) -> int:
     from . import finetune, load, save
-    from .conversion.textdata import text_examples
+    from .conversion.textdata import local_tokenizer, text_examples
 
     _check_output(args.output, args.force)
     model = load(_local_dir(args.model_dir, "SFA checkpoint"))
     causal_lm = type(model).__name__.endswith("ForCausalLM")
-    data = text_examples(args.model_dir, model.config, args.sentences, labels=causal_lm)
+    data = text_examples(args.model_dir, args.sentences, labels=causal_lm)
     task = (lambda out, example: out.loss) if causal_lm else None
     losses = finetune(model, data, args.steps, lr=args.lr, model_lr=args.model_lr, lam=args.lam, task_loss=task,
                       train_model=args.train_model, straight_through=args.straight_through,
                       sparsity_weight=args.sparsity_weight, warmup_topks=args.warmup_topks,
                       final_lr_factor=args.final_lr_factor)
-    save(model, args.output, force=args.force)
+    save(model, args.output, force=args.force, tokenizer=local_tokenizer(args.model_dir))
     print(f"fine-tuned {args.steps} steps (loss {losses[0]:.4f} -> {losses[-1]:.4f}) -> {args.output}")
     return 0
 

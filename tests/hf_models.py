@@ -160,3 +160,22 @@ def bloom_reference_copy(model, topk: int):
         if isinstance(module, BloomAttention):
             module.forward = types.MethodType(_bloom_sfa_attention, module)
     return ref
+
+
+def tiny_tokenizer(vocab_size: int = 100):
+    """A word-level tokenizer over the built-in sentences' most frequent words, made here (no download): ids
+    below ``vocab_size``, [UNK] for the rest, [PAD] for padding, [EOS] to end."""
+    import collections
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from sfa_compile.conversion.textdata import builtin_sentences
+
+    words = collections.Counter(w for s in builtin_sentences() for w in s.split())
+    special = ["[UNK]", "[PAD]", "[EOS]"]
+    vocab = {w: i for i, w in enumerate(special + [w for w, _ in words.most_common(vocab_size - len(special))])}
+    tokenizer = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, unk_token="[UNK]", pad_token="[PAD]",
+                                   eos_token="[EOS]")

@@ -6,7 +6,7 @@ import os
 
 import pytest
 import torch
-from hf_models import build, reference_copy
+from hf_models import build, reference_copy, tiny_tokenizer
 from safetensors.torch import load_file, save_file
 
 import sfa_compile
@@ -163,9 +163,14 @@ def test_load_refuses_unsafe_pickle(tmp_path):
 def test_cli_convert_and_finetune(tmp_path, capsys):
     model, inputs, _, _ = build("llama", "eager")
     model.save_pretrained(tmp_path / "dense")
+    assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--calibrate", "8"]) == 1
+    assert "has no tokenizer" in capsys.readouterr().err and not (tmp_path / "sfa").exists()
+    tiny_tokenizer().save_pretrained(tmp_path / "dense")
     assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--topk", "4",
                      "--calibrate", "8"]) == 0
-    assert "converted 2 attention layers" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "converted 2 attention layers" in out and "calibrated on 8 built-in sentences, tokenizer copied" in out
+    assert (tmp_path / "sfa" / "tokenizer.json").is_file()
     assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa")]) == 1
     assert "already exists (pass --force to overwrite it)" in capsys.readouterr().err
     assert cli_main(["convert", str(tmp_path / "sfa"), "-o", str(tmp_path / "again")]) == 1

@@ -59,13 +59,20 @@ def atomic_directory(target, force: bool, write) -> Path:
     return target
 
 
-def save(model, path, *, force: bool = False) -> Path:
-    """Save a converted model to directory ``path`` atomically (see module docstring)."""
+def save(model, path, *, force: bool = False, tokenizer=None) -> Path:
+    """Save a converted model to directory ``path`` atomically (see module docstring); a Hugging Face
+    ``tokenizer`` given is saved beside it, in the same atomic write."""
     if getattr(model, "sfa_settings", None):
         return atomic_directory(path, force, lambda tmp: _save_module(model, tmp))
     if not is_hf_model(model) or not getattr(model.config, "sfa", None):
         raise TypeError("save: expected a model converted with sfa_compile.convert")
-    return atomic_directory(path, force, lambda tmp: model.save_pretrained(tmp))
+
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+
+    return atomic_directory(path, force, write)
 
 
 def _save_module(model, directory: Path) -> None:

@@ -6,38 +6,37 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
-import torch
-
 
 def builtin_sentences() -> list[str]:
     return resources.files("sfa_compile").joinpath("data/sentences.txt").read_text().splitlines()
 
 
-def text_examples(model_dir, config, count: int, batch_size: int = 16, labels: bool = False) -> list[dict]:
-    """``count`` built-in sentences as keyword-argument batches for the model in ``model_dir``: tokenized
-    with its tokenizer when it has one, else random token ids of its vocabulary (seeded)."""
-    sentences = builtin_sentences()[:count]
-    if not sentences:
-        return []
+def local_tokenizer(model_dir, download: bool = False):
+    """The tokenizer saved in ``model_dir`` (read from disk only unless ``download``: then a Hub id), or None when
+    it has none."""
     try:
         from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(Path(model_dir))
-    except (OSError, ValueError, TypeError):
-        tokenizer = None
-    if tokenizer is not None and tokenizer.pad_token is None:
+        return AutoTokenizer.from_pretrained(model_dir if download else Path(model_dir), local_files_only=not download)
+    except (OSError, ValueError, TypeError, KeyError):
+        return None
+
+
+def text_examples(model_dir, count: int, batch_size: int = 16, labels: bool = False,
+                  download: bool = False) -> list[dict]:
+    """``count`` built-in sentences as keyword-argument batches for the model in ``model_dir``, tokenized with
+    the tokenizer saved there; without one, an error naming the fix (never random ids posing as text)."""
+    tokenizer = local_tokenizer(model_dir, download)
+    if tokenizer is None:
+        raise ValueError(f"{model_dir} has no tokenizer, and calibration and fine-tuning text needs one (save it "
+                         "there with tokenizer.save_pretrained, or convert with --calibrate 0)")
+    sentences = builtin_sentences()[:count]
+    if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     examples = []
-    gen = torch.Generator().manual_seed(0)
     for i in range(0, len(sentences), batch_size):
         chunk = sentences[i:i + batch_size]
-        if tokenizer is not None:
-            batch = dict(tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt"))
-        else:
-            vocab = getattr(config, "vocab_size", None)
-            if not vocab:
-                raise ValueError(f"{model_dir} has no tokenizer and its config no vocab_size: cannot make text inputs")
-            batch = {"input_ids": torch.randint(0, vocab, (len(chunk), 32), generator=gen)}
+        batch = dict(tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt"))
         if labels:  # causal LM: predict every real token, ignore padding
             mask = batch.get("attention_mask")
             batch["labels"] = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
