@@ -1,4 +1,4 @@
-"""Small helpers over Dynamo FX graphs: argument access, op classification, shapes, constants, module paths."""
+"""Small helpers over Dynamo FX graphs: argument access, op classification, shapes, uses, writes, module paths."""
 
 from __future__ import annotations
 
@@ -9,7 +9,6 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-MATMUL_FUNCTIONS = {torch.matmul, operator.matmul, torch.bmm}
 SOFTMAX_FUNCTIONS = {F.softmax, torch.softmax, torch.Tensor.softmax}
 DROPOUT_FUNCTIONS = {F.dropout, torch.dropout}
 CAST_METHODS = {"to", "type", "float", "half", "bfloat16", "double", "type_as"}
