@@ -152,7 +152,9 @@ def flash_sfa_reference(
     if not chunks:
         return query.new_zeros(out_shape), query.new_zeros(out_shape[:-1], dtype=torch.float32)
     out = torch.cat(chunks, dim=-2).flatten(-4, -3).reshape(out_shape).to(query.dtype)
-    lse = torch.cat(lse_chunks, dim=-1).flatten(-3, -2).reshape(out_shape[:-1]).to(torch.float32)
+    lse = torch.cat(lse_chunks, dim=-1).flatten(-3, -2)
+    lse = lse.reshape(lse.shape[lse.dim() - len(out_shape) + 1:])  # drop the padding to at least 3 dims
+    lse = torch.broadcast_to(lse, out_shape[:-1]).to(torch.float32)  # v's batch dims may broadcast q's
     return out, lse
 
 

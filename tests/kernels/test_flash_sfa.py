@@ -88,6 +88,21 @@ def test_batch_dims_and_broadcasting_like_sdpa(shape_q, shape_kv):
     torch.testing.assert_close(flash_sfa(q, k, v, topk=3), oracle_sfa(q, k, v, 3).float(), rtol=2e-5, atol=2e-6)
 
 
+@pytest.mark.parametrize("shape_qk, shape_v", [((1, 4, 5, 8), (2, 4, 5, 8)), ((2, 1, 5, 8), (2, 4, 5, 8))])
+def test_value_batch_dims_broadcast_over_query_and_key_like_sdpa(shape_qk, shape_v):
+    """v may have larger batch dims than q and k (SDPA broadcasts them): output, log-sum-exp and gradients."""
+    torch.manual_seed(0)
+    q, k = torch.randn(shape_qk, requires_grad=True), torch.randn(shape_qk, requires_grad=True)
+    v = torch.randn(shape_v, requires_grad=True)
+    with sdpa_kernel(SDPBackend.MATH):
+        expected = F.scaled_dot_product_attention(q, k, v)
+    out = flash_sfa(q, k, v, topk=8)
+    torch.testing.assert_close(out, expected, rtol=2e-5, atol=2e-6)
+    for got, want in zip(torch.autograd.grad(out.sum(), (q, k, v)), torch.autograd.grad(expected.sum(), (q, k, v))):
+        torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+    torch.testing.assert_close(flash_sfa(q, k, v, topk=3), oracle_sfa(q, k, v, 3).float(), rtol=2e-5, atol=2e-6)
+
+
 def test_sparsity_changes_the_result():
     """Guard against a path that silently ignores topk."""
     torch.manual_seed(0)
