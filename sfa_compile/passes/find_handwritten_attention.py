@@ -64,12 +64,14 @@ def _softmax_input(softmax: fx.Node) -> fx.Node:
     return scores
 
 
-def _dropout(node: fx.Node) -> Optional[float]:
-    """The probability a dropout on the probabilities applies (0 when not training); refuses in-place or
-    non-constant dropout."""
+def _dropout(node: fx.Node, probs: fx.Node) -> float:
+    """The probability the dropout ``node`` applies to ``probs`` (0 when not training); refuses in-place or
+    non-constant dropout, and dropout of another value."""
     args = bind(node)
     if args is None:
         raise Refuse("dropout called with arguments it does not take")
+    if args["input"] is not probs:
+        raise Refuse("dropout of something else than the probabilities")
     if args.get("inplace", False) is not False:
         raise Refuse("in-place dropout on the probabilities")
     p, training = constant_value(args["p"]), args.get("training", args.get("train"))
@@ -92,9 +94,7 @@ def _forward_chain(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, 
         elif view_source(user) is node:
             views = True
         elif is_function(user, DROPOUT_FUNCTIONS) or is_method(user, "dropout"):
-            if bind(user) is None or bind(user)["input"] is not node:
-                raise Refuse("dropout of something else than the probabilities")
-            dropout_p = _dropout(user)
+            dropout_p = _dropout(user, node)
         else:
             v = pv_value(user, node)
             if v is None:
@@ -124,17 +124,17 @@ def _check_space(chain: ScoreChain, softmax: fx.Node, qk: fx.Node, q, k, probs, 
     return space
 
 
-def _check_no_writes_between(nodes: list, order: dict) -> None:
+def _check_no_writes_between(nodes: list, graph_nodes: list, order: dict) -> None:
     """The op runs where the old output was: nothing between the first product and it may write to a value
     (q, k, v, a mask, or an alias of one) that the old subgraph read earlier."""
     first, last = min(order[n] for n in nodes), max(order[n] for n in nodes)
     ours = set(nodes)
-    for node in list(order)[first:last + 1]:
+    for node in graph_nodes[first:last + 1]:
         if node not in ours and may_mutate(node):
             raise Refuse(f"an in-place op ({node.name}) runs between q @ k^T and the attention output")
 
 
-def _match_softmax(softmax: fx.Node, order: dict) -> Union[AttentionMatch, Refusal, None]:
+def _match_softmax(softmax: fx.Node, graph_nodes: list, order: dict) -> Union[AttentionMatch, Refusal, None]:
     args = bind(softmax)
     scores_in = args["input"] if args is not None else (softmax.args[0] if softmax.args else None)
     chain = ScoreChain()
@@ -159,7 +159,7 @@ def _match_softmax(softmax: fx.Node, order: dict) -> Union[AttentionMatch, Refus
         if not same_batch(qv, kv, vv, gqa=False):
             raise Refuse("q, k and v have different batch dims (broadcast in the products)")
         space = _check_space(chain, softmax, chain.nodes[-1], q, k, probs, v)
-        _check_no_writes_between(chain.nodes + forward_nodes, order)
+        _check_no_writes_between(chain.nodes + forward_nodes, graph_nodes, order)
     except Refuse as err:
         return Refusal(PATTERN, module_path(softmax), softmax, str(err))
     mask = chain.mask if chain.mask.kind != "none" else None
@@ -179,15 +179,16 @@ def _reaches_qk(node, depth: int = 8) -> bool:
     return any(_reaches_qk(a, depth - 1) for a in node.all_input_nodes)
 
 
-def _match_or_refuse(softmax: fx.Node, order: dict) -> Union[AttentionMatch, Refusal, None]:
+def _match_or_refuse(softmax: fx.Node, graph_nodes: list, order: dict) -> Union[AttentionMatch, Refusal, None]:
     try:
-        return _match_softmax(softmax, order)
+        return _match_softmax(softmax, graph_nodes, order)
     except Exception as err:  # a graph this matcher did not foresee: refuse it, never fail the compile
         return Refusal(PATTERN, module_path(softmax), softmax, f"could not analyze ({type(err).__name__}: {err})")
 
 
 def find_handwritten_attention(gm: fx.GraphModule) -> list:
     """Matches and refusals for every softmax in the graph that is fed by q @ k^T."""
-    order = {node: i for i, node in enumerate(gm.graph.nodes)}
-    return [result for result in (_match_or_refuse(node, order) for node in gm.graph.nodes if _is_softmax(node))
-            if result is not None]
+    graph_nodes = list(gm.graph.nodes)
+    order = {node: i for i, node in enumerate(graph_nodes)}
+    results = (_match_or_refuse(node, graph_nodes, order) for node in graph_nodes if _is_softmax(node))
+    return [result for result in results if result is not None]

@@ -94,8 +94,8 @@ def _mask_node(graph, fake_mode, mask, query_dtype, space: Optional[tuple]) -> O
 
 
 def _undo_head_repeat(match: AttentionMatch) -> tuple[fx.Node, fx.Node, bool]:
-    if match.enable_gqa or match.space is not None:
-        return match.key, match.value, True
+    if match.enable_gqa or match.space is not None:  # already GQA, or regrouped heads: nothing to peel
+        return match.key, match.value, match.enable_gqa
     k_peeled, v_peeled = peel_repeated_heads(match.key), peel_repeated_heads(match.value)
     if k_peeled and v_peeled and k_peeled[1] == v_peeled[1]:
         return k_peeled[0], v_peeled[0], True

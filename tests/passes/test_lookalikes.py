@@ -56,7 +56,7 @@ def test_refusals_name_their_reason():
 def test_a_matcher_error_is_a_refusal_not_a_failed_compile(monkeypatch):
     from sfa_compile.passes import find_handwritten_attention as finder
 
-    def broken(softmax, order):
+    def broken(*args):
         raise RuntimeError("unforeseen graph")
 
     monkeypatch.setattr(finder, "_match_softmax", broken)
