@@ -81,8 +81,6 @@ def _load_dense(model_dir: str, from_hub: bool):
 
     from .conversion.checkpoint import architecture_class
 
-    if not from_hub:
-        _local_dir(model_dir, "model", hub_hint=True)
     local = {"local_files_only": not from_hub}
     config = transformers.AutoConfig.from_pretrained(model_dir, **local)
     if getattr(config, "sfa", None):
@@ -100,16 +98,17 @@ def _check_output(path: str, force: bool) -> None:
 def _convert(args: argparse.Namespace) -> int:
     from . import convert, save
     from .config import SFAConfig
-    from .conversion.textdata import local_tokenizer, text_examples
+    from .conversion.textdata import local_tokenizer, required_tokenizer, text_examples
 
     _check_output(args.output, args.force)  # before any expensive work
     if not args.from_hub:
         _local_dir(args.model_dir, "model", hub_hint=True)
     config = SFAConfig(topk=args.topk, layers=args.layers)
-    calibration = text_examples(args.model_dir, args.calibrate, download=args.from_hub) if args.calibrate else None
+    find_tokenizer = required_tokenizer if args.calibrate else local_tokenizer  # calibration text needs one
+    tokenizer = find_tokenizer(args.model_dir, download=args.from_hub)
+    calibration = text_examples(tokenizer, args.calibrate) if args.calibrate else None
     model, hf_config = _load_dense(args.model_dir, args.from_hub)
     convert(model.eval(), config, calibration, refine_steps=args.refine_steps)
-    tokenizer = local_tokenizer(args.model_dir, download=args.from_hub)
     save(model, args.output, force=args.force, tokenizer=tokenizer)
     sfa = model.config.sfa
     sentences = sum(len(batch["input_ids"]) for batch in calibration or ())
@@ -122,18 +121,19 @@ def _convert(args: argparse.Namespace) -> int:
 
 def _finetune(args: argparse.Namespace) -> int:
     from . import finetune, load, save
-    from .conversion.textdata import local_tokenizer, text_examples
+    from .conversion.textdata import required_tokenizer, text_examples
 
     _check_output(args.output, args.force)
     model = load(_local_dir(args.model_dir, "SFA checkpoint"))
     causal_lm = type(model).__name__.endswith("ForCausalLM")
-    data = text_examples(args.model_dir, args.sentences, labels=causal_lm)
+    tokenizer = required_tokenizer(args.model_dir)
+    data = text_examples(tokenizer, args.sentences, labels=causal_lm)
     task = (lambda out, example: out.loss) if causal_lm else None
     losses = finetune(model, data, args.steps, lr=args.lr, model_lr=args.model_lr, lam=args.lam, task_loss=task,
                       train_model=args.train_model, straight_through=args.straight_through,
                       sparsity_weight=args.sparsity_weight, warmup_topks=args.warmup_topks,
                       final_lr_factor=args.final_lr_factor)
-    save(model, args.output, force=args.force, tokenizer=local_tokenizer(args.model_dir))
+    save(model, args.output, force=args.force, tokenizer=tokenizer)
     print(f"fine-tuned {args.steps} steps (loss {losses[0]:.4f} -> {losses[-1]:.4f}) -> {args.output}")
     return 0
 

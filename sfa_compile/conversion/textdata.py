@@ -22,23 +22,33 @@ def local_tokenizer(model_dir, download: bool = False):
         return None
 
 
-def text_examples(model_dir, count: int, batch_size: int = 16, labels: bool = False,
-                  download: bool = False) -> list[dict]:
-    """``count`` built-in sentences as keyword-argument batches for the model in ``model_dir``, tokenized with
-    the tokenizer saved there; without one, an error naming the fix (never random ids posing as text)."""
+def required_tokenizer(model_dir, download: bool = False):
+    """``local_tokenizer``, or an error naming the fix: text for calibration and fine-tuning needs one (never
+    random ids posing as text)."""
     tokenizer = local_tokenizer(model_dir, download)
     if tokenizer is None:
         raise ValueError(f"{model_dir} has no tokenizer, and calibration and fine-tuning text needs one (save it "
                          "there with tokenizer.save_pretrained, or convert with --calibrate 0)")
+    return tokenizer
+
+
+def text_examples(tokenizer, count: int, batch_size: int = 16, labels: bool = False) -> list[dict]:
+    """``count`` built-in sentences as keyword-argument batches, tokenized with ``tokenizer``."""
     sentences = builtin_sentences()[:count]
-    if tokenizer.pad_token is None:
+    borrowed_pad = tokenizer.pad_token is None  # padding needs one; the caller's tokenizer is left as it was
+    if borrowed_pad:
         tokenizer.pad_token = tokenizer.eos_token
-    examples = []
-    for i in range(0, len(sentences), batch_size):
-        chunk = sentences[i:i + batch_size]
-        batch = dict(tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt"))
-        if labels:  # causal LM: predict every real token, ignore padding
-            mask = batch.get("attention_mask")
-            batch["labels"] = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(mask == 0, -100)
-        examples.append(batch)
+    try:
+        examples = []
+        for i in range(0, len(sentences), batch_size):
+            chunk = sentences[i:i + batch_size]
+            batch = dict(tokenizer(chunk, padding=True, truncation=True, max_length=128, return_tensors="pt"))
+            if labels:  # causal LM: predict every real token, ignore padding
+                mask = batch.get("attention_mask")
+                batch["labels"] = batch["input_ids"] if mask is None else batch["input_ids"].masked_fill(
+                    mask == 0, -100)
+            examples.append(batch)
+    finally:
+        if borrowed_pad:
+            tokenizer.pad_token = None
     return examples
