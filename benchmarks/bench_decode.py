@@ -31,7 +31,7 @@ import triton
 from results_csv import write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from sfa_compile.kernels import ops, triton_decode
+from sfa_compile.kernels import decode_launch, ops, triton_decode
 from sfa_compile.kernels.kv_cache import CompressedKVCache
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -116,7 +116,7 @@ def run_case(batch, context, topk, q_len, sweep):
     scale = HEAD_DIM ** -0.5
     variants = {"auto": {}}
     if sweep:
-        auto = triton_decode._split_config(batch * KV_HEADS, context, Q_HEADS // KV_HEADS * q_len, HEAD_DIM, topk,
+        auto = decode_launch.split_config(batch * KV_HEADS, context, Q_HEADS // KV_HEADS * q_len, HEAD_DIM, topk,
                                            False, None, None, None, None, torch.cuda.current_device(), False)[0]
         variants.update({f"splits={s},block={b},warps={w},stages={st}": dict(num_splits=s, block_n=b, num_warps=w,
                                                                             num_stages=st)

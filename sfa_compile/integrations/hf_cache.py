@@ -24,8 +24,8 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, StaticLayer
 
-from ..kernels.checks import MAX_QUERY_LENGTH
 from ..kernels.kv_cache import CompressedKVCache
+from ..kernels.limits import MAX_QUERY_LENGTH
 from .hf_attention import ATTN_IMPLEMENTATION, CACHE_TAG
 
 

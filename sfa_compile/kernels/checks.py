@@ -14,7 +14,6 @@ from typing import Optional
 import torch
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-MAX_QUERY_LENGTH = 16  # query tokens per call of the Triton decode kernel (speculative decoding fits)
 
 
 def gqa_group_size(query: torch.Tensor, key: torch.Tensor, enable_gqa: bool) -> int:

@@ -12,12 +12,13 @@ import dataclasses
 import torch
 
 from .checks import check_topk
+from .limits import MAX_UINT8_INDEX_DIM
 from .topk import topk_indices
 
 
 def index_dtype(head_dim: int) -> torch.dtype:
     """Smallest index dtype that addresses ``head_dim`` features."""
-    if head_dim <= 256:
+    if head_dim <= MAX_UINT8_INDEX_DIM:
         return torch.uint8
     if head_dim <= torch.iinfo(torch.int16).max + 1:
         return torch.int16

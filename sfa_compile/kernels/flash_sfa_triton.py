@@ -14,12 +14,12 @@ from typing import Optional
 import torch
 
 from .checks import default_scale, gqa_group_size, output_shape, score_shape
+from .limits import KERNEL_DTYPES, MAX_HEAD_DIM
 from .reference import flash_sfa_backward_reference, flash_sfa_reference
-from .triton_attention import flash_backward, flash_forward
+from .triton_prefill import flash_forward
+from .triton_prefill_backward import flash_backward
 from .triton_topk import sparsify_triton
 
-MAX_HEAD_DIM = 256
-KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _warned: set = set()
 
 

@@ -23,7 +23,6 @@ import torch
 
 from .cache_reference import advance_lengths, append_reference
 from .checks import (
-    MAX_QUERY_LENGTH,
     check_append_args,
     check_decode_args,
     check_flash_sfa_args,
@@ -32,6 +31,7 @@ from .checks import (
     output_shape,
     score_shape,
 )
+from .limits import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_QUERY_LENGTH
 from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
 
 
@@ -186,13 +186,10 @@ def _flash_sfa_decode_reference(
                                       projection)
 
 
-_TRITON_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
-
-
 def _triton_decode_fits(query: torch.Tensor) -> bool:
     """The Triton decode kernels take these queries (else the reference runs): <= 16 tokens, head dim <= 256,
     half or single precision."""
-    return query.size(2) <= MAX_QUERY_LENGTH and query.size(3) <= 256 and query.dtype in _TRITON_DTYPES
+    return query.size(2) <= MAX_QUERY_LENGTH and query.size(3) <= MAX_HEAD_DIM and query.dtype in KERNEL_DTYPES
 
 
 def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
@@ -239,7 +236,7 @@ def _compressed_cache_append_reference(
 def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
                                   projection=None):
     check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
-    if new_keys.dtype not in _TRITON_DTYPES:
+    if new_keys.dtype not in KERNEL_DTYPES:
         return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
     from . import triton_decode
 

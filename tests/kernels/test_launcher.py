@@ -137,9 +137,9 @@ def test_prefill_and_decode_paths_agree_on_the_interpreter(monkeypatch):
     pytest.importorskip("triton")
     import os
 
-    from sfa_compile.kernels import triton_decode, triton_topk
+    from sfa_compile.kernels import decode_launch, triton_topk
 
-    assert triton_topk.interpreting() == triton_decode._SPLIT.interpret
+    assert triton_topk.interpreting() == decode_launch.SPLIT.interpret
     assert triton_topk.interpreting() == (os.environ.get("TRITON_INTERPRET") == "1")  # conftest sets it on CPUs
     monkeypatch.setenv("TRITON_INTERPRET", "0" if triton_topk.interpreting() else "1")
-    assert triton_topk.interpreting() == triton_decode._SPLIT.interpret
+    assert triton_topk.interpreting() == decode_launch.SPLIT.interpret
