@@ -56,14 +56,8 @@ def flash_sfa_decode(query: torch.Tensor, cache: "CompressedKVCache", *, scale: 
     saves the separate append's launches. Under ``torch.compile`` the cache must have a fixed capacity (its host
     lengths are not read; tokens past the capacity are dropped)."""
     if new_keys is None and new_values is None:
-        key_values, key_indices, values = cache.views()
-        return ops.flash_sfa_decode_op(query, key_values, key_indices, values, cache.lengths, cache.topk, scale,
-                                       attn_mask, projection)
+        return cache.attend(query, scale, attn_mask, projection)
     if new_keys is None or new_values is None:
         raise ValueError("flash_sfa_decode: new_keys and new_values come together (the step's tokens to append)")
-    _, after = cache.reserve(new_keys, new_values, on_device=torch.compiler.is_compiling())
-    key_values, key_indices, values = cache.views(None if after is None else max(after))  # with the new tokens
-    out = ops.flash_sfa_decode_step_op(query, key_values, key_indices, values, cache.lengths, new_keys, new_values,
-                                       cache.topk, scale, attn_mask, projection)
-    cache.host_lengths = after
-    return out
+    return cache.step(query, new_keys, new_values, scale, attn_mask, projection,
+                      on_device=torch.compiler.is_compiling())

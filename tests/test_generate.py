@@ -48,7 +48,8 @@ def test_sparse_generation_equals_the_reference_path(name, monkeypatch):
     monkeypatch.setattr(hf_attention, "flash_sfa_decode", lambda *a, **k: calls.append(1) or decode(*a, **k))
     got = generate(model, inputs, cache)
     assert len(calls) == 9 * len(cache.layers)  # every token after the prompt decoded over the compressed cache
-    assert all(layer.weight is not None for layer in cache.layers)  # calibrated R: projected in the kernels
+    # Calibrated R: projected in the kernels, read from the layer's own projection (one source, no copy).
+    assert all(layer.projection_weight().data_ptr() == layer.projection.weight.data_ptr() for layer in cache.layers)
     assert torch.equal(got, generate(model, inputs))
     # Bytes: topk*(s_val + s_idx) + d*s_val per token and key head, against 2*d*s_val dense (float32 here).
     tokens = got.size(1) - 1  # the last generated token is never cached
@@ -66,7 +67,7 @@ def test_uncalibrated_identity_projection_is_dropped_from_the_cache(name):
     model, _, inputs, _ = sfa_model(name, 4, calibrate=False)
     cache = SFACache(model)
     got = generate(model, inputs, cache)
-    assert all(layer.weight is None for layer in cache.layers)
+    assert all(layer.projection_weight() is None for layer in cache.layers)
     assert torch.equal(got, generate(model, inputs))
 
 

@@ -56,7 +56,7 @@ def _decode(cache_layer, query, key, value, attention_mask, scaling):
                          f"got {attention_mask.dtype}")
     with torch.no_grad():  # inference only: the op mutates the cache and has no gradient
         out = flash_sfa_decode(query, cache_layer.store, scale=scaling, attn_mask=attention_mask,
-                               projection=cache_layer.weight, new_keys=key, new_values=value)  # R of the cached keys
+                               projection=cache_layer.projection_weight(), new_keys=key, new_values=value)
     return out.transpose(1, 2).contiguous(), None
 
 

@@ -45,7 +45,7 @@ class SFACacheLayer(CacheLayerMixin):
         self.projection, self.max_cache_len = projection, max_cache_len
         self.is_compileable = max_cache_len is not None
         self.store: CompressedKVCache | None = None
-        self.weight: torch.Tensor | None = None
+        self.identity_projection = False  # R is exactly the identity: the kernels skip it
         self.decoding = False  # the latest update is a decode step: the attention function appends its tokens
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -55,20 +55,25 @@ class SFACacheLayer(CacheLayerMixin):
         self.store = CompressedKVCache(batch, key_heads, head_dim, self.projection.topk, value_states.dtype,
                                        value_states.device, capacity=self.max_cache_len if static else length + 256,
                                        fixed=static)
-        # R in the model dtype, converted once: the kernels compress keys and project queries with it. An identity
-        # R (a conversion without calibration: plain top-k) is dropped, x @ I being x exactly: it would only cost
-        # the decode step a projection kernel.
+        # An identity R (a conversion without calibration: plain top-k) is skipped, x @ I being x exactly: it would
+        # only cost the decode step a projection kernel. Checked once per cache (it reads the device).
         weight = self.projection.weight
-        self.weight = None if weight is None else weight.detach().to(value_states.dtype)
-        if self.weight is not None and not torch.compiler.is_compiling() and _is_identity(self.weight):
-            self.weight = None
+        self.identity_projection = (weight is not None and not torch.compiler.is_compiling()
+                                    and _is_identity(weight.detach()))
         if static and not torch.compiler.is_compiling():
             # Fixed addresses: cudagraph-replaying compiled code ("reduce-overhead") must not copy the cache.
             store = self.store
-            for t in (store.key_values, store.key_indices, store.values, store.lengths, self.weight):
-                if t is not None:
-                    torch._dynamo.mark_static_address(t)
+            for t in (store.key_values, store.key_indices, store.values, store.lengths):
+                torch._dynamo.mark_static_address(t)
         self.is_initialized = True
+
+    def projection_weight(self) -> torch.Tensor | None:
+        """R of the cached keys for the kernels, read from the layer's projection (its one source) in the cache's
+        dtype; None when there is none or it is the identity."""
+        weight = self.projection.weight
+        if weight is None or self.identity_projection:
+            return None
+        return weight.detach().to(self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
@@ -86,7 +91,7 @@ class SFACacheLayer(CacheLayerMixin):
             self.decoding = self.store.max_length > 0
         if not self.decoding:
             with torch.no_grad():
-                self.store.append(key_states, value_states, projection=self.weight)
+                self.store.append(key_states, value_states, projection=self.projection_weight())
         setattr(key_states, CACHE_TAG, self)
         return key_states, value_states
 
@@ -110,7 +115,7 @@ class SFACacheLayer(CacheLayerMixin):
         return self.store.nbytes if self.is_initialized else 0
 
     def reset(self) -> None:
-        self.store, self.weight, self.is_initialized, self.decoding = None, None, False, False
+        self.store, self.is_initialized, self.decoding = None, False, False
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:

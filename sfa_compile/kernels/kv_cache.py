@@ -3,14 +3,15 @@
 Per sequence b, key head h and cached token s: ``key_values[b, h, s]`` holds the ``topk`` kept key features in
 the model dtype and ``key_indices[b, h, s]`` their feature indices (uint8, int16 when the head dim exceeds
 256), ascending; ``values[b, h, s]`` is the dense value row. Sequences have their own lengths (``lengths``,
-int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). Writes go through
-the ``sfa::compressed_cache_append`` op (or ``sfa::flash_sfa_decode_step``, which also attends), which reads
-and advances the device lengths. Buffers grow by a quarter (at least 256 tokens) when full, unless the capacity
-is ``fixed``: then the buffers never move and ``views`` is the whole capacity (slots past a sequence's length
-are ignored by the decode kernel), so a decode step depends on device state only and can be replayed from a CUDA
-graph or compiled (``append_on_device`` skips the host mirror, which is re-read from the device when next
-needed). Bytes per token and key head:
-topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense (DESIGN.md section 1); ``nbytes`` counts the cached
+int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). The cache owns the
+write protocol (make room, run the op over its buffers, then update the host lengths): ``append`` writes through
+``sfa::compressed_cache_append``, ``step`` appends and attends through ``sfa::flash_sfa_decode_step``, ``attend``
+reads through ``sfa::flash_sfa_decode``; the ops read and advance the device lengths. Buffers grow by a quarter
+(at least 256 tokens) when full, unless the capacity is ``fixed``: then the buffers never move and ``views`` is the
+whole capacity (slots past a sequence's length are ignored by the decode kernel), so a decode step depends on
+device state only and can be replayed from a CUDA graph or compiled (``append_on_device`` and ``step(...,
+on_device=True)`` skip the host mirror, which is re-read from the device when next needed). Bytes per token and
+key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense (DESIGN.md section 1); ``nbytes`` counts the cached
 tokens, ``capacity_nbytes`` the allocation.
 """
 
@@ -20,6 +21,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from . import ops
 from .cache_reference import dense_cache
 from .checks import check_topk
 from .compressed import index_dtype
@@ -89,13 +91,13 @@ class CompressedKVCache:
     def capacity_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.key_values, self.key_indices, self.values))
 
-    def reserve(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None,
-                on_device: bool = False) -> tuple[Optional[torch.Tensor], Optional[list[int]]]:
+    def _reserve(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None,
+                 on_device: bool = False) -> tuple[Optional[torch.Tensor], Optional[list[int]]]:
         """Check (batch, key heads, T, d) ``keys`` and ``values`` (every sequence gets T tokens, or the first
         ``counts[b]``) against the cache and make room for them, for an sfa op that then writes them and advances
         the device lengths. Returns ``counts`` as the device tensor the ops take (None: uniform) and the host
-        lengths after the append, which the caller sets once the op ran (None ``on_device``: a fixed cache whose
-        host lengths are not read, as in a compiled step; tokens past the capacity are dropped)."""
+        lengths after the append, set once the op ran (None ``on_device``: a fixed cache whose host lengths are
+        not read, as in a compiled step; tokens past the capacity are dropped)."""
         batch, heads, length, dim = keys.shape
         if (batch, heads, dim) != (self.batch, self.key_heads, self.head_dim) or values.shape != keys.shape:
             raise ValueError(f"CompressedKVCache.append: keys {tuple(keys.shape)} and values {tuple(values.shape)} "
@@ -125,9 +127,7 @@ class CompressedKVCache:
         """Append (batch, key heads, T, d) keys and values: every sequence gets T tokens, or only the first
         ``counts[b]`` of them (ragged batches). Keys are projected by ``projection`` R (key heads, d, d) when
         given and compressed here (top-k by magnitude)."""
-        from . import ops
-
-        counts_t, after = self.reserve(keys, values, counts)
+        counts_t, after = self._reserve(keys, values, counts)
         ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
                                        counts_t, projection)
         self.host_lengths = after
@@ -137,12 +137,27 @@ class CompressedKVCache:
         """Append T tokens to every sequence of a fixed cache touching device state only (no host reads, so a
         compiled decode step never specializes on lengths); the capacity is not checked: tokens past it are
         dropped. The host lengths are re-read from the device when next needed."""
-        from . import ops
-
-        self.reserve(keys, values, on_device=True)
+        self._reserve(keys, values, on_device=True)
         ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
                                        None, projection)
         self.host_lengths = None
+
+    def attend(self, query: torch.Tensor, scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+               projection: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """SFA of the newest ``query`` tokens over the cached keys (``sfa_compile.flash_sfa_decode``)."""
+        return ops.flash_sfa_decode_op(query, *self.views(), self.lengths, self.topk, scale, attn_mask, projection)
+
+    def step(self, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
+             scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
+             projection: Optional[torch.Tensor] = None, on_device: bool = False) -> torch.Tensor:
+        """One generation step: append the step's keys and values (as ``append``; ``on_device`` as
+        ``append_on_device``) and attend ``query`` over the cache with them, in the decode kernels' own launches."""
+        _, after = self._reserve(new_keys, new_values, on_device=on_device)
+        views = self.views(None if after is None else max(after))  # with the new tokens
+        out = ops.flash_sfa_decode_step_op(query, *views, self.lengths, new_keys, new_values, self.topk, scale,
+                                           attn_mask, projection)
+        self.host_lengths = after
+        return out
 
     def views(self, length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(key values, key indices, values) over the first ``length`` (default ``max_length``) tokens, no copies;
