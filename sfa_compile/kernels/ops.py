@@ -2,12 +2,13 @@
 ``sfa::flash_sfa_decode`` (attention over a compressed key cache), ``sfa::compressed_cache_append`` and
 ``sfa::flash_sfa_decode_step`` (append a step's keys and values, then attend: what a generation step calls).
 
-The op returns (output, lse): lse is the float32 log-sum-exp of each query row's masked, scaled scores
-(+inf for a row whose keys are all masked), saved for the backward so that it never recomputes the softmax
+The op returns (output, lse): lse is the float32 log-sum-exp of each query row's masked, scaled scores as the
+engine that ran the call computed it (prefill.py), saved for the backward so that it never recomputes the softmax
 normalizer; callers use output only. The fake implementation (shapes only) is the single source of output
-shapes, used by torch.compile, torch.export and the FX passes. The pure-PyTorch reference runs on every
-device; CUDA tensors run the Triton kernels (flash_sfa_triton), imported on first use so that machines
-without Triton never need it. Dropout randomness enters as an explicit seed tensor so the op stays a pure
+shapes, used by torch.compile, torch.export and the FX passes. Every device runs ``prefill``: top-k of q and k,
+then the fastest dense attention engine that takes the call (SDPA's backends, our Triton kernels on CUDA, imported
+on first use so that machines without Triton never need them), else the pure-PyTorch reference. Dropout
+randomness enters as an explicit seed tensor so the op stays a pure
 function of its inputs (recomputable in the backward, checkable by opcheck, traceable by export).
 
 The three decode ops are inference-only and run once per layer of every generation step, so they are defined
@@ -21,6 +22,7 @@ from typing import Optional
 
 import torch
 
+from . import prefill
 from .cache_reference import advance_lengths, append_reference
 from .checks import (
     check_append_args,
@@ -32,7 +34,7 @@ from .checks import (
     score_shape,
 )
 from .limits import KERNEL_DTYPES, MAX_HEAD_DIM, MAX_QUERY_LENGTH
-from .reference import flash_sfa_backward_reference, flash_sfa_decode_reference, flash_sfa_reference
+from .reference import flash_sfa_decode_reference
 
 
 def _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed) -> None:
@@ -55,18 +57,7 @@ def flash_sfa_op(
     dropout_seed: Optional[torch.Tensor] = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
-    return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                               dropout_seed)
-
-
-@flash_sfa_op.register_kernel("cuda")
-def _flash_sfa_cuda(query, key, value, topk, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                    enable_gqa=False, dropout_seed=None):
-    _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
-    from . import flash_sfa_triton
-
-    return flash_sfa_triton.forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                    dropout_seed)
+    return prefill.forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
 
 
 @flash_sfa_op.register_fake
@@ -94,27 +85,16 @@ def flash_sfa_backward_op(
     dropout_seed: Optional[torch.Tensor],
     mask_grad: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, d attn_mask); the last is an empty tensor unless mask_grad. The reference recomputes
-    the probabilities and ignores ``out`` and ``lse``."""
-    dq, dk, dv, d_mask = flash_sfa_backward_reference(
-        grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed, mask_grad
-    )
-    return _contiguous_grads(query, dq, dk, dv, d_mask)
+    """(dq, dk, dv, d attn_mask); the last is an empty tensor unless mask_grad. The engine is the forward's
+    (the reference recomputes the probabilities and ignores ``out`` and ``lse``)."""
+    grads = prefill.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
+                             enable_gqa, dropout_seed, mask_grad)
+    return _contiguous_grads(query, *grads)
 
 
 def _contiguous_grads(query, dq, dk, dv, d_mask):
     d_mask = d_mask.contiguous() if d_mask is not None else query.new_empty(0)
     return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_mask
-
-
-@flash_sfa_backward_op.register_kernel("cuda")
-def _flash_sfa_backward_cuda(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
-                             enable_gqa, dropout_seed, mask_grad):
-    from . import flash_sfa_triton
-
-    grads = flash_sfa_triton.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal,
-                                      scale, enable_gqa, dropout_seed, mask_grad)
-    return _contiguous_grads(query, *grads)
 
 
 @flash_sfa_backward_op.register_fake

@@ -1,0 +1,244 @@
+"""``sfa::flash_sfa`` and its backward on the fastest engine for the call: top-k of q and k, then dense attention.
+
+SFA's scores are exactly dense attention on the sparsified q~ and k~ (zeros at the dropped features), so after one
+top-k pass any exact dense attention engine computes SFA, and the gradients of q and k are the engine's, masked
+to the kept features. Which engine runs a call is a pure function of the call's metadata (device, dtypes, shapes,
+mask, flags), so the backward always runs the engine its forward ran. The rules (measured on the H100:
+benchmarks/RESULTS.md, the prefill table; LOG.md):
+
+| device | the call                                                                    | engine               |
+|--------|-----------------------------------------------------------------------------|----------------------|
+| CUDA   | fp16/bf16, no mask, causal only with L == S, equal head dims, key heads ==  | SDPA cuDNN           |
+|        | query heads, and SDPA's cuDNN backend takes it                              |                      |
+| CUDA   | as above with fewer key heads (GQA), SDPA's flash backend takes it          | SDPA flash (no K/V   |
+|        | (or cuDNN does not)                                                         | repeats)             |
+| CUDA   | any other fp16/bf16/fp32 call with head dims <= 256 (masks, L != S causal)  | our Triton kernels   |
+| CPU    | fp16/bf16/fp32, mask boolean or of the query's dtype                        | SDPA's CPU flash     |
+| any    | float64, dropout, gradients of the mask, other devices                      | pure-PyTorch         |
+|        |                                                                             | reference            |
+
+SDPA's backends are reached through their aten ops (forward with log-sum-exp, backward with the forward's outputs),
+the calls SDPA's own autograd makes, and only where SDPA's public ``can_use_*`` checks accept the arguments (they
+also honour ``torch.backends.cuda.enable_*_sdp``). The op's ``lse`` output is what the engine's backward needs: the
+float32 log-sum-exp of each query row. The reference fallback warns once per reason; empty inputs take the
+reference silently.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+
+from .checks import default_scale, gqa_group_size, output_shape, score_shape
+from .limits import KERNEL_DTYPES, MAX_HEAD_DIM
+from .reference import flash_sfa_backward_reference, flash_sfa_reference
+from .topk import sparsify_fast
+
+REFERENCE, TRITON, CUDNN, FLASH, CPU_FLASH = "reference", "triton", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash"
+_HALF = (torch.float16, torch.bfloat16)
+_warned: set = set()
+
+
+def _reference_reason(query, key, value, dropout_p: float, mask_grad: bool) -> Optional[str]:
+    """Why no fast engine can run these arguments, or None when one can."""
+    if query.dtype not in KERNEL_DTYPES:
+        return f"{query.dtype} inputs (the fast engines take float16, bfloat16 and float32)"
+    if dropout_p > 0.0:
+        return "dropout_p > 0 (the fast engines run no dropout)"
+    if mask_grad:
+        return "gradients with respect to attn_mask"
+    if query.device.type == "cuda" and max(query.size(-1), value.size(-1)) > MAX_HEAD_DIM:
+        return f"head dims above {MAX_HEAD_DIM}"
+    if query.device.type not in ("cuda", "cpu"):
+        return f"{query.device.type} tensors"
+    return None
+
+
+def _sdpa_backend(q, k, v, is_causal: bool) -> str:
+    """SDPA cuDNN or flash for 4-D half-precision q~, k~, v without a mask, or TRITON when neither takes them."""
+    length, keys = q.size(-2), k.size(-2)
+    if q.dtype not in _HALF or (is_causal and length != keys) or q.size(-1) != v.size(-1):
+        return TRITON
+    if 0 in q.stride() + k.stride() + v.stride():  # broadcast batch or heads: the Triton kernels read stride 0
+        return TRITON
+    gqa = q.size(1) != k.size(1)
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, is_causal, gqa)
+    if not gqa and torch.backends.cuda.can_use_cudnn_attention(params, False):
+        return CUDNN
+    if torch.backends.cuda.can_use_flash_attention(params, False):
+        return FLASH
+    return TRITON
+
+
+def _engine(q, k, v, mask, is_causal: bool) -> str:
+    """The engine for 4-D q~, k~, v and an optional 4-D mask, already past ``_reference_reason``."""
+    if q.device.type == "cpu":
+        takes = q.size(-1) == v.size(-1) and (mask is None or mask.dtype in (torch.bool, q.dtype))
+        return CPU_FLASH if takes else REFERENCE
+    return TRITON if mask is not None else _sdpa_backend(q, k, v, is_causal)
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _warned:
+        _warned.add(reason)
+        warnings.warn(
+            f"sfa::flash_sfa: {reason} runs on the pure-PyTorch reference (same result, slower, "
+            "memory linear in the key length per query chunk)",
+            stacklevel=3,
+        )
+
+
+def _is_empty(query, key, value) -> bool:
+    return query.numel() == 0 or key.numel() == 0 or value.numel() == 0
+
+
+def _four_d(x: torch.Tensor, batch: list, rows: int = -1, cols: int = -1) -> torch.Tensor:
+    """``x`` (..., N, E) broadcast to batch + (rows, cols) (-1: keep x's) and viewed as (B, H, N, E);
+    broadcast dims keep stride 0. More than two batch dims are flattened, which copies only when they
+    were broadcast."""
+    x = x.expand(*batch, rows, cols)
+    if len(batch) < 2:
+        return x.reshape((1,) * (2 - len(batch)) + tuple(x.shape))
+    return x.flatten(0, len(batch) - 2)
+
+
+def _layout(query, key, value, enable_gqa):
+    """(batch dims of the scores, batch dims of K/V): K/V keep their own head count under GQA."""
+    batch = score_shape(query, key, value, enable_gqa)[:-2]
+    kv_batch = batch[:-1] + [key.size(-3)] if gqa_group_size(query, key, enable_gqa) > 1 else batch
+    return batch, kv_batch
+
+
+def _sparsify(x: torch.Tensor, topk: int, want_keep: bool, triton: bool):
+    if topk >= x.size(-1):
+        return x, None
+    if not triton:
+        return sparsify_fast(x, topk, want_keep)
+    from .triton_topk import sparsify_triton
+
+    return sparsify_triton(x, topk, want_keep)
+
+
+def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """SDPA's CPU flash kernel takes masks in the query's dtype: a boolean mask as 0 / -inf."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
+
+
+def _no_rng(device) -> torch.Tensor:
+    return torch.empty((), dtype=torch.int64, device=device)
+
+
+def _engine_forward(engine, q, k, v, mask, is_causal, scale):
+    """(out, lse (B, H, L) float32) of dense attention on 4-D q~, k~, v."""
+    aten = torch.ops.aten
+    if engine == CPU_FLASH:
+        return aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
+                                                                attn_mask=_additive(mask, q.dtype), scale=scale)
+    if engine == CUDNN:
+        out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False,
+                                                            scale=scale)[:2]
+        return out, lse.reshape(q.shape[:3])
+    if engine == FLASH:
+        out, lse = aten._scaled_dot_product_flash_attention(q, k, v, 0.0, is_causal, False, scale=scale)[:2]
+        return out, lse
+    from .triton_prefill import flash_forward
+
+    return flash_forward(q, k, v, mask, is_causal, scale)
+
+
+def _engine_backward(engine, d_out, q, k, v, out, lse, mask, is_causal, scale):
+    """(dq~, dk~, dv) of ``_engine_forward`` from its saved output and log-sum-exp."""
+    aten = torch.ops.aten
+    length, keys = q.size(-2), k.size(-2)
+    if engine == CPU_FLASH:
+        return aten._scaled_dot_product_flash_attention_for_cpu_backward(
+            d_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=_additive(mask, q.dtype), scale=scale)
+    if engine == CUDNN:
+        rng = _no_rng(q.device)
+        return aten._scaled_dot_product_cudnn_attention_backward(
+            d_out, q, k, v, out, lse.unsqueeze(-1), rng, rng, None, None, None, length, keys, 0.0, is_causal,
+            scale=scale)
+    if engine == FLASH:
+        rng = _no_rng(q.device)
+        return aten._scaled_dot_product_flash_attention_backward(
+            d_out, q, k, v, out, lse, None, None, length, keys, 0.0, is_causal, rng, rng, scale=scale)
+    from .triton_prefill_backward import flash_backward
+
+    return flash_backward(d_out, q, k, v, out, lse, mask, is_causal, scale)
+
+
+def _inputs(query, key, value, topk, attn_mask, enable_gqa, want_keep, triton):
+    """The op's arguments in the engines' 4-D layout, q and k sparsified (by the Triton top-k if ``triton``):
+    (batch, kv batch, q~, q keep, k~, k keep, v, mask)."""
+    batch, kv_batch = _layout(query, key, value, enable_gqa)
+    q_sparse, q_keep = _sparsify(_four_d(query, batch), topk, want_keep, triton)
+    k_sparse, k_keep = _sparsify(_four_d(key, kv_batch), topk, want_keep, triton)
+    mask = None if attn_mask is None else _four_d(attn_mask, batch, query.size(-2), key.size(-2))
+    return batch, kv_batch, q_sparse, q_keep, k_sparse, k_keep, _four_d(value, kv_batch), mask
+
+
+def engine_for(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False,
+               mask_grad=False) -> str:
+    """The engine ``sfa::flash_sfa`` runs these arguments on (for benchmarks and tests; the op decides the same)."""
+    if _reference_reason(query, key, value, dropout_p, mask_grad) is not None or _is_empty(query, key, value):
+        return REFERENCE
+    batch, kv_batch = _layout(query, key, value, enable_gqa)
+    q, k, v = _four_d(query, batch), _four_d(key, kv_batch), _four_d(value, kv_batch)
+    mask = None if attn_mask is None else _four_d(attn_mask, batch, query.size(-2), key.size(-2))
+    return _engine(q, k, v, mask, is_causal)
+
+
+def forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed,
+            engine: Optional[str] = None):
+    """(out, lse) of ``sfa::flash_sfa`` (arguments already validated). ``engine``: run this one instead of the
+    rules' choice (tests run the Triton kernels on the CPU through Triton's interpreter this way)."""
+    reason = _reference_reason(query, key, value, dropout_p, False)
+    if reason is not None or _is_empty(query, key, value):
+        engine = REFERENCE
+    if engine != REFERENCE:
+        batch, _, q, _, k, _, v, mask = _inputs(query, key, value, topk, attn_mask, enable_gqa, False,
+                                                query.is_cuda or engine == TRITON)
+        engine = engine or _engine(q, k, v, mask, is_causal)
+    if engine == REFERENCE:
+        if reason is not None:
+            _warn_once(reason)
+        return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                   dropout_seed)
+    out, lse = _engine_forward(engine, q, k, v, mask, is_causal, default_scale(query, scale))
+    return (out.reshape(output_shape(query, key, value, enable_gqa)).contiguous(),
+            lse.reshape(*batch, query.size(-2)).contiguous())
+
+
+def backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+             dropout_seed, mask_grad, engine: Optional[str] = None):
+    """(dq, dk, dv, d_mask or None) of ``sfa::flash_sfa``, gradients only through kept features; ``engine`` as
+    in ``forward`` (it must be the forward's)."""
+    reason = _reference_reason(query, key, value, dropout_p, mask_grad)
+    if reason is not None or _is_empty(query, key, value):
+        engine = REFERENCE
+    if engine != REFERENCE:
+        batch, kv_batch, q, q_keep, k, k_keep, v, mask = _inputs(query, key, value, topk, attn_mask, enable_gqa,
+                                                                 True, query.is_cuda or engine == TRITON)
+        engine = engine or _engine(q, k, v, mask, is_causal)
+    if engine == REFERENCE:
+        if reason is not None:
+            _warn_once(reason)
+        return flash_sfa_backward_reference(grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal,
+                                            scale, enable_gqa, dropout_seed, mask_grad)
+    lse4 = _four_d(lse.unsqueeze(-1), batch).squeeze(-1).contiguous()
+    out4 = _four_d(out, batch).contiguous()
+    d_out4 = _four_d(grad_out, batch).contiguous()
+    dq, dk, dv = _engine_backward(engine, d_out4, q, k, v, out4, lse4, mask, is_causal, default_scale(query, scale))
+    if q_keep is not None:
+        dq = dq.masked_fill(~q_keep, 0)
+    if k_keep is not None:
+        dk = dk.masked_fill(~k_keep, 0)
+    length, keys = query.size(-2), key.size(-2)
+    dq = dq.reshape(*batch, length, query.size(-1)).sum_to_size(query.shape)
+    dk = dk.reshape(*kv_batch, keys, key.size(-1)).sum_to_size(key.shape)
+    dv = dv.reshape(*kv_batch, keys, value.size(-1)).sum_to_size(value.shape)
+    return dq, dk, dv, None

@@ -1,0 +1,24 @@
+"""The run-time top-k (``sparsify_fast``, what the CPU path runs) against the stable-sort definition."""
+
+import pytest
+import torch
+
+from sfa_compile.kernels.topk import sparsify_dense, sparsify_fast
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("head_dim,topk", [(64, 8), (128, 16), (32, 1), (80, 79), (24, 7)])
+def test_sparsify_fast_equals_the_sort(head_dim, topk, dtype):
+    g = torch.Generator().manual_seed(head_dim * 7 + topk)
+    x = torch.randn(2, 3, 37, head_dim, generator=g).to(dtype)
+    x[0, 0, 0, :5] = 1.0  # ties at the threshold: lower index wins
+    x[0, 0, 1, :topk + 3] = -2.0  # ties across signs
+    x[0, 0, 2, 3] = float("nan")  # NaN ranks above everything
+    x[0, 0, 3, 5] = float("inf")
+    x[0, 1, 2] = 0.0  # fewer non-zeros than topk: still exactly topk kept
+    x[1, 2, 4, ::2] = -0.0
+    y, keep = sparsify_fast(x.transpose(1, 2).contiguous().transpose(1, 2), topk, want_keep=True)
+    want_y, want_keep = sparsify_dense(x, topk)
+    assert torch.equal(keep, want_keep) and bool((keep.sum(-1) == topk).all())
+    assert torch.equal(y.nan_to_num(), want_y.nan_to_num()) and torch.equal(y.isnan(), want_y.isnan())
+    assert sparsify_fast(x, topk)[1] is None
