@@ -1,18 +1,22 @@
-"""FlashSFA prefill (Triton, top-k included) vs SDPA's flash and cuDNN backends, side by side, on one GPU.
+"""FlashSFA prefill (top-k included, on the engine the op picks) vs SDPA's flash and cuDNN backends, on one GPU.
 
 For each head dim, topk and length: first checks FlashSFA against the reference on the same inputs
-(must pass), then times forward and forward+backward with CUDA events (triton.testing.do_bench, median).
+(must pass), then times forward and forward+backward with CUDA events (triton.testing.do_bench, median),
+and records the engine the op ran (kernels/prefill.py) and the peak memory of one forward+backward.
 TFLOP/s are dense-equivalent: causal forward 4*B*H*N^2*d/2 FLOPs, backward 2.5x that (FlashAttention's
 convention), so SFA and dense rows compare by time.
 
     python benchmarks/bench_prefill.py [--dims 64 128] [--topks 8 16] [--lengths 4096 16384 65536]
                                        [--tokens 65536] [--heads 16] [--csv out.csv]
+    python benchmarks/bench_prefill.py --cpu [--threads 2]   # SDPA vs flash_sfa on the CPU, same table
 
 Batch = tokens // length, so every length fills the GPU with the same number of query tokens.
 """
 
 import argparse
 import datetime
+import statistics
+import time
 import warnings
 
 import torch
@@ -22,7 +26,7 @@ from results_csv import write_csv
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sfa_compile import flash_sfa
-from sfa_compile.kernels import reference
+from sfa_compile.kernels import prefill, reference
 from sfa_compile.kernels.triton_topk import sparsify_triton
 
 BACKENDS = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
@@ -63,7 +67,11 @@ def time_case(batch, heads, length, head_dim, topk, dtype):
         res["sfa_fwd"] = bench(lambda: sfa(q, k, v))
         res["sfa_fwdbwd"] = bench(fwd_bwd(sfa))
     res["topk_only"] = bench(lambda: (sparsify_triton(q, topk), sparsify_triton(k, topk)))
-    dense = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    res["engine"] = prefill.engine_for(q, k, v, is_causal=True)
+    res["sfa_peak_mib"] = peak_mib(fwd_bwd(sfa))
+    with sdpa_kernel(BACKENDS["cudnn"]):
+        res["cudnn_peak_mib"] = peak_mib(fwd_bwd(dense := lambda q, k, v: F.scaled_dot_product_attention(
+            q, k, v, is_causal=True)))
     for name, backend in BACKENDS.items():
         try:
             with sdpa_kernel(backend):
@@ -75,6 +83,59 @@ def time_case(batch, heads, length, head_dim, topk, dtype):
     return res
 
 
+def peak_mib(run) -> float:
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    run()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
+def cpu_time(fn, reps: int = 5) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def cpu_case(head_dim: int, topk: int, length: int, heads: int) -> dict:
+    g = torch.Generator().manual_seed(length)
+    q, k, v = (torch.randn(1, heads, length, head_dim, generator=g) for _ in range(3))
+    d_out = torch.randn_like(q)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    sfa = lambda q, k, v: flash_sfa(q, k, v, topk=topk, is_causal=True)  # noqa: E731
+    dense = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    r = dict(d=head_dim, topk=topk, N=length, engine=prefill.engine_for(q, k, v, is_causal=True))
+    for name, attend in (("sdpa", dense), ("sfa", sfa)):
+        r[f"{name}_fwd"] = cpu_time(lambda attend=attend: attend(q, k, v))
+        r[f"{name}_fwdbwd"] = cpu_time(lambda attend=attend: torch.autograd.grad(attend(*inputs), inputs, d_out))
+    return r
+
+
+def cpu_main(args) -> None:
+    """SDPA vs flash_sfa on the CPU (float32, causal), forward and forward+backward, same shapes and threads."""
+    torch.set_num_threads(args.threads)
+    print(f"{datetime.date.today()} CPU, {args.threads} threads, torch {torch.__version__}, float32, causal, "
+          f"{args.cpu_heads} heads")
+    print("| d | topk | N | engine | SDPA fwd ms | SFA fwd ms | SFA / SDPA | SDPA f+b ms | SFA f+b ms | SFA / SDPA |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    rows = []
+    for head_dim in args.cpu_dims:
+        for topk in args.topks:
+            for length in args.cpu_lengths:
+                r = cpu_case(head_dim, topk, length, args.cpu_heads)
+                rows.append(r)
+                print(f"| {head_dim} | {topk} | {length} | {r['engine']} | {r['sdpa_fwd']:.2f} | {r['sfa_fwd']:.2f} "
+                      f"| {r['sfa_fwd'] / r['sdpa_fwd']:.2f}x | {r['sdpa_fwdbwd']:.2f} | {r['sfa_fwdbwd']:.2f} "
+                      f"| {r['sfa_fwdbwd'] / r['sdpa_fwdbwd']:.2f}x |", flush=True)
+    if args.csv:
+        write_csv(args.csv, rows)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dims", type=int, nargs="+", default=[64, 128])
@@ -84,13 +145,20 @@ def main():
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     parser.add_argument("--csv", default=None)
+    parser.add_argument("--cpu", action="store_true", help="time SDPA vs flash_sfa on the CPU instead")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cpu-dims", type=int, nargs="+", default=[64])
+    parser.add_argument("--cpu-lengths", type=int, nargs="+", default=[512, 2048])
+    parser.add_argument("--cpu-heads", type=int, default=8)
     args = parser.parse_args()
+    if args.cpu:
+        return cpu_main(args)
     dtype = getattr(torch, args.dtype)
     print(f"{datetime.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} "
           f"triton {triton.__version__} {args.dtype}, causal, {args.heads} heads")
     header = ("| d | topk | N | batch | SFA fwd ms | flash fwd ms | cuDNN fwd ms | SFA fwd TFLOP/s | flash | cuDNN "
               "| fwd vs flash | fwd vs cuDNN | SFA f+b ms | flash f+b ms | cuDNN f+b ms | f+b vs flash "
-              "| f+b vs cuDNN | top-k ms |")
+              "| f+b vs cuDNN | top-k ms | engine | SFA f+b MiB | cuDNN f+b MiB |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     rows = []
@@ -109,7 +177,8 @@ def main():
                       f"| {tf(r['cudnn_fwd']):.0f} | {r['flash_fwd'] / r['sfa_fwd']:.2f}x "
                       f"| {r['cudnn_fwd'] / r['sfa_fwd']:.2f}x | {r['sfa_fwdbwd']:.3f} | {r['flash_fwdbwd']:.3f} "
                       f"| {r['cudnn_fwdbwd']:.3f} | {r['flash_fwdbwd'] / r['sfa_fwdbwd']:.2f}x "
-                      f"| {r['cudnn_fwdbwd'] / r['sfa_fwdbwd']:.2f}x | {r['topk_only']:.3f} |", flush=True)
+                      f"| {r['cudnn_fwdbwd'] / r['sfa_fwdbwd']:.2f}x | {r['topk_only']:.3f} | {r['engine']} "
+                      f"| {r['sfa_peak_mib']:.0f} | {r['cudnn_peak_mib']:.0f} |", flush=True)
     if args.csv:
         write_csv(args.csv, rows)
 

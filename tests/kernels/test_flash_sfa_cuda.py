@@ -9,6 +9,7 @@ from sfa_oracle import oracle_sfa
 from test_flash_sfa_triton import assert_within_2x, naive
 
 from sfa_compile import flash_sfa
+from sfa_compile.kernels import prefill
 
 pytestmark = pytest.mark.gpu
 
@@ -28,14 +29,15 @@ def test_cuda_matches_oracle_and_sdpa(dtype):
     assert (full.double() - dense.double()).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
+@pytest.mark.parametrize("key_heads", [4, 2])  # the SDPA engines: cuDNN (heads equal), flash (GQA)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim,topk,causal", [(64, 8, True), (128, 16, True), (128, 8, False), (64, 64, True)])
-def test_kernels_at_size_within_2x_of_same_precision(head_dim, topk, causal, dtype):
-    """Forward and backward through the op (Triton on CUDA, no fallback) vs float64, at a few hundred tokens."""
+def test_engines_at_size_within_2x_of_same_precision(head_dim, topk, causal, dtype, key_heads):
+    """Forward and backward through the op (no fallback) vs float64, at a few hundred tokens."""
     g = torch.Generator(device="cuda").manual_seed(head_dim + topk)
     q = torch.randn(1, 4, 515, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(1, 2, 515, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(1, 2, 515, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(1, key_heads, 515, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(1, key_heads, 515, head_dim, device="cuda", dtype=dtype, generator=g).requires_grad_()
     d_out = torch.randn(1, 4, 515, head_dim, device="cuda", dtype=dtype, generator=g)
     kwargs = dict(is_causal=causal, enable_gqa=True)
     with warnings.catch_warnings():
@@ -59,3 +61,19 @@ def test_cuda_backward_and_compile():
     want = torch.autograd.grad(oracle_sfa(q, k, v, 4, is_causal=True).square().sum(), (q, k, v))
     for g, w in zip(grads, want):
         torch.testing.assert_close(g.double(), w.double(), rtol=1e-4, atol=1e-5)
+
+
+def test_engine_rules_on_cuda():
+    """The rule table of kernels/prefill.py: SDPA's backends where they take the call, ours elsewhere."""
+    def qkv(dtype=torch.bfloat16, key_heads=4, length=64, keys=64):
+        return (torch.randn(1, 4, length, 64, device="cuda", dtype=dtype),
+                torch.randn(1, key_heads, keys, 64, device="cuda", dtype=dtype),
+                torch.randn(1, key_heads, keys, 64, device="cuda", dtype=dtype))
+
+    assert prefill.engine_for(*qkv(), is_causal=True) in (prefill.CUDNN, prefill.FLASH)
+    assert prefill.engine_for(*qkv(key_heads=2), is_causal=True, enable_gqa=True) == prefill.FLASH
+    mask = torch.ones(64, 64, dtype=torch.bool, device="cuda").tril()
+    assert prefill.engine_for(*qkv(), attn_mask=mask) == prefill.TRITON
+    assert prefill.engine_for(*qkv(torch.float32), is_causal=True) == prefill.TRITON
+    assert prefill.engine_for(*qkv(length=16), is_causal=True) == prefill.TRITON  # L != S causal
+    assert prefill.engine_for(*qkv(torch.float64)) == prefill.REFERENCE

@@ -1,4 +1,5 @@
-"""The run-time top-k (``sparsify_fast``, what the CPU path runs) against the stable-sort definition."""
+"""The run-time top-k (``sparsify_fast``, what the CPU path runs) against the stable-sort definition, and the
+prefill engine rules on the CPU."""
 
 import pytest
 import torch
@@ -22,3 +23,18 @@ def test_sparsify_fast_equals_the_sort(head_dim, topk, dtype):
     assert torch.equal(keep, want_keep) and bool((keep.sum(-1) == topk).all())
     assert torch.equal(y.nan_to_num(), want_y.nan_to_num()) and torch.equal(y.isnan(), want_y.isnan())
     assert sparsify_fast(x, topk)[1] is None
+
+
+def test_engine_rules_on_cpu():
+    """kernels/prefill.py on the CPU: SDPA's CPU flash kernel, the reference where it cannot run the call."""
+    from sfa_compile.kernels import prefill
+
+    q, k, v = torch.randn(1, 4, 9, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    assert prefill.engine_for(q, k, v, is_causal=True, enable_gqa=True) == prefill.CPU_FLASH
+    assert prefill.engine_for(q, k, v, attn_mask=torch.ones(9, 9, dtype=torch.bool), enable_gqa=True) == \
+        prefill.CPU_FLASH
+    assert prefill.engine_for(q, k, v, attn_mask=torch.zeros(9, 9, dtype=torch.float64), enable_gqa=True) == \
+        prefill.REFERENCE  # the kernel takes masks in the query's dtype only
+    assert prefill.engine_for(q, k, v[..., :8], enable_gqa=True) == prefill.REFERENCE  # value head dim differs
+    assert prefill.engine_for(q, k, v, dropout_p=0.1, enable_gqa=True) == prefill.REFERENCE
+    assert prefill.engine_for(q.double(), k.double(), v.double(), enable_gqa=True) == prefill.REFERENCE
