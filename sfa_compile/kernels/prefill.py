@@ -139,7 +139,8 @@ def _engine_forward(engine, q, k, v, mask, is_causal, scale):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
                                                                     attn_mask=_additive(mask, q.dtype), scale=scale)
         # Its online softmax skips NaN scores; SFA's contract (SDPA's math backend) propagates a query's NaN.
-        return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan")), lse
+        nan_rows = q.isnan().any(-1, keepdim=True)
+        return (out.masked_fill(nan_rows, float("nan")) if nan_rows.any() else out), lse
     if engine == CUDNN:
         out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False,
                                                             scale=scale)[:2]
