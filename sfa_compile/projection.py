@@ -96,8 +96,42 @@ class orthogonal_training:
         return False
 
 
+def _positive_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 1
+
+
+def check_settings(settings, source: str) -> None:
+    """Raise ValueError naming ``source`` and the field when a checkpoint's "sfa" settings are not what
+    ``sfa_compile.convert`` records (SFAConfig's fields, the projection kind, the converted layers' shapes)."""
+    from .config import SFAConfig
+
+    if not isinstance(settings, dict):
+        raise ValueError(f"{source}: 'sfa' must be a JSON object, got {type(settings).__name__}")
+    recorded = ("projection", "converted_layers")
+    try:
+        config = SFAConfig.from_dict({k: v for k, v in settings.items() if k not in recorded})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"{source}: 'sfa' settings: {err}") from None
+    if settings.get("projection") not in ("runtime", "folded"):
+        raise ValueError(f"{source}: 'sfa.projection' must be \"runtime\" or \"folded\", got "
+                         f"{settings.get('projection')!r}")
+    layers = settings.get("converted_layers")
+    if not isinstance(layers, dict) or not layers:
+        raise ValueError(f"{source}: 'sfa.converted_layers' must map attention layer paths to [heads, key heads, "
+                         f"head dim], got {layers!r}")
+    for path, shape in layers.items():
+        if not (isinstance(shape, list) and len(shape) == 3 and all(map(_positive_int, shape))
+                and shape[0] % shape[1] == 0):
+            raise ValueError(f"{source}: 'sfa.converted_layers[{path!r}]' must be [heads, key heads, head dim] "
+                             f"(positive integers, heads a multiple of key heads), got {shape!r}")
+        if config.topk > shape[2]:
+            raise ValueError(f"{source}: 'sfa.topk' {config.topk} exceeds the head dim {shape[2]} of layer "
+                             f"{path!r}")
+
+
 def attach_projections(model, sfa_settings: dict) -> None:
     """Recreate the SFAProjection modules recorded in ``model.config.sfa`` (before loading their weights)."""
+    check_settings(sfa_settings, "SFA checkpoint config.json")
     modules = dict(model.named_modules())
     runtime = sfa_settings.get("projection") == "runtime"
     for path, (_, key_heads, head_dim) in sfa_settings["converted_layers"].items():

@@ -26,7 +26,7 @@ import torch
 
 from ..config import SFAConfig
 from ..integrations import is_hf_model, register
-from ..projection import check_orthogonal
+from ..projection import check_orthogonal, check_settings
 from .modules import InputSpec, qualified_name, rewrite_module
 
 MODULE_SETTINGS = "sfa_model.json"
@@ -34,13 +34,18 @@ MODULE_WEIGHTS = "model.safetensors"
 
 
 def _replace_dir(tmp: Path, target: Path) -> None:
-    if target.exists():
-        old = target.with_name(f".{target.name}.old-{tmp.name}")
-        target.rename(old)
+    """Move ``tmp`` to ``target``; an existing target is set aside first and put back if the move fails."""
+    if not target.exists():
         tmp.rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
+        return
+    old = target.with_name(f".{target.name}.old-{tmp.name}")
+    target.rename(old)
+    try:
         tmp.rename(target)
+    except BaseException:
+        old.rename(target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_directory(target, force: bool, write) -> Path:
@@ -96,18 +101,56 @@ def load(path, model=None, **from_pretrained_kwargs):
     if not config_file.is_file():
         raise FileNotFoundError(f"load: {path} has neither config.json nor {MODULE_SETTINGS}; expected a directory "
                                 "written by sfa_compile.save")
-    config = json.loads(config_file.read_text())
+    config = _read_json_object(config_file)
     if not config.get("sfa"):
         raise ValueError(f"load: {path} is not an SFA checkpoint (config.json has no 'sfa' entry); convert it first")
+    check_settings(config["sfa"], f"load: {config_file}")
     register()
     cls = architecture_class(config.get("architectures"))
     if cls is None:
         raise ValueError(f"load: unknown architecture {config.get('architectures')!r} in {config_file}")
-    return cls.from_pretrained(path, **from_pretrained_kwargs).eval()
+    try:
+        return cls.from_pretrained(path, **from_pretrained_kwargs).eval()
+    except Exception as err:  # a truncated or corrupt weights file: name it (the libraries' errors do not)
+        broken = _unreadable_weights(path)
+        if broken is None:
+            raise
+        raise ValueError(f"load: {broken} is truncated or corrupt ({err}); re-save the checkpoint") from None
+
+
+def _read_json_object(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ValueError(f"load: {file} is not valid JSON ({err}); re-save the checkpoint") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"load: {file} must hold a JSON object, got {type(data).__name__}; re-save the checkpoint")
+    return data
+
+
+def _unreadable_weights(path: Path):
+    """The first safetensors file of ``path`` whose tensors cannot all be read, or None."""
+    from safetensors import safe_open
+
+    for file in sorted(path.glob("*.safetensors")):
+        try:
+            with safe_open(str(file), framework="pt") as reader:
+                for name in reader.keys():
+                    reader.get_slice(name)[...]
+        except Exception:
+            return file
+    return None
+
+
+_MODULE_FIELDS = ("topk", "converted_sites", "inputs", "model_class")
 
 
 def _load_module(path: Path, model):
-    settings = json.loads((path / MODULE_SETTINGS).read_text())["sfa"]
+    settings = _read_json_object(path / MODULE_SETTINGS).get("sfa")
+    missing = [f for f in _MODULE_FIELDS if f not in settings] if isinstance(settings, dict) else ["sfa"]
+    if missing:
+        raise ValueError(f"load: {path / MODULE_SETTINGS} lacks the SFA settings {missing}; it was not written by "
+                         "sfa_compile.save (re-convert the model and save it)")
     saved_class = settings["model_class"]
     if not isinstance(model, torch.nn.Module):
         raise TypeError(f"load: {path} holds a converted {saved_class}; pass an unconverted instance of it: "
@@ -115,7 +158,10 @@ def _load_module(path: Path, model):
     own_class = qualified_name(type(model))
     if own_class != saved_class:
         raise TypeError(f"load: {path} holds a converted {saved_class}, but model= is a {own_class}")
-    config = SFAConfig.from_dict({k: settings[k] for k in SFAConfig.field_names() if k in settings})
+    try:
+        config = SFAConfig.from_dict({k: settings[k] for k in SFAConfig.field_names() if k in settings})
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"load: {path / MODULE_SETTINGS}: 'sfa' settings: {err}") from None
     gm, sites, _ = rewrite_module(model, config, InputSpec(**settings["inputs"]))
     if sites != settings["converted_sites"]:
         raise ValueError(f"load: converting this {own_class} gives attention sites {sites}, but {path} was saved "

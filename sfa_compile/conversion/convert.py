@@ -12,6 +12,7 @@ The SFA settings are recorded in ``model.config.sfa`` so that checkpoints carry 
 
 from __future__ import annotations
 
+import copy
 from typing import Iterable, Optional
 
 import torch
@@ -50,6 +51,17 @@ def uses_rope(model) -> bool:
         return True
     return any(getattr(cfg, name, None) is not None for name in ("rope_theta", "rope_parameters", "rope_scaling",
                                                                  "rotary_dim", "rotary_emb_base"))
+
+
+def _own_config(model) -> None:
+    """Give ``model`` its own copy of its config (and sub-configs), re-pointing every module that held the
+    originals: conversion changes the config, and other models built from the same object must not change."""
+    copies: dict = {}
+    model.config = copy.deepcopy(model.config, copies)
+    for module in model.modules():
+        config = module.__dict__.get("config")
+        if config is not None and id(config) in copies:
+            module.config = copies[id(config)]
 
 
 def _foldable_projections(module, sfa: SFAProjection, heads: int):
@@ -107,6 +119,7 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
         return _convert_module(model, config, examples, example, refine_steps, progress)
     if getattr(model.config, "sfa", None):
         raise ValueError("convert: this model is already an SFA model (model.config.sfa is set)")
+    _own_config(model)
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
     layers = attention_layers(model, example if example is not None else model.dummy_inputs)
