@@ -152,7 +152,6 @@ def _export(args: argparse.Namespace) -> int:
     if "input_ids" not in parameters or not getattr(model.config, "vocab_size", 0):
         raise CliError(f"export builds token-id example inputs, and {type(model).__name__} takes other inputs "
                        "(call sfa_compile.export_onnx(model, args, path, kwargs=...) with your own)")
-    model.config.use_cache = False  # the exported graph computes outputs, not a KV cache
     generator = torch.Generator().manual_seed(0)
     inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=generator)}
     if "attention_mask" in parameters:

@@ -16,6 +16,7 @@ import inspect
 import logging
 import math
 import os
+import secrets
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -107,20 +108,61 @@ def _eval_mode(model):
             model.train()
 
 
+def _external_files(path: Path) -> set:
+    """The side files (external data) the ONNX model at ``path`` reads, by name."""
+    import onnx
+
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception:  # not a readable ONNX file: nothing of ours to clean up
+        return set()
+    return {entry.value for t in model.graph.initializer for entry in t.external_data if entry.key == "location"}
+
+
 def _save_atomically(model, path: Path) -> None:
+    """Write ``model`` (and its external data) so that ``path`` always holds a consistent pair: the new data file
+    gets a name the current model does not read, the model file replaces the old one in one rename (the commit),
+    and only then is the old data file removed. A failure before the commit leaves the old pair untouched."""
     import onnx
 
     external = sum(len(t.raw_data) for t in model.graph.initializer) > _EXTERNAL_DATA_BYTES
+    old_data = _external_files(path) if path.exists() else set()
     data_name = path.name + ".data"
+    if data_name in old_data or (path.parent / data_name).exists():
+        data_name = f"{path.name}.{secrets.token_hex(4)}.data"
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.tmp-", dir=path.parent) as tmp:
         tmp_path = Path(tmp) / path.name
         onnx.save_model(model, tmp_path, save_as_external_data=external, all_tensors_to_one_file=True,
                         location=data_name)
         onnx.checker.check_model(str(tmp_path), full_check=True)
-        if external:
-            os.replace(Path(tmp) / data_name, path.parent / data_name)
-        os.replace(tmp_path, path)
+        placed = None
+        try:
+            if external:
+                placed = path.parent / data_name
+                os.replace(Path(tmp) / data_name, placed)
+            os.replace(tmp_path, path)
+        except BaseException:
+            if placed is not None:
+                placed.unlink(missing_ok=True)
+            raise
+    for name in old_data - {data_name}:
+        (path.parent / name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def _without_cache(model, kwargs: Optional[dict]):
+    """Export a model's outputs, not its KV cache: ``config.use_cache`` off while exporting, unless the caller
+    passed ``use_cache`` (a cache object in the outputs is not exportable)."""
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is None or "use_cache" in (kwargs or {}):
+        yield
+        return
+    before, config.use_cache = config.use_cache, False
+    try:
+        yield
+    finally:
+        config.use_cache = before
 
 
 def export_onnx(model: torch.nn.Module, args: tuple = (), path=None, *, kwargs: Optional[dict[str, Any]] = None,
@@ -130,14 +172,15 @@ def export_onnx(model: torch.nn.Module, args: tuple = (), path=None, *, kwargs: 
     ``args``/``kwargs`` are example inputs; ``dynamic_shapes`` follows ``torch.export`` (default: every
     input dim may vary where the model allows it, so batch and sequence length stay dynamic). ``opset``:
     the default-domain opset (default: the exporter's; at least 18). The model is exported in eval mode
-    and left in the mode it was in. Raises ValueError when the model runs no FlashSFA (convert it with
+    and left in the mode it was in; a Hugging Face model exports without its KV cache (``use_cache=False``)
+    unless ``kwargs`` sets ``use_cache``. Raises ValueError when the model runs no FlashSFA (convert it with
     ``sfa_compile.convert`` first).
     """
     if opset is not None and opset < MIN_OPSET:
         raise ValueError(f"export_onnx: opset must be >= {MIN_OPSET} (FlashSFA's function body needs it), got {opset}")
     if dynamic_shapes is None:
         dynamic_shapes = _default_dynamic_shapes(model, args, kwargs)
-    with registered_schema(), _eval_mode(model), torch.no_grad():
+    with registered_schema(), _eval_mode(model), _without_cache(model, kwargs), torch.no_grad():
         program = torch.onnx.export(
             model, tuple(args), kwargs=kwargs, dynamic_shapes=dynamic_shapes, opset_version=opset, dynamo=True,
             custom_translation_table={torch.ops.sfa.flash_sfa.default: _translate_flash_sfa}, verbose=False,

@@ -131,7 +131,6 @@ def _converted(name):
     model, inputs, sites, head_dim = build(name, "eager")
     model.eval()
     sfa_compile.convert(model, sfa_compile.SFAConfig(topk=head_dim // 4), [inputs], progress=False)
-    model.config.use_cache = False
     return model, inputs, sites
 
 
@@ -157,8 +156,11 @@ def test_converted_hf_models_run_in_onnxruntime(tmp_path, request, name, plugin)
     model, inputs, sites = _converted(name)
     assert model.config.sfa["projection"] == ("runtime" if name == "llama" else "folded")
     path = tmp_path / f"{name}.onnx"
-    proto = sfa_compile.export_onnx(model, (), path, kwargs=inputs)
+    use_cache = getattr(model.config, "use_cache", None)
+    proto = sfa_compile.export_onnx(model, (), path, kwargs=inputs)  # causal LMs: no KV cache in the outputs
     assert len(flash_sfa_nodes(proto)) == sites
+    assert len(proto.graph.output) == (2 if name == "bert" else 1)  # hidden states (+ pooled), no cache
+    assert getattr(model.config, "use_cache", None) == use_cache  # left as it was
 
     feeds = _feeds(batch=3, length=13, padded="attention_mask" in inputs)
     with torch.no_grad():
