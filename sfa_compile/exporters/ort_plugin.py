@@ -165,6 +165,20 @@ def register_plugin(options, include_dir=None) -> Path:
     return library
 
 
+def flash_sfa_input_types(path) -> set:
+    """Element type names ("float32", "float16", ...) of the queries of the FlashSFA nodes in the ONNX file at
+    ``path``, as the exporter recorded them (empty when not recorded)."""
+    import onnx
+
+    from .onnx_function import DOMAIN, OP_NAME
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in (*graph.input, *graph.value_info, *graph.output)}
+    queries = [n.input[0] for n in graph.node if n.domain == DOMAIN and n.op_type == OP_NAME]
+    return {onnx.helper.tensor_dtype_to_np_dtype(types[q]).name if types[q] != onnx.TensorProto.BFLOAT16
+            else "bfloat16" for q in queries if types.get(q)}
+
+
 def ort_session(path, *, plugin="auto", include_dir=None, sess_options=None, providers=None, **kwargs):
     """An onnxruntime.InferenceSession for an exported SFA model with the FlashSFA plugin registered.
 
@@ -177,6 +191,16 @@ def ort_session(path, *, plugin="auto", include_dir=None, sess_options=None, pro
     if plugin not in ("auto", True, False):
         raise ValueError(f"ort_session: plugin must be 'auto', True or False, got {plugin!r}")
     options = sess_options if sess_options is not None else ort.SessionOptions()
+    if plugin and not isinstance(path, (bytes, bytearray)):
+        dtypes = flash_sfa_input_types(path)
+        if dtypes - {"float32"}:
+            message = (f"ort_session: the FlashSFA plugin computes float32 and this model's FlashSFA nodes take "
+                       f"{', '.join(sorted(dtypes))}")
+            if plugin is True:
+                raise PluginUnavailable(f"{message}; export the model in float32 or pass plugin='auto'")
+            warnings.warn(f"{message}: running FlashSFA through its ONNX function body (exact, slower).",
+                          stacklevel=2)
+            plugin = False
     if plugin:
         try:
             register_plugin(options, include_dir)

@@ -12,17 +12,18 @@ from sfa_compile.exporters.onnx_export import attach_flash_sfa_function
 from sfa_compile.exporters.onnx_function import DOMAIN, DOMAIN_VERSION, OP_NAME
 
 
-def single_node_model(topk: int, scale: float, causal: bool, mask_rank: int):
-    """query/key/value/attn_mask inputs of dynamic shape -> one FlashSFA node, function attached."""
+def single_node_model(topk: int, scale: float, causal: bool, mask_rank: int, elem_type: int = TensorProto.FLOAT):
+    """query/key/value/attn_mask inputs of dynamic shape (``elem_type``) -> one FlashSFA node, function attached."""
     dims = ["b", "h", "l", "e"], ["b", "hk", "s", "e"], ["b", "hk", "s", "ev"]
-    inputs = [helper.make_tensor_value_info(n, TensorProto.FLOAT, d) for n, d in zip(("q", "k", "v"), dims)]
-    inputs.append(helper.make_tensor_value_info("mask", TensorProto.FLOAT, [f"m{i}" for i in range(mask_rank)]))
+    inputs = [helper.make_tensor_value_info(n, elem_type, d) for n, d in zip(("q", "k", "v"), dims)]
+    inputs.append(helper.make_tensor_value_info("mask", elem_type, [f"m{i}" for i in range(mask_rank)]))
     outputs = ["out", "lse"]
     output_dims = {"out": ["b", "h", "l", "ev"], "lse": ["b", "h", "l"]}
     node = helper.make_node(OP_NAME, ["q", "k", "v", "mask"], outputs, domain=DOMAIN, topk=topk, scale=scale,
                             causal=int(causal))
     graph = helper.make_graph([node], "flash_sfa", inputs,
-                              [helper.make_tensor_value_info(n, TensorProto.FLOAT, output_dims[n]) for n in outputs])
+                              [helper.make_tensor_value_info(n, elem_type if n == "out" else TensorProto.FLOAT,
+                                                             output_dims[n]) for n in outputs])
     # IR version 10, as torch's exporter writes: onnx's newest IR version is newer than some runtimes load.
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])

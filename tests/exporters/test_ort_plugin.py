@@ -73,3 +73,20 @@ def test_cli_build_plugin(ort_plugin, capsys):
 def test_cli_build_plugin_without_headers(no_headers, capsys):
     assert cli_main(["build-plugin"]) == 1
     assert "no ONNX Runtime headers" in capsys.readouterr().err
+
+
+def test_half_precision_models_run_on_the_function_body(tmp_path):
+    """The plugin computes float32: a float16 model gets the function body, with one warning (auto), or a clear
+    refusal (plugin=True), instead of ONNX Runtime's INVALID_GRAPH."""
+    path = tmp_path / "half.onnx"
+    onnx.save(single_node_model(3, 0.5, False, 4, onnx.TensorProto.FLOAT16), path)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 5, 8, generator=g).half() for _ in range(3))
+    mask = torch.zeros(1, 2, 5, 5, dtype=torch.half)
+    expected = torch.ops.sfa.flash_sfa(q.float(), k.float(), v.float(), 3, None, 0.0, False, 0.5, False, None)[0]
+    with pytest.raises(PluginUnavailable, match="computes float32 .* take float16"):
+        ort_session(path, plugin=True)
+    with pytest.warns(UserWarning, match="take float16: running FlashSFA through its ONNX function body"):
+        session = ort_session(path)
+    out = session.run(["out"], {"q": q.numpy(), "k": k.numpy(), "v": v.numpy(), "mask": mask.numpy()})[0]
+    assert out.dtype.name == "float16" and relative_error(out.astype("float32"), expected.numpy()) <= 2e-3
