@@ -35,10 +35,17 @@ _BODY = """
    one_dim = Constant <value_ints: ints = [1]> ()
    k_count = Reshape (k_scalar, one_dim)
    zero = Constant <value_float: float = 0.0> ()
-   q = Cast <to: int = 1> (query)
-   kf = Cast <to: int = 1> (key)
+   q_unchecked = Cast <to: int = 1> (query)
+   k_unchecked = Cast <to: int = 1> (key)
    v = Cast <to: int = 1> (value)
    mask = Cast <to: int = 1> (attn_mask)
+   q_dims = Shape (q_unchecked)
+   k_dims = Shape (k_unchecked)
+   v_dims = Shape (v)
+   m_dims = Shape (mask)
+{guard}
+   q = Add (q_unchecked, guard)
+   kf = Add (k_unchecked, guard)
 
 {sparsify_q}{sparsify_k}
    batch = Shape <start: int = 0, end: int = 1> (q)
@@ -106,6 +113,87 @@ _BODY = """
 """
 
 
+# The plugin's argument checks, as data: each condition is a bool; ``guard`` is 0.0 when all hold, and gathering
+# index 1 of a one-element tensor (a run-time error in every runtime) when one does not, so the function body
+# refuses exactly the inputs the plugin refuses (GUARD_NODE names the node in the runtime's error).
+GUARD_NODE = "FlashSFA_needs_4D_query_key_value_matching_shapes_topk_le_head_dim_and_mask_broadcasting_to_scores"
+_GUARD = """
+   four = Constant <value_int: int = 4> ()
+   one_1d = Constant <value_ints: ints = [1]> ()
+   two_1d = Constant <value_ints: ints = [2]> ()
+   three_1d = Constant <value_ints: ints = [3]> ()
+   four_1d = Constant <value_ints: ints = [4]> ()
+   q_rank = Size (q_dims)
+   k_rank = Size (k_dims)
+   v_rank = Size (v_dims)
+   m_rank = Size (m_dims)
+   q_4d = Equal (q_rank, four)
+   k_4d = Equal (k_rank, four)
+   v_4d = Equal (v_rank, four)
+   m_le_4d = LessOrEqual (m_rank, four)
+   ranks_ok_a = And (q_4d, k_4d)
+   ranks_ok_b = And (v_4d, m_le_4d)
+   ranks_ok = And (ranks_ok_a, ranks_ok_b)
+   pad4 = Constant <value_ints: ints = [1, 1, 1, 1]> ()
+   q_dims4 = Concat <axis: int = 0> (pad4, q_dims)
+   k_dims4 = Concat <axis: int = 0> (pad4, k_dims)
+   v_dims4 = Concat <axis: int = 0> (pad4, v_dims)
+   m_dims4 = Concat <axis: int = 0> (pad4, m_dims)
+   minus4 = Constant <value_ints: ints = [-4]> ()
+   big = Constant <value_ints: ints = [9223372036854775807]> ()
+   axis_0 = Constant <value_ints: ints = [0]> ()
+   q_last4 = Slice (q_dims4, minus4, big, axis_0)
+   k_last4 = Slice (k_dims4, minus4, big, axis_0)
+   v_last4 = Slice (v_dims4, minus4, big, axis_0)
+   m_last4 = Slice (m_dims4, minus4, big, axis_0)
+   select_b = Constant <value_ints: ints = [1, 0, 0, 0]> ()
+   select_bhs = Constant <value_ints: ints = [1, 1, 1, 0]> ()
+   select_d = Constant <value_ints: ints = [0, 0, 0, 1]> ()
+   q_b = Mul (q_last4, select_b)
+   k_b = Mul (k_last4, select_b)
+   k_bhs = Mul (k_last4, select_bhs)
+   v_bhs = Mul (v_last4, select_bhs)
+   q_d = Mul (q_last4, select_d)
+   k_d = Mul (k_last4, select_d)
+   same_batch = Equal (q_b, k_b)
+   same_kv = Equal (k_bhs, v_bhs)
+   same_dim = Equal (q_d, k_d)
+   same_ab = And (same_batch, same_kv)
+   same_all = And (same_ab, same_dim)
+   same_int = Cast <to: int = 7> (same_all)
+   same_min = ReduceMin <keepdims: int = 0> (same_int)
+   one_i64 = Constant <value_int: int = 1> ()
+   shapes_ok = Equal (same_min, one_i64)
+   q_heads = Slice (q_last4, one_1d, two_1d, axis_0)
+   k_heads = Slice (k_last4, one_1d, two_1d, axis_0)
+   k_heads_safe = Max (k_heads, one_1d)
+   heads_rem = Mod (q_heads, k_heads_safe)
+   zero_1d = Constant <value_ints: ints = [0]> ()
+   heads_ok_1d = Equal (heads_rem, zero_1d)
+   heads_ok = Squeeze (heads_ok_1d)
+   k_dim = Slice (k_last4, three_1d, four_1d, axis_0)
+   topk_le = LessOrEqual (k_count, k_dim)
+   topk_ok = Squeeze (topk_le)
+   q_bhl = Slice (q_last4, zero_1d, three_1d, axis_0)
+   k_s = Slice (k_last4, two_1d, three_1d, axis_0)
+   scores_last4 = Concat <axis: int = 0> (q_bhl, k_s)
+   m_is_one = Equal (m_last4, one_i64)
+   m_fits = Equal (m_last4, scores_last4)
+   m_dim_ok = Or (m_is_one, m_fits)
+   m_dim_int = Cast <to: int = 7> (m_dim_ok)
+   m_dim_min = ReduceMin <keepdims: int = 0> (m_dim_int)
+   mask_ok = Equal (m_dim_min, one_i64)
+   ok_a = And (ranks_ok, shapes_ok)
+   ok_b = And (heads_ok, topk_ok)
+   ok_c = And (ok_a, ok_b)
+   ok = And (ok_c, mask_ok)
+   zero_i64 = Constant <value_int: int = 0> ()
+   guard_index = Where (ok, zero_i64, one_i64)
+   guard_values = Constant <value_floats: floats = [0.0]> ()
+   guard = Gather (guard_values, guard_index)
+"""
+
+
 def _sparsify(x: str, name: str) -> str:
     """Body lines keeping the ``topk`` largest-magnitude features of ``x`` (zeros elsewhere) as ``{name}_sparse``;
     TopK breaks ties toward the lower index, as SFA requires."""
@@ -124,8 +212,11 @@ def flash_sfa_function(opset: int):
 
     header = (f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
               f"{OP_NAME} <topk, scale, causal> (query, key, value, attn_mask) => (output, lse)\n")
-    body = _BODY.replace("{sparsify_q}", _sparsify("q", "q")).replace("{sparsify_k}", _sparsify("kf", "k"))
-    return onnx.parser.parse_function(header + body)
+    body = (_BODY.replace("{sparsify_q}", _sparsify("q", "q")).replace("{sparsify_k}", _sparsify("kf", "k"))
+            .replace("{guard}", _GUARD))
+    function = onnx.parser.parse_function(header + body)
+    next(n for n in function.node if list(n.output) == ["guard"]).name = GUARD_NODE
+    return function
 
 
 def _schema():

@@ -12,8 +12,10 @@ from sfa_compile.exporters.onnx_export import attach_flash_sfa_function
 from sfa_compile.exporters.onnx_function import DOMAIN, DOMAIN_VERSION, OP_NAME
 
 
-def single_node_model(topk: int, scale: float, causal: bool, mask_rank: int, elem_type: int = TensorProto.FLOAT):
-    """query/key/value/attn_mask inputs of dynamic shape (``elem_type``) -> one FlashSFA node, function attached."""
+def single_node_model(topk: int, scale: float, causal: bool, mask_rank: int, elem_type: int = TensorProto.FLOAT,
+                      ranked: bool = True):
+    """query/key/value/attn_mask inputs of dynamic shape (``elem_type``) -> one FlashSFA node, function attached;
+    not ``ranked``: inputs and outputs of any rank (not checked: the node's own checks are under test)."""
     dims = ["b", "h", "l", "e"], ["b", "hk", "s", "e"], ["b", "hk", "s", "ev"]
     inputs = [helper.make_tensor_value_info(n, elem_type, d) for n, d in zip(("q", "k", "v"), dims)]
     inputs.append(helper.make_tensor_value_info("mask", elem_type, [f"m{i}" for i in range(mask_rank)]))
@@ -28,6 +30,10 @@ def single_node_model(topk: int, scale: float, causal: bool, mask_rank: int, ele
     model = helper.make_model(graph, ir_version=10, opset_imports=[helper.make_opsetid("", 18),
                                                                    helper.make_opsetid(DOMAIN, DOMAIN_VERSION)])
     attach_flash_sfa_function(model)
+    if not ranked:
+        for value in (*model.graph.input, *model.graph.output):
+            value.type.tensor_type.ClearField("shape")
+        return model
     onnx.checker.check_model(model, full_check=True)
     return model
 

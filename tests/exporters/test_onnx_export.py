@@ -127,6 +127,33 @@ def test_plugin_reports_bad_mask_instead_of_crashing(tmp_path, ort_plugin):
         run(path, feeds, plugin=True)
 
 
+# (query, key, value, mask shapes, topk) the plugin refuses; the function body must refuse them too.
+BAD_NODE_INPUTS = {
+    "mask_rank_5": ((1, 2, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8), (1, 1, 2, 3, 5), 4),
+    "mask_not_broadcasting": ((1, 2, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8), (1, 2, 3, 4), 4),
+    "mask_batch_too_big": ((1, 2, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8), (2, 1, 3, 5), 4),
+    "query_rank_5": ((1, 1, 2, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8), (1, 1, 1, 1), 4),
+    "heads_not_a_multiple": ((1, 3, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8), (1, 1, 1, 1), 4),
+    "topk_above_head_dim": ((1, 2, 3, 8), (1, 2, 5, 8), (1, 2, 5, 8), (1, 1, 1, 1), 9),
+    "value_length_differs": ((1, 2, 3, 8), (1, 2, 5, 8), (1, 2, 4, 8), (1, 1, 1, 1), 4),
+}
+
+
+@pytest.mark.parametrize("plugin", [False, True], ids=["function", "plugin"])
+@pytest.mark.parametrize("case", sorted(BAD_NODE_INPUTS))
+def test_function_body_refuses_what_the_plugin_refuses(tmp_path, request, case, plugin):
+    if plugin:
+        request.getfixturevalue("ort_plugin")
+    q_shape, k_shape, v_shape, m_shape, topk = BAD_NODE_INPUTS[case]
+    path = tmp_path / "node.onnx"
+    onnx.save(single_node_model(topk, 0.5, False, len(m_shape), ranked=False), path)
+    g = np.random.default_rng(0)
+    feeds = {n: g.standard_normal(s).astype(np.float32) for n, s in zip("qkv", (q_shape, k_shape, v_shape))}
+    feeds["mask"] = np.zeros(m_shape, np.float32)
+    with pytest.raises(Exception, match="FlashSFA"):
+        run(path, feeds, plugin=plugin)
+
+
 def _converted(name):
     model, inputs, sites, head_dim = build(name, "eager")
     model.eval()
