@@ -2,6 +2,8 @@
 
 import json
 import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -133,3 +135,15 @@ def test_convert_leaves_a_shared_config_alone(name):
     assert all(m.__dict__.get("config") is not shared for m in model.modules())
     with torch.no_grad():
         torch.testing.assert_close(twin(**inputs)[0], dense)
+
+
+def test_plain_from_pretrained_without_sfa_compile_fails_loudly(tmp_path):
+    """Without ``import sfa_compile`` transformers cannot rebuild the SFA layers: it must refuse, not quietly
+    build a dense model."""
+    _, _, path = _saved(tmp_path)
+    assert json.loads((path / "config.json").read_text())["attn_implementation"] == "sfa"
+    code = ("import sys, transformers\n"
+            f"transformers.LlamaForCausalLM.from_pretrained({str(path)!r})\n"
+            "assert 'sfa_compile' not in sys.modules\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0 and 'attn_implementation="sfa"' in result.stderr

@@ -150,6 +150,9 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
     model.config.sfa = {**config.to_dict(), "projection": "folded" if folded else "runtime",
                         "converted_layers": {p: list(v) for p, v in converted.items()}}
     model.config.quantization_config = dict(LOADER_MARKER)  # plain from_pretrained rebuilds it (hf_loading)
+    # Recorded in config.json: a from_pretrained without sfa_compile imported then fails loudly ("sfa" is not a
+    # registered attention implementation) instead of quietly building a dense model.
+    model.config.attn_implementation = ATTN_IMPLEMENTATION
     return model
 
 

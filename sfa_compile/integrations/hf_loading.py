@@ -75,6 +75,7 @@ def register_loader() -> None:
                 raise ValueError("this checkpoint's config.json names the 'sfa' loader but has no 'sfa' settings; "
                                  "re-save it with sfa_compile.save")
             model.set_attn_implementation(ATTN_IMPLEMENTATION)
+            model.config.attn_implementation = ATTN_IMPLEMENTATION  # re-saves record it (see convert)
             attach_projections(model, settings)
             _check_projection_tensors(model, kwargs.get("checkpoint_files"))
             return model
