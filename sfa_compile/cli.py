@@ -208,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=_demo)
 
     from .config import SFAConfig
+    from .conversion.calibrate import REFINE_STEPS
 
     defaults = SFAConfig()
     tuning = _finetune_defaults()
@@ -221,7 +222,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--layers", default=defaults.layers, help="regex over module paths of layers to convert")
     conv.add_argument("--calibrate", type=_count(0), default=0, metavar="N",
                       help="fit projections on N built-in sentences (0: plain top-k)")
-    conv.add_argument("--refine-steps", type=_count(0), default=0, help="Eq. 8 refinement steps after calibration")
+    conv.add_argument("--refine-steps", type=_count(0), default=REFINE_STEPS,
+                      help="layer-local Eq. 8 refinement steps per layer after calibration (0: principal axes only)")
     conv.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     conv.set_defaults(func=_convert)
 

@@ -44,11 +44,12 @@ class DemoSize:
     compiled_topk: int = 8
     long_length: int = 512
     timing_repeats: int = 5
+    refine_steps: Optional[int] = None  # None: convert's default
 
     @classmethod
     def quick(cls) -> "DemoSize":
         return cls(topks=(4, 8, 32), calibration_sentences=64, held_out_sentences=64, long_length=256,
-                   timing_repeats=3)
+                   timing_repeats=3, refine_steps=100)
 
 
 @dataclasses.dataclass
@@ -128,14 +129,15 @@ def cache_ratio(topk: int, head_dim: int) -> float:
     return 1.0 if topk >= head_dim else (topk * 3 + head_dim * 2) / (head_dim * 4)
 
 
-def _converted(model, topk, calibration):
+def _converted(model, topk, calibration, refine_steps=None):
     import sfa_compile
 
     sfa = copy.deepcopy(model)
+    refine = {} if refine_steps is None else {"refine_steps": refine_steps}
     start = time.perf_counter()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # topk = head dim: "no feature is dropped" is the point of that row
-        sfa_compile.convert(sfa, sfa_compile.SFAConfig(topk=topk), calibration, progress=False)
+        sfa_compile.convert(sfa, sfa_compile.SFAConfig(topk=topk), calibration, progress=False, **refine)
     return sfa, time.perf_counter() - start
 
 
@@ -240,7 +242,7 @@ def run_demo(size: Optional[DemoSize] = None, say: Callable[[str], None] = print
     for topk in size.topks:
         say(f"[2/5] topk {topk}: plain top-k, then calibrated on {size.calibration_sentences} sentences")
         plain, _ = _converted(model, topk, None)
-        calibrated, seconds = _converted(model, topk, calibration)
+        calibrated, seconds = _converted(model, topk, calibration, size.refine_steps)
         plain_e, calibrated_e = embed(plain, held_out), embed(calibrated, held_out)
         rows.append(FidelityRow(
             topk, (plain_e * dense_embeddings).sum(-1).mean().item(),
@@ -248,7 +250,7 @@ def run_demo(size: Optional[DemoSize] = None, say: Callable[[str], None] = print
             retrieval_agreement(dense_embeddings, plain_e), retrieval_agreement(dense_embeddings, calibrated_e),
             cache_ratio(topk, head_dim), topk / head_dim, seconds))
         if topk == size.compiled_topk:
-            compile_reference = plain
+            compile_reference, onnx_sfa = plain, calibrated
 
     say(f"[3/5] torch.compile(model, backend='sfa', options={{'topk': {size.compiled_topk}}}) (Inductor)")
     compiled = torch.compile(copy.deepcopy(model), backend="sfa", options={"topk": size.compiled_topk})
@@ -260,7 +262,6 @@ def run_demo(size: Optional[DemoSize] = None, say: Callable[[str], None] = print
     compiled_cosine = (compiled_embeddings * embed(compile_reference, held_out)).sum(-1).min().item()
 
     say(f"[4/5] ONNX export of the calibrated topk {size.compiled_topk} model and ONNX Runtime")
-    onnx_sfa, _ = _converted(model, size.compiled_topk, calibration)
     onnx = _onnx_step(model, onnx_sfa, tokenizer, held_out[0], " ".join(sentences[-4 * size.held_out_sentences:]),
                       size, say)
     rewritten = sum(s.rewritten for s in explanation.sites)

@@ -39,6 +39,7 @@ def _onnx_table(result: DemoResult) -> list[str]:
 
 def markdown(result: DemoResult) -> str:
     size = result.size
+    refine = "" if size.refine_steps is None else f", refine_steps={size.refine_steps}"
     lines = [
         f"# SFA on {result.model_name}",
         "",
@@ -55,9 +56,10 @@ def markdown(result: DemoResult) -> str:
         "",
         f"Mean cosine between SFA and dense sentence embeddings over {size.held_out_sentences} held-out built-in "
         f"sentences; retrieval = share of them whose nearest neighbour is the dense model's. Calibrated: "
-        f"`sfa_compile.convert(model, SFAConfig(topk), calibration)` with its defaults on "
-        f"{size.calibration_sentences} other sentences. Cache: key/value bytes per token and head (bf16 values, "
-        f"uint8 indices) against a dense bf16 cache; score work: multiply-adds per query-key score. topk = "
+        f"`sfa_compile.convert(model, SFAConfig(topk), calibration{refine})` on {size.calibration_sentences} other "
+        f"sentences (principal axes, then layer-local Eq. 8 refinement). Cache: key/value bytes per token and "
+        f"head (bf16 values, uint8 indices) against a dense bf16 cache; score work: multiply-adds per query-key "
+        f"score. topk = "
         f"{result.head_dim} keeps every feature: it is dense attention, exactly.",
         "",
         *_fidelity_table(result),

@@ -4,9 +4,11 @@ Two stages, both on the calibration inputs only:
 1. Principal axes: per layer and key head, the eigenvectors of Cq/tr(Cq) + Ck/tr(Ck), the second-moment
    matrices of the (post-RoPE) queries of the head's group and of its keys, by decreasing eigenvalue. Energy
    concentrates in few coordinates, so top-k keeps more of each dot product.
-2. Refinement (``steps`` > 0): R trained by ``finetune`` (projections only, eval mode) under an orthogonal
-   parametrization to minimise the Eq. 8 distillation loss (SFA vs dense attention outputs), starting from
-   the principal axes.
+2. Refinement (``steps`` > 0, on by default in ``convert``): each layer's R alone, trained under an orthogonal
+   parametrization to minimise the Eq. 8 distillation loss (SFA vs dense attention output of that layer),
+   starting from the principal axes. The layer's queries, keys and values are recorded once on the calibration
+   inputs, so a step is one attention call, not a pass through the model (what made whole-model refinement too
+   slow to be a default); layers are recorded a few at a time within a memory budget.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ from __future__ import annotations
 from typing import Iterable
 
 import torch
+import torch.nn.functional as F
+from torch.nn.utils import parametrize
 
-from ..projection import SFAProjection
-from ..training.finetune import finetune
+from ..projection import SFAProjection, orthogonal_training
 from ..training.model_call import call_model
 from ..training.observers import observe
 from ..training.progress import progress_bar
@@ -49,9 +52,14 @@ def principal_axes(cq: torch.Tensor, ck: torch.Tensor) -> torch.Tensor:
     return eigenvectors.flip(-1)  # descending eigenvalues
 
 
-def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = 1e-3, progress: bool = True):
+REFINE_STEPS = 300  # per layer; with REFINE_LR, measured on all-MiniLM-L6-v2 (benchmarks/RESULTS.md)
+REFINE_LR = 3e-3
+RECORD_BYTES = 2 << 30  # recorded q/k/v per refinement pass at most (layers are recorded a few at a time)
+
+
+def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = REFINE_LR, progress: bool = True):
     """Set every runtime projection of the converted ``model`` from ``calibration`` (an iterable of examples);
-    returns the model. ``steps`` > 0 adds the Eq. 8 refinement, cycling over the examples."""
+    returns the model. ``steps`` > 0 adds the layer-local Eq. 8 refinement (``steps`` per layer)."""
     examples = list(calibration)
     if not examples:
         raise ValueError("calibrate: the calibration set is empty; pass at least one example input")
@@ -71,6 +79,75 @@ def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = 1e-3, pr
     return model
 
 
-def refine(model, examples: list, steps: int, lr: float, progress: bool = True) -> None:
-    """Train only the projections with the Eq. 8 loss (kept orthogonal), in eval mode: no dropout noise."""
-    finetune(model, examples, steps, lr=lr, progress=progress, train_mode=False)
+def _unproject(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """x R^T per key head: the layer's queries or keys before its (orthogonal) projection R."""
+    batch, heads, length, dim = x.shape
+    key_heads = r.size(0)
+    return (x.reshape(batch, key_heads, heads // key_heads, length, dim) @ r.transpose(-1, -2)[None, :, None]
+            ).reshape(x.shape)
+
+
+class _Recorder:
+    """Per SFA layer in ``wanted``: the examples' (q, k, v, attention kwargs, dense output), q and k before R."""
+
+    def __init__(self, wanted: set):
+        self.wanted, self.records = wanted, {}
+
+    def __call__(self, module, query, key, value, attention_mask, output, sdpa_kwargs) -> None:
+        sfa = getattr(module, "sfa", None)
+        if sfa not in self.wanted:
+            return
+        r = sfa.weight.detach()
+        q, k, v = _unproject(query.detach(), r), _unproject(key.detach(), r), value.detach()
+        kwargs = {name: (x.detach() if torch.is_tensor(x) else x) for name, x in sdpa_kwargs.items()}
+        kwargs["dropout_p"] = 0.0
+        mask = kwargs.get("attn_mask")
+        if mask is not None and mask.dtype == torch.bool:  # additive once, not at every step
+            kwargs["attn_mask"] = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
+                ~mask, float("-inf"))
+        target = F.scaled_dot_product_attention(q, k, v, **kwargs)  # dense: R does not change it
+        self.records.setdefault(sfa, []).append((q, k, v, kwargs, target))
+
+
+def _record_bytes(model, example, layers: list) -> int:
+    """Bytes one example records for one layer (q, k, v and the dense output), measured on ``example``."""
+    recorder = _Recorder({layers[0]})
+    with torch.no_grad(), observe(model, recorder):
+        call_model(model, example)
+    return sum(t.numel() * t.element_size() for record in recorder.records.get(layers[0], [])
+               for t in (record[0], record[1], record[2], record[4]))
+
+
+def refine(model, examples: list, steps: int, lr: float = REFINE_LR, progress: bool = True) -> None:
+    """Train each runtime projection R alone on the Eq. 8 loss of its layer (kept orthogonal), from the layer's
+    recorded queries, keys and values on ``examples``; ``steps`` Adam steps per layer, one example each."""
+    from ..functional import flash_sfa
+
+    layers = [m.sfa for m in model.modules()  # topk = head dim drops nothing: there is nothing to refine
+              if isinstance(getattr(m, "sfa", None), SFAProjection) and m.sfa.weight is not None
+              and m.sfa.topk < m.sfa.head_dim]
+    if not layers:
+        return
+    per_layer = max(1, _record_bytes(model, examples[0], layers) * len(examples))
+    group = max(1, RECORD_BYTES // per_layer)
+    bar = progress_bar(range(len(layers) * steps), "calibrating: refining R", progress)
+    ticks = iter(bar)
+    for start in range(0, len(layers), group):
+        recorder = _Recorder(set(layers[start:start + group]))
+        with torch.no_grad(), observe(model, recorder):
+            for example in examples:
+                call_model(model, example)
+        for sfa, records in recorder.records.items():
+            with orthogonal_training([sfa]) as params:
+                optimizer = torch.optim.Adam(params, lr=lr)
+                for step in range(steps):
+                    q, k, v, kwargs, target = records[step % len(records)]
+                    with parametrize.cached():  # R computed once per step, not once per use
+                        out = flash_sfa(sfa.project(q), sfa.project(k), v, topk=sfa.topk, **kwargs)
+                    loss = (out - target).square().mean()
+                    optimizer.zero_grad()
+                    loss.backward()
+                    optimizer.step()
+                    next(ticks, None)
+    if hasattr(bar, "close"):
+        bar.close()

@@ -25,7 +25,7 @@ from ..passes.pipeline import left_dense, warn_or_raise
 from ..projection import SFAProjection, fold_into_linear
 from ..training.model_call import call_model
 from ..training.observers import observe
-from .calibrate import calibrate
+from .calibrate import REFINE_STEPS, calibrate
 from .modules import InputSpec, rewrite_module, settings
 
 
@@ -99,7 +99,7 @@ def _fold(layout, sfa: SFAProjection, heads: int) -> None:
 
 
 def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Iterable] = None, *,
-            refine_steps: int = 0, fold: bool = True, example=None, progress: bool = True):
+            refine_steps: int = REFINE_STEPS, fold: bool = True, example=None, progress: bool = True):
     """Make ``model`` an SFA model and return it.
 
     Hugging Face models are converted in place and switch to ``attn_implementation="sfa"``. Other nn.Modules are
@@ -108,9 +108,9 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
     calibration input), whose tensor arguments become its inputs.
 
     ``calibration``: optional iterable of example inputs (dicts of keyword arguments, tuples, or tensors) used to
-    fit the projections R (principal axes, then ``refine_steps`` of Eq. 8 training); without it R is the
-    identity (plain top-k). ``fold`` folds R into the weights of Hugging Face models without rotary embeddings
-    and with a known projection layout.
+    fit the projections R: principal axes, then ``refine_steps`` steps per layer of layer-local Eq. 8 training
+    (calibrate.py; 0 skips it); without it R is the identity (plain top-k). ``fold`` folds R into the weights of
+    Hugging Face models without rotary embeddings and with a known projection layout.
     """
     config = config or SFAConfig()
     examples = list(calibration) if calibration is not None else []
