@@ -8,8 +8,8 @@ normalizer; callers use output only. The fake implementation (shapes only) is th
 shapes, used by torch.compile, torch.export and the FX passes. Every device runs ``prefill``: top-k of q and k,
 then the fastest dense attention engine that takes the call (SDPA's backends, our Triton kernels on CUDA, imported
 on first use so that machines without Triton never need them), else the pure-PyTorch reference. Dropout
-randomness enters as an explicit seed tensor so the op stays a pure
-function of its inputs (recomputable in the backward, checkable by opcheck, traceable by export).
+randomness enters as an explicit seed tensor so the op stays a pure function of its inputs (recomputable in the
+backward, checkable by opcheck, traceable by export).
 
 The three decode ops are inference-only and run once per layer of every generation step, so they are defined
 with torch.library's lower-level API (``_inference_op``) instead of ``torch.library.custom_op``, whose Python

@@ -13,7 +13,7 @@ benchmarks/RESULTS.md, the prefill table; LOG.md):
 | CUDA   | as above with fewer key heads (GQA), SDPA's flash backend takes it          | SDPA flash (no K/V   |
 |        | (or cuDNN does not)                                                         | repeats)             |
 | CUDA   | any other fp16/bf16/fp32 call with head dims <= 256 (masks, L != S causal)  | our Triton kernels   |
-| CPU    | fp16/bf16/fp32, mask boolean or of the query's dtype                        | SDPA's CPU flash     |
+| CPU    | fp16/bf16/fp32, equal head dims, mask boolean or of the query's dtype       | SDPA's CPU flash     |
 | any    | float64, dropout, gradients of the mask, other devices                      | pure-PyTorch         |
 |        |                                                                             | reference            |
 
