@@ -146,26 +146,57 @@ def _finetune(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    import inspect
 
-    import torch
 
     from . import export_onnx, load
     from .exporters.onnx_export import flash_sfa_nodes
 
     _check_output(args.output, args.force)
     model = load(_local_dir(args.model_dir, "SFA checkpoint"))
-    parameters = inspect.signature(model.forward).parameters
-    if "input_ids" not in parameters or not getattr(model.config, "vocab_size", 0):
-        raise CliError(f"export builds token-id example inputs, and {type(model).__name__} takes other inputs "
-                       "(call sfa_compile.export_onnx(model, args, path, kwargs=...) with your own)")
-    generator = torch.Generator().manual_seed(0)
-    inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (args.batch, args.length), generator=generator)}
-    if "attention_mask" in parameters:
-        inputs["attention_mask"] = torch.ones(args.batch, args.length, dtype=torch.long)
+    inputs = _token_inputs(model, args.batch, args.length, "export",
+                           "call sfa_compile.export_onnx(model, args, path, kwargs=...) with your own")
     onnx_model = export_onnx(model, (), args.output, kwargs=inputs, opset=args.opset)
     print(f"exported {len(flash_sfa_nodes(onnx_model))} FlashSFA nodes (inputs: {', '.join(inputs)}; batch and "
           f"sequence length dynamic) -> {args.output}")
+    return 0
+
+
+def _token_inputs(model, batch: int, length: int, command: str, fix: str) -> dict:
+    """Random token ids (and an all-ones attention mask where the model takes one) as example inputs."""
+    import inspect
+
+    import torch
+
+    parameters = inspect.signature(model.forward).parameters
+    if "input_ids" not in parameters or not getattr(model.config, "vocab_size", 0):
+        raise CliError(f"{command} builds token-id example inputs, and {type(model).__name__} takes other inputs "
+                       f"({fix})")
+    generator = torch.Generator().manual_seed(0)
+    inputs = {"input_ids": torch.randint(0, model.config.vocab_size, (batch, length), generator=generator)}
+    if "attention_mask" in parameters:
+        inputs["attention_mask"] = torch.ones(batch, length, dtype=torch.long)
+    return inputs
+
+
+def _inspect(args: argparse.Namespace) -> int:
+    import json
+
+    from . import explain
+    from .config import SFAConfig
+
+    directory = _local_dir(args.model_dir, "model")
+    settings = json.loads((directory / "config.json").read_text()).get("sfa")
+    if settings:
+        layers = settings.get("converted_layers", {})
+        print(f"{directory} is an SFA checkpoint: {len(layers)} attention layers converted (topk "
+              f"{settings.get('topk')}, projection {settings.get('projection')})")
+        for path, (heads, key_heads, head_dim) in layers.items():
+            print(f"  {path}: {heads} query heads, {key_heads} key heads, head dim {head_dim}")
+        return 0
+    model, _ = _load_dense(str(directory), False)
+    inputs = _token_inputs(model.eval(), args.batch, args.length, "inspect",
+                           "call sfa_compile.explain(model, *inputs) with your own")
+    print(explain(model, **inputs, sfa_config=SFAConfig(topk=args.topk)).table())
     return 0
 
 
@@ -248,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
                       help="learning rates times this for the last quarter of the steps")
     tune.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     tune.set_defaults(func=_finetune)
+
+    look = sub.add_parser("inspect", help="list a model directory's attention sites and what the rewrite does with "
+                          "each (an SFA checkpoint: its converted layers)", formatter_class=shown)
+    look.add_argument("model_dir", help="directory with config.json and weights (save_pretrained layout)")
+    look.add_argument("--topk", type=_topk, default=defaults.topk, help="features kept per token and head")
+    look.add_argument("--batch", type=_count(1), default=1, help="batch of the example input")
+    look.add_argument("--length", type=_count(1), default=16, help="length of the example input")
+    look.set_defaults(func=_inspect)
 
     export = sub.add_parser("export", help="export an SFA checkpoint to ONNX (com.sfa::FlashSFA nodes)",
                             formatter_class=shown)

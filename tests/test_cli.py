@@ -70,3 +70,20 @@ def test_topk_above_the_head_dim_is_one_line_and_writes_nothing(tmp_path, capsys
     tail = err[err.index("sfa-compile: error: "):]
     assert "topk 1000 exceeds the head dim 16" in tail and len(tail.strip().splitlines()) == 1, err
     assert "Traceback" not in err and not (tmp_path / "sfa").exists()
+
+
+def test_inspect_lists_sites_of_a_dense_model_and_layers_of_an_sfa_checkpoint(tmp_path, capsys):
+    from hf_models import build
+
+    model, _, sites, _ = build("llama", "sdpa")
+    model.save_pretrained(tmp_path / "dense")
+    assert main(["inspect", str(tmp_path / "dense"), "--topk", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("rewritten") == sites + 1 and f"{sites} of {sites} attention sites rewritten" in out
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), progress=False)
+    sfa_compile.save(model, tmp_path / "sfa")
+    assert main(["inspect", str(tmp_path / "sfa")]) == 0
+    out = capsys.readouterr().out
+    assert f"is an SFA checkpoint: {sites} attention layers converted (topk 4" in out
+    assert main(["inspect", str(tmp_path / "missing")]) == 1
+    assert "is not a local model directory" in capsys.readouterr().err
