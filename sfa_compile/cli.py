@@ -116,7 +116,7 @@ def _convert(args: argparse.Namespace) -> int:
     calibration = text_examples(tokenizer, args.calibrate) if args.calibrate else None
     model, hf_config = _load_dense(args.model_dir, args.from_hub)
     convert(model.eval(), config, calibration, refine_steps=args.refine_steps)
-    save(model, args.output, force=args.force, tokenizer=tokenizer)
+    save(model, args.output, force=args.force, tokenizer=tokenizer, copy_from=None if args.from_hub else args.model_dir)
     sfa = model.config.sfa
     sentences = sum(len(batch["input_ids"]) for batch in calibration or ())
     calibrated = f", calibrated on {sentences} built-in sentences" if calibration else ""

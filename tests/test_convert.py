@@ -167,11 +167,23 @@ def test_cli_convert_and_finetune(tmp_path, capsys):
     assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--calibrate", "8"]) == 1
     assert "has no tokenizer" in capsys.readouterr().err and not (tmp_path / "sfa").exists()
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
+    # Files that hold no weights travel with the checkpoint (sentence-transformers modules, a README); weights and
+    # hidden files do not, and what the save wrote itself (config.json) is not overwritten.
+    (tmp_path / "dense" / "README.md").write_text("model card")
+    (tmp_path / "dense" / "1_Pooling").mkdir()
+    (tmp_path / "dense" / "1_Pooling" / "config.json").write_text("{}")
+    (tmp_path / "dense" / "pytorch_model.bin").write_bytes(b"stale weights")
+    (tmp_path / "dense" / ".cache").mkdir()
+    (tmp_path / "dense" / ".cache" / "x").write_text("x")
     assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--topk", "4",
                      "--calibrate", "8"]) == 0
     out = capsys.readouterr().out
     assert "converted 2 attention layers" in out and "calibrated on 8 built-in sentences, tokenizer copied" in out
     assert (tmp_path / "sfa" / "tokenizer.json").is_file()
+    assert (tmp_path / "sfa" / "README.md").read_text() == "model card"
+    assert (tmp_path / "sfa" / "1_Pooling" / "config.json").is_file()
+    assert not (tmp_path / "sfa" / "pytorch_model.bin").exists() and not (tmp_path / "sfa" / ".cache").exists()
+    assert "sfa" in json.loads((tmp_path / "sfa" / "config.json").read_text())
     assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa")]) == 1
     assert "already exists (pass --force to overwrite it)" in capsys.readouterr().err
     assert cli_main(["convert", str(tmp_path / "sfa"), "-o", str(tmp_path / "again")]) == 1

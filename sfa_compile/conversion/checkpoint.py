@@ -64,9 +64,30 @@ def atomic_directory(target, force: bool, write) -> Path:
     return target
 
 
-def save(model, path, *, force: bool = False, tokenizer=None) -> Path:
+# Files of a model directory that hold weights (or index them): never copied beside a converted checkpoint.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".h5", ".msgpack", ".ckpt", ".onnx", ".gguf", ".index.json")
+
+
+def copy_other_files(source, directory: Path) -> list[str]:
+    """Copy the files of model directory ``source`` that hold no weights (README, sentence-transformers modules,
+    generation settings, ...) into ``directory`` where it has no file of that name; returns their relative paths."""
+    source = Path(source)
+    copied = []
+    for file in sorted(source.rglob("*")):
+        relative = file.relative_to(source)
+        if (not file.is_file() or any(part.startswith(".") for part in relative.parts)
+                or file.name.endswith(WEIGHT_SUFFIXES) or (directory / relative).exists()):
+            continue
+        (directory / relative).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(file, directory / relative)
+        copied.append(str(relative))
+    return copied
+
+
+def save(model, path, *, force: bool = False, tokenizer=None, copy_from=None) -> Path:
     """Save a converted model to directory ``path`` atomically (see module docstring); a Hugging Face
-    ``tokenizer`` given is saved beside it, in the same atomic write."""
+    ``tokenizer`` given is saved beside it, and ``copy_from`` (the dense model's directory) gives the files that
+    hold no weights and that the save did not write, in the same atomic write."""
     if getattr(model, "sfa_settings", None):
         return atomic_directory(path, force, lambda tmp: _save_module(model, tmp))
     if not is_hf_model(model) or not getattr(model.config, "sfa", None):
@@ -76,6 +97,8 @@ def save(model, path, *, force: bool = False, tokenizer=None) -> Path:
         model.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
+        if copy_from is not None:
+            copy_other_files(copy_from, tmp)
 
     return atomic_directory(path, force, write)
 
