@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
+from ..kernels.prefill import additive_mask
+from ..kernels.topk import project_by_key_head
 from ..projection import SFAProjection, orthogonal_training
 from ..training.model_call import call_model
 from ..training.observers import observe
@@ -79,14 +81,6 @@ def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = REFINE_L
     return model
 
 
-def _unproject(x: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
-    """x R^T per key head: the layer's queries or keys before its (orthogonal) projection R."""
-    batch, heads, length, dim = x.shape
-    key_heads = r.size(0)
-    return (x.reshape(batch, key_heads, heads // key_heads, length, dim) @ r.transpose(-1, -2)[None, :, None]
-            ).reshape(x.shape)
-
-
 class _Recorder:
     """Per SFA layer in ``wanted``: the examples' (q, k, v, attention kwargs, dense output), q and k before R."""
 
@@ -97,14 +91,13 @@ class _Recorder:
         sfa = getattr(module, "sfa", None)
         if sfa not in self.wanted:
             return
-        r = sfa.weight.detach()
-        q, k, v = _unproject(query.detach(), r), _unproject(key.detach(), r), value.detach()
+        r_inverse = sfa.weight.detach().transpose(-1, -2)  # R is orthogonal: q and k before it are x R^T
+        q, k = project_by_key_head(query.detach(), r_inverse), project_by_key_head(key.detach(), r_inverse)
+        v = value.detach()
         kwargs = {name: (x.detach() if torch.is_tensor(x) else x) for name, x in sdpa_kwargs.items()}
         kwargs["dropout_p"] = 0.0
-        mask = kwargs.get("attn_mask")
-        if mask is not None and mask.dtype == torch.bool:  # additive once, not at every step
-            kwargs["attn_mask"] = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill_(
-                ~mask, float("-inf"))
+        if "attn_mask" in kwargs:  # additive once, not at every step
+            kwargs["attn_mask"] = additive_mask(kwargs["attn_mask"], q.dtype)
         target = F.scaled_dot_product_attention(q, k, v, **kwargs)  # dense: R does not change it
         self.records.setdefault(sfa, []).append((q, k, v, kwargs, target))
 

@@ -121,8 +121,9 @@ def _sparsify(x: torch.Tensor, topk: int, want_keep: bool, triton: bool):
     return sparsify_triton(x, topk, want_keep)
 
 
-def _additive(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
-    """SDPA's CPU flash kernel takes masks in the query's dtype: a boolean mask as 0 / -inf."""
+def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
+    """A boolean mask (True = attend) as an additive one of ``dtype`` (0 / -inf), as SDPA's CPU flash kernel takes
+    masks; other masks unchanged."""
     if mask is None or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill_(~mask, float("-inf"))
@@ -137,7 +138,7 @@ def _engine_forward(engine, q, k, v, mask, is_causal, scale):
     aten = torch.ops.aten
     if engine == CPU_FLASH:
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
-                                                                    attn_mask=_additive(mask, q.dtype), scale=scale)
+                                                                    attn_mask=additive_mask(mask, q.dtype), scale=scale)
         # Its online softmax skips NaN scores; SFA's contract (SDPA's math backend) propagates a query's NaN.
         nan_rows = q.isnan().any(-1, keepdim=True)
         return (out.masked_fill(nan_rows, float("nan")) if nan_rows.any() else out), lse
@@ -159,7 +160,7 @@ def _engine_backward(engine, d_out, q, k, v, out, lse, mask, is_causal, scale):
     length, keys = q.size(-2), k.size(-2)
     if engine == CPU_FLASH:
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
-            d_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=_additive(mask, q.dtype), scale=scale)
+            d_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=additive_mask(mask, q.dtype), scale=scale)
     if engine == CUDNN:
         rng = _no_rng(q.device)
         return aten._scaled_dot_product_cudnn_attention_backward(
