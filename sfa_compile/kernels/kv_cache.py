@@ -127,20 +127,20 @@ class CompressedKVCache:
         """Append (batch, key heads, T, d) keys and values: every sequence gets T tokens, or only the first
         ``counts[b]`` of them (ragged batches). Keys are projected by ``projection`` R (key heads, d, d) when
         given and compressed here (top-k by magnitude)."""
-        counts_t, after = self._reserve(keys, values, counts)
-        ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
-                                       counts_t, projection)
-        self.host_lengths = after
+        self._append(keys, values, counts, projection, on_device=False)
 
     def append_on_device(self, keys: torch.Tensor, values: torch.Tensor,
                          projection: Optional[torch.Tensor] = None) -> None:
         """Append T tokens to every sequence of a fixed cache touching device state only (no host reads, so a
         compiled decode step never specializes on lengths); the capacity is not checked: tokens past it are
         dropped. The host lengths are re-read from the device when next needed."""
-        self._reserve(keys, values, on_device=True)
+        self._append(keys, values, None, projection, on_device=True)
+
+    def _append(self, keys, values, counts, projection, on_device: bool) -> None:
+        counts_t, after = self._reserve(keys, values, counts, on_device)
         ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
-                                       None, projection)
-        self.host_lengths = None
+                                       counts_t, projection)
+        self.host_lengths = after  # None on device: re-read when next needed
 
     def attend(self, query: torch.Tensor, scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
                projection: Optional[torch.Tensor] = None) -> torch.Tensor:
