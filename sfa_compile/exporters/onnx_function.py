@@ -119,14 +119,14 @@ _BODY = """
 GUARD_NODE = "FlashSFA_needs_4D_query_key_value_matching_shapes_topk_le_head_dim_and_mask_broadcasting_to_scores"
 _GUARD = """
    four = Constant <value_int: int = 4> ()
-   one_1d = Constant <value_ints: ints = [1]> ()
    two_1d = Constant <value_ints: ints = [2]> ()
    three_1d = Constant <value_ints: ints = [3]> ()
    four_1d = Constant <value_ints: ints = [4]> ()
-   q_rank = Size (q_dims)
-   k_rank = Size (k_dims)
-   v_rank = Size (v_dims)
-   m_rank = Size (m_dims)
+   pad4 = Constant <value_ints: ints = [1, 1, 1, 1]> ()
+   minus4 = Constant <value_ints: ints = [-4]> ()
+   big = Constant <value_ints: ints = [9223372036854775807]> ()
+   axis_0 = Constant <value_ints: ints = [0]> ()
+{dims}
    q_4d = Equal (q_rank, four)
    k_4d = Equal (k_rank, four)
    v_4d = Equal (v_rank, four)
@@ -134,18 +134,6 @@ _GUARD = """
    ranks_ok_a = And (q_4d, k_4d)
    ranks_ok_b = And (v_4d, m_le_4d)
    ranks_ok = And (ranks_ok_a, ranks_ok_b)
-   pad4 = Constant <value_ints: ints = [1, 1, 1, 1]> ()
-   q_dims4 = Concat <axis: int = 0> (pad4, q_dims)
-   k_dims4 = Concat <axis: int = 0> (pad4, k_dims)
-   v_dims4 = Concat <axis: int = 0> (pad4, v_dims)
-   m_dims4 = Concat <axis: int = 0> (pad4, m_dims)
-   minus4 = Constant <value_ints: ints = [-4]> ()
-   big = Constant <value_ints: ints = [9223372036854775807]> ()
-   axis_0 = Constant <value_ints: ints = [0]> ()
-   q_last4 = Slice (q_dims4, minus4, big, axis_0)
-   k_last4 = Slice (k_dims4, minus4, big, axis_0)
-   v_last4 = Slice (v_dims4, minus4, big, axis_0)
-   m_last4 = Slice (m_dims4, minus4, big, axis_0)
    select_b = Constant <value_ints: ints = [1, 0, 0, 0]> ()
    select_bhs = Constant <value_ints: ints = [1, 1, 1, 0]> ()
    select_d = Constant <value_ints: ints = [0, 0, 0, 1]> ()
@@ -164,9 +152,9 @@ _GUARD = """
    same_min = ReduceMin <keepdims: int = 0> (same_int)
    one_i64 = Constant <value_int: int = 1> ()
    shapes_ok = Equal (same_min, one_i64)
-   q_heads = Slice (q_last4, one_1d, two_1d, axis_0)
-   k_heads = Slice (k_last4, one_1d, two_1d, axis_0)
-   k_heads_safe = Max (k_heads, one_1d)
+   q_heads = Slice (q_last4, one_dim, two_1d, axis_0)
+   k_heads = Slice (k_last4, one_dim, two_1d, axis_0)
+   k_heads_safe = Max (k_heads, one_dim)
    heads_rem = Mod (q_heads, k_heads_safe)
    zero_1d = Constant <value_ints: ints = [0]> ()
    heads_ok_1d = Equal (heads_rem, zero_1d)
@@ -194,6 +182,14 @@ _GUARD = """
 """
 
 
+def _dims(name: str) -> str:
+    """Guard lines: ``{name}_rank`` and ``{name}_last4``, the last four dims of ``{name}_dims`` with missing leading
+    dims as 1 (how a broadcasting mask is read)."""
+    return (f"   {name}_rank = Size ({name}_dims)\n"
+            f"   {name}_dims4 = Concat <axis: int = 0> (pad4, {name}_dims)\n"
+            f"   {name}_last4 = Slice ({name}_dims4, minus4, big, axis_0)\n")
+
+
 def _sparsify(x: str, name: str) -> str:
     """Body lines keeping the ``topk`` largest-magnitude features of ``x`` (zeros elsewhere) as ``{name}_sparse``;
     TopK breaks ties toward the lower index, as SFA requires."""
@@ -213,7 +209,7 @@ def flash_sfa_function(opset: int):
     header = (f'<domain: "{DOMAIN}", opset_import: ["" : {opset}]>\n'
               f"{OP_NAME} <topk, scale, causal> (query, key, value, attn_mask) => (output, lse)\n")
     body = (_BODY.replace("{sparsify_q}", _sparsify("q", "q")).replace("{sparsify_k}", _sparsify("kf", "k"))
-            .replace("{guard}", _GUARD))
+            .replace("{guard}", _GUARD.replace("{dims}", "".join(_dims(name) for name in "qkvm").rstrip("\n"))))
     function = onnx.parser.parse_function(header + body)
     next(n for n in function.node if list(n.output) == ["guard"]).name = GUARD_NODE
     return function
