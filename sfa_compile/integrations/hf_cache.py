@@ -69,11 +69,12 @@ class SFACacheLayer(CacheLayerMixin):
 
     def projection_weight(self) -> torch.Tensor | None:
         """R of the cached keys for the kernels, read from the layer's projection (its one source) in the cache's
-        dtype; None when there is none or it is the identity."""
+        dtype (the module's own tensor when the dtypes match); None when there is none or it is the identity.
+        Called once per layer and step, under no_grad (the cache's ops are inference-only)."""
         weight = self.projection.weight
         if weight is None or self.identity_projection:
             return None
-        return weight.detach().to(self.dtype)
+        return weight.to(self.dtype)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         if not self.is_initialized:
