@@ -92,14 +92,19 @@ def peak_mib(run) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def cpu_time(fn, reps: int = 5) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
+def cpu_times(fns, reps: int = 15) -> list:
+    """Median ms of each function, run in turn within every repetition (a slow spell of the machine hits all of
+    them alike), and the median of each one's per-repetition ratio to the first."""
+    for fn in fns:
         fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+    times = [[] for _ in fns]
+    for _ in range(reps):
+        for fn, out in zip(fns, times):
+            start = time.perf_counter()
+            fn()
+            out.append((time.perf_counter() - start) * 1e3)
+    ratios = [statistics.median(t / base for t, base in zip(ts, times[0])) for ts in times]
+    return [statistics.median(ts) for ts in times], ratios
 
 
 def cpu_case(head_dim: int, topk: int, length: int, heads: int) -> dict:
@@ -110,9 +115,11 @@ def cpu_case(head_dim: int, topk: int, length: int, heads: int) -> dict:
     sfa = lambda q, k, v: flash_sfa(q, k, v, topk=topk, is_causal=True)  # noqa: E731
     dense = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
     r = dict(d=head_dim, topk=topk, N=length, engine=prefill.engine_for(q, k, v, is_causal=True))
-    for name, attend in (("sdpa", dense), ("sfa", sfa)):
-        r[f"{name}_fwd"] = cpu_time(lambda attend=attend: attend(q, k, v))
-        r[f"{name}_fwdbwd"] = cpu_time(lambda attend=attend: torch.autograd.grad(attend(*inputs), inputs, d_out))
+    attends = (dense, sfa)
+    (r["sdpa_fwd"], r["sfa_fwd"]), (_, r["fwd_ratio"]) = cpu_times(
+        [lambda attend=attend: attend(q, k, v) for attend in attends])
+    (r["sdpa_fwdbwd"], r["sfa_fwdbwd"]), (_, r["fwdbwd_ratio"]) = cpu_times(
+        [lambda attend=attend: torch.autograd.grad(attend(*inputs), inputs, d_out) for attend in attends])
     return r
 
 
@@ -130,8 +137,8 @@ def cpu_main(args) -> None:
                 r = cpu_case(head_dim, topk, length, args.cpu_heads)
                 rows.append(r)
                 print(f"| {head_dim} | {topk} | {length} | {r['engine']} | {r['sdpa_fwd']:.2f} | {r['sfa_fwd']:.2f} "
-                      f"| {r['sfa_fwd'] / r['sdpa_fwd']:.2f}x | {r['sdpa_fwdbwd']:.2f} | {r['sfa_fwdbwd']:.2f} "
-                      f"| {r['sfa_fwdbwd'] / r['sdpa_fwdbwd']:.2f}x |", flush=True)
+                      f"| {r['fwd_ratio']:.2f}x | {r['sdpa_fwdbwd']:.2f} | {r['sfa_fwdbwd']:.2f} "
+                      f"| {r['fwdbwd_ratio']:.2f}x |", flush=True)
     if args.csv:
         write_csv(args.csv, rows)
 

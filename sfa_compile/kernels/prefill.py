@@ -31,7 +31,7 @@ from typing import Optional
 
 import torch
 
-from .checks import default_scale, gqa_group_size, output_shape, score_shape
+from .checks import default_scale, gqa_group_size, score_shape
 from .limits import KERNEL_DTYPES, MAX_HEAD_DIM
 from .reference import flash_sfa_backward_reference, flash_sfa_reference
 from .topk import sparsify_fast
@@ -140,8 +140,9 @@ def _engine_forward(engine, q, k, v, mask, is_causal, scale):
         out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, is_causal,
                                                                     attn_mask=additive_mask(mask, q.dtype), scale=scale)
         # Its online softmax skips NaN scores; SFA's contract (SDPA's math backend) propagates a query's NaN.
-        nan_rows = q.isnan().any(-1, keepdim=True)
-        return (out.masked_fill(nan_rows, float("nan")) if nan_rows.any() else out), lse
+        if not q.sum(-1).isnan().any():  # a row sum is NaN whenever the row holds one: one cheap pass first
+            return out, lse
+        return out.masked_fill(q.isnan().any(-1, keepdim=True), float("nan")), lse
     if engine == CUDNN:
         out, lse = aten._scaled_dot_product_cudnn_attention(q, k, v, None, True, 0.0, is_causal, False,
                                                             scale=scale)[:2]
@@ -213,7 +214,7 @@ def forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, ena
         return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
                                    dropout_seed)
     out, lse = _engine_forward(engine, q, k, v, mask, is_causal, default_scale(query, scale))
-    return (out.reshape(output_shape(query, key, value, enable_gqa)).contiguous(),
+    return (out.reshape(*batch, query.size(-2), value.size(-1)).contiguous(),
             lse.reshape(*batch, query.size(-2)).contiguous())
 
 
