@@ -14,13 +14,12 @@ read: compressed keys + dense V for SFA, K + V for dense. The copy ceiling is me
 (device-to-device copy, read + write bytes / time).
 
     python benchmarks/bench_decode.py [--topks 8 16] [--cases 16x32768 16x131072 1x8192 1x131072]
-                                      [--sweep] [--csv out.csv]
+                                      [--sweep] [--out DIR] [--publish]
 
 --sweep also times other split counts and key blocks per case and reports the best (tuning data).
 """
 
 import argparse
-import datetime
 import itertools
 import math
 import time
@@ -28,7 +27,7 @@ import time
 import torch
 import torch.nn.functional as F
 import triton
-from results_csv import write_csv
+from publish import Report, add_arguments, log_log_lines, provenance
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sfa_compile.kernels import decode_launch, ops, triton_decode
@@ -167,35 +166,51 @@ def main():
     parser.add_argument("--cases", nargs="+", default=["16x32768", "16x131072", "1x8192", "1x131072"])
     parser.add_argument("--query-length", type=int, default=1)
     parser.add_argument("--sweep", action="store_true")
-    parser.add_argument("--csv")
+    add_arguments(parser)
     args = parser.parse_args()
     ceiling = copy_bandwidth()
-    print(f"{datetime.date.today()} {torch.cuda.get_device_name()}, torch {torch.__version__}, Triton "
-          f"{triton.__version__}; GQA {Q_HEADS}/{KV_HEADS}, d {HEAD_DIM}, bf16, query length {args.query_length}; "
-          f"copy bandwidth {ceiling:.2f} TB/s")
-    print("| batch | context | topk | flash ms | cuDNN ms | SFA ms | SFA vs best dense | graph: flash / cuDNN / SFA / "
-          "SFA + R ms | graph: SFA, SFA + R vs best dense | cold graph (copies): flash / cuDNN / SFA ms | "
-          "cold graph: SFA vs best dense | byte ratio | SFA TB/s (% of copy), graph | dense TB/s | "
-          "host us/call | best variant (speedup) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+    report = Report("bench_decode", "Decode over the compressed key cache (benchmarks/bench_decode.py)", args)
+    report.line(f"{provenance(torch.cuda.get_device_name())}; GQA {Q_HEADS}/{KV_HEADS}, d {HEAD_DIM}, bf16, query "
+                f"length {args.query_length}; copy bandwidth {ceiling:.2f} TB/s. graph: GPU time replayed from a CUDA "
+                "graph; cold graph: each call reads its cache from HBM, as a model's decode step does")
+    report.line()
+    report.line("| batch | context | topk | flash ms | cuDNN ms | SFA ms | SFA vs best dense | graph: flash / cuDNN / "
+                "SFA / SFA + R ms | graph: SFA, SFA + R vs best dense | cold graph (copies): flash / cuDNN / SFA ms | "
+                "cold graph: SFA vs best dense | byte ratio | SFA TB/s (% of copy), graph | dense TB/s | "
+                "host us/call | best variant (speedup) |")
+    report.line("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for topk in args.topks:
         for case in args.cases:
             batch, context = map(int, case.split("x"))
             r = run_case(batch, context, topk, args.query_length, args.sweep)
-            rows.append(r)
-            print(f"| {batch} | {context} | {topk} | {r['flash_ms']:.3f} | {r['cudnn_ms']:.3f} | {r['sfa_ms']:.3f} | "
-                  f"{r['speedup']:.2f}x | {r['flash_graph_ms']:.3f} / {r['cudnn_graph_ms']:.3f} / "
-                  f"{r['sfa_graph_ms']:.3f} / {r['sfa_r_graph_ms']:.3f} | {r['graph_speedup']:.2f}x, "
-                  f"{r['r_graph_speedup']:.2f}x | ({r['cold_copies']}) {r['flash_cold_ms']:.3f} / "
-                  f"{r['cudnn_cold_ms']:.3f} / {r['sfa_cold_ms']:.3f} | {r['cold_speedup']:.2f}x | "
-                  f"{r['byte_ratio']:.2f} | {r['sfa_graph_tbs']:.2f} "
-                  f"({100 * r['sfa_graph_tbs'] / ceiling:.0f}%) | {r['dense_tbs']:.2f} | {r['host_us']:.0f} | "
-                  f"{r['best_variant']} ({r['best_speedup']:.2f}x) |", flush=True)
+            report.row(r, f"| {batch} | {context} | {topk} | {r['flash_ms']:.3f} | {r['cudnn_ms']:.3f} "
+                          f"| {r['sfa_ms']:.3f} | {r['speedup']:.2f}x | {r['flash_graph_ms']:.3f} / "
+                          f"{r['cudnn_graph_ms']:.3f} / {r['sfa_graph_ms']:.3f} / {r['sfa_r_graph_ms']:.3f} "
+                          f"| {r['graph_speedup']:.2f}x, {r['r_graph_speedup']:.2f}x | ({r['cold_copies']}) "
+                          f"{r['flash_cold_ms']:.3f} / {r['cudnn_cold_ms']:.3f} / {r['sfa_cold_ms']:.3f} "
+                          f"| {r['cold_speedup']:.2f}x | {r['byte_ratio']:.2f} | {r['sfa_graph_tbs']:.2f} "
+                          f"({100 * r['sfa_graph_tbs'] / ceiling:.0f}%) | {r['dense_tbs']:.2f} | {r['host_us']:.0f} "
+                          f"| {r['best_variant']} ({r['best_speedup']:.2f}x) |")
             torch.cuda.empty_cache()
-    if args.csv:
-        write_csv(args.csv, rows)
+    report.finish(plot=plot_decode)
 
+
+def plot_decode(figure, rows) -> None:
+    """Cold-graph latency against context per batch and topk, and the cache bytes per sequence and layer."""
+    lines = {}
+    for batch, topk in sorted({(r["batch"], r["topk"]) for r in rows}):
+        group = [r for r in rows if (r["batch"], r["topk"]) == (batch, topk)]
+        lines[f"SFA topk {topk}, batch {batch}"] = [(r["context"], r["sfa_cold_ms"]) for r in group]
+        for name in ("flash", "cudnn"):
+            lines.setdefault(f"{name}, batch {batch}", [(r["context"], r[f"{name}_cold_ms"]) for r in group])
+    log_log_lines(figure.add_subplot(1, 2, 1), lines, "decode step, cold cache (lower is better)", "context (tokens)",
+                  "ms")
+    contexts = sorted({r["context"] for r in rows})
+    dense = {"dense bf16 K + V": [(c, c * KV_HEADS * 2 * HEAD_DIM * 2 / 2**20) for c in contexts]}
+    sfa = {f"SFA topk {topk}": [(c, c * KV_HEADS * (topk * 3 + HEAD_DIM * 2) / 2**20) for c in contexts]
+           for topk in sorted({r["topk"] for r in rows})}
+    log_log_lines(figure.add_subplot(1, 2, 2), dense | sfa, "cache bytes per sequence and layer", "context (tokens)",
+                  "MiB")
 
 if __name__ == "__main__":
     main()

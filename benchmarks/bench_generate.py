@@ -17,18 +17,18 @@ Cache bytes: the tokens cached at the end (SFACache.nbytes vs K + V of the dense
 (k*(s_val+s_idx) + d*s_val) / (2*d*s_val).
 
     python benchmarks/bench_generate.py [--prompt 32768] [--new-tokens 128] [--batch 1] [--topks 8 16]
-                                        [--compile] [--skip-eager]
+                                        [--compile] [--skip-eager] [--out DIR] [--publish]
 """
 
 import argparse
 import copy
-import datetime
 import functools
 import inspect
 import time
 
 import torch
 import transformers
+from publish import Report, add_arguments, provenance
 from transformers import DynamicCache, StaticCache
 
 import sfa_compile
@@ -158,12 +158,29 @@ def dense_bytes(cache) -> int:
     return sum(t.numel() * t.element_size() for layer in cache.layers for t in (layer.keys, layer.values))
 
 
-def graph_row(label, cache_label, model, make_cache, prompt, new_tokens, baseline, forward=None):
-    """One CUDA-graph row: time, check against the same steps without the graph, print; returns tokens/s."""
+def row(attention, cache, prefill, tps) -> dict:
+    return dict(attention=attention, cache=cache, prefill_s=round(prefill, 3), tokens_per_s=round(tps, 1))
+
+
+def plot_generate(figure, rows) -> None:
+    """Decode tokens/s per row, one bar each."""
+    axes = figure.add_subplot(1, 1, 1)
+    labels = [f"{r['attention']} | {r['cache']}" for r in rows]
+    axes.barh(range(len(rows)), [r["tokens_per_s"] for r in rows])
+    axes.set_yticks(range(len(rows)), labels, fontsize=7)
+    axes.invert_yaxis()
+    axes.set_xlabel("decode tokens/s (higher is better)")
+    axes.set_title("end-to-end greedy generation", fontsize=10)
+    axes.grid(True, axis="x", alpha=0.3)
+
+
+def graph_row(report, label, cache_label, model, make_cache, prompt, new_tokens, baseline, forward=None):
+    """One CUDA-graph row: time, check against the same steps without the graph, report; returns tokens/s."""
     prefill, tps, tokens = graph_generate(model, make_cache(), prompt, new_tokens, forward=forward)
     check = replay_check(model, make_cache, prompt, new_tokens, tokens, forward=forward)
     ratio = f"{tps / baseline:.2f}x" if baseline else "1.00x"
-    print(f"| {label} | {cache_label} | {prefill:.2f} | {tps:.1f} | {ratio} | | | {check}", flush=True)
+    report.row(row(label, cache_label, prefill, tps),
+               f"| {label} | {cache_label} | {prefill:.2f} | {tps:.1f} | {ratio} | | | {check} |")
     torch.cuda.empty_cache()
     return tps
 
@@ -178,16 +195,18 @@ def main():
     parser.add_argument("--compile", action="store_true",
                         help="also rows whose decode step is torch.compile'd (Inductor) and replayed from a CUDA graph")
     parser.add_argument("--skip-eager", action="store_true", help="only the CUDA-graph rows")
+    add_arguments(parser)
     args = parser.parse_args()
     model = qwen3_06b(args.vocab)
     prompt = torch.randint(0, args.vocab, (args.batch, args.prompt), device="cuda")
     capacity = args.prompt + args.new_tokens
-    print(f"{datetime.date.today()} {torch.cuda.get_device_name()}, torch {torch.__version__}, transformers "
-          f"{transformers.__version__}; Qwen3-0.6B shape (random weights, bf16), batch {args.batch}, prompt "
-          f"{args.prompt}, {args.new_tokens} new tokens, greedy")
-    print("| attention | cache | prefill s | decode tokens/s | vs dense (best cache) | cache bytes vs dense | "
-          "formula | tokens |")
-    print("|---|---|---|---|---|---|---|---|")
+    report = Report("bench_generate", "End-to-end generation (benchmarks/bench_generate.py)", args)
+    report.line(f"{provenance(torch.cuda.get_device_name())}; Qwen3-0.6B shape (random weights, bf16), batch "
+                f"{args.batch}, prompt {args.prompt}, {args.new_tokens} new tokens, greedy")
+    report.line()
+    report.line("| attention | cache | prefill s | decode tokens/s | vs dense (best cache) | cache bytes vs dense | "
+                "formula | tokens |")
+    report.line("|---|---|---|---|---|---|---|---|")
     generate(model, DynamicCache(config=model.config), prompt[:, :1024], 4)  # warm up kernels
     rows = {}
     if not args.skip_eager:
@@ -198,7 +217,8 @@ def main():
             rows[name] = tps
             if name == "DynamicCache":
                 dense_cache_bytes = dense_bytes(cache)
-            print(f"| dense SDPA | {name} | {prefill:.2f} | {tps:.1f} | 1.00x | 1.000 | |", flush=True)
+            report.row(row("dense SDPA", name, prefill, tps), f"| dense SDPA | {name} | {prefill:.2f} | {tps:.1f} "
+                                                              "| 1.00x | 1.000 | | |")
             del cache
             torch.cuda.empty_cache()
     static_dense = functools.partial(StaticCache, model.config, max_cache_len=capacity)
@@ -208,12 +228,12 @@ def main():
     for implementation in ("sdpa", "sdpa_gqa"):
         model.set_attn_implementation(implementation)
         label = "dense SDPA" if implementation == "sdpa" else "dense SDPA, enable_gqa (no K/V repeat)"
-        graph_rows[implementation] = graph_row(label, "StaticCache + CUDA graph", model, static_dense, prompt,
+        graph_rows[implementation] = graph_row(report, label, "StaticCache + CUDA graph", model, static_dense, prompt,
                                                args.new_tokens, graph_rows.get("sdpa"))
     graph_dense = max(graph_rows.values())
     compiled_dense = None
     if args.compile:  # model is on "sdpa_gqa" here
-        compiled_dense = graph_row("dense SDPA, enable_gqa", "StaticCache + torch.compile + CUDA graph", model,
+        compiled_dense = graph_row(report, "dense SDPA, enable_gqa", "StaticCache + torch.compile + CUDA graph", model,
                                    static_dense, prompt, args.new_tokens, None,
                                    forward=torch.compile(model.forward, fullgraph=True))
     model.set_attn_implementation("sdpa")
@@ -225,26 +245,30 @@ def main():
             cache = SFACache(sfa)
             prefill, tps, eager_tokens = generate(sfa, cache, prompt, args.new_tokens)
             formula = (topk * (2 + 1) + 128 * 2) / (2 * 128 * 2)
-            print(f"| SFA topk {topk} | SFACache | {prefill:.2f} | {tps:.1f} | {tps / max(rows.values()):.2f}x | "
-                  f"{cache.nbytes / dense_cache_bytes:.4f} | {formula:.4f} |", flush=True)
+            report.row(row(f"SFA topk {topk}", "SFACache", prefill, tps),
+                       f"| SFA topk {topk} | SFACache | {prefill:.2f} | {tps:.1f} | {tps / max(rows.values()):.2f}x | "
+                       f"{cache.nbytes / dense_cache_bytes:.4f} | {formula:.4f} | |")
             del cache
             torch.cuda.empty_cache()
             prefill, tps, static_tokens = generate(sfa, static_sfa(), prompt, args.new_tokens)
-            print(f"| SFA topk {topk} | SFACache static | {prefill:.2f} | {tps:.1f} | {tps / max(rows.values()):.2f}x "
-                  f"| | | first {leading_equal(static_tokens, eager_tokens)}/{args.new_tokens} tokens equal the "
-                  "growing cache's", flush=True)
+            report.row(row(f"SFA topk {topk}", "SFACache static", prefill, tps),
+                       f"| SFA topk {topk} | SFACache static | {prefill:.2f} | {tps:.1f} "
+                       f"| {tps / max(rows.values()):.2f}x | | | first {leading_equal(static_tokens, eager_tokens)}/"
+                       f"{args.new_tokens} tokens equal the growing cache's |")
             torch.cuda.empty_cache()
-        graph_row(f"SFA topk {topk}", "SFACache static + CUDA graph", sfa, static_sfa, prompt, args.new_tokens,
+        graph_row(report, f"SFA topk {topk}", "SFACache static + CUDA graph", sfa, static_sfa, prompt, args.new_tokens,
                   graph_dense)
         if args.compile:
-            graph_row(f"SFA topk {topk}", "SFACache static + torch.compile + CUDA graph", sfa, static_sfa, prompt,
-                      args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
+            graph_row(report, f"SFA topk {topk}", "SFACache static + torch.compile + CUDA graph", sfa, static_sfa,
+                      prompt, args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
             random_rotations(sfa)
             generate(sfa, SFACache(sfa), prompt[:, :1024], 4)  # the kernels' projection variants
-            graph_row(f"SFA topk {topk} + R", "SFACache static + torch.compile + CUDA graph", sfa, static_sfa, prompt,
-                      args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
+            graph_row(report, f"SFA topk {topk} + R", "SFACache static + torch.compile + CUDA graph", sfa,
+                      static_sfa, prompt, args.new_tokens, compiled_dense,
+                      forward=torch.compile(sfa.forward, fullgraph=True))
         del sfa
         torch.cuda.empty_cache()
+    report.finish(plot=plot_generate)
 
 
 if __name__ == "__main__":

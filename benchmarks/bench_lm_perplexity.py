@@ -10,11 +10,11 @@ first held-out-sized slice of the training text (how much each model memorized: 
 long runs are many epochs).
 
     python benchmarks/bench_lm_perplexity.py [--steps 2000] [--layers 6] [--width 384] [--heads 6]
+                                                [--out DIR] [--publish]
 """
 
 import argparse
 import copy
-import datetime
 import math
 import platform
 import time
@@ -22,6 +22,7 @@ from pydoc_data.topics import topics
 
 import torch
 import transformers
+from publish import Report, add_arguments, provenance
 
 import sfa_compile
 
@@ -81,6 +82,7 @@ def main():
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+    add_arguments(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_data, held_out = corpus(device)
@@ -92,23 +94,26 @@ def main():
     dense = transformers.GPT2LMHeadModel(config).to(device)
     sfa = sfa_compile.convert(copy.deepcopy(dense), sfa_compile.SFAConfig(topk=head_dim // 8), progress=False)
     epochs = args.steps * args.batch * args.length / len(train_data)
-    print(f"{datetime.date.today()} {torch.cuda.get_device_name() if device == 'cuda' else platform.machine()}, "
-          f"torch {torch.__version__}, transformers {transformers.__version__}, Python {platform.python_version()}; "
-          f"GPT-2 shape {args.layers} layers x {args.width} wide, {args.heads} heads of {head_dim}, byte-level, "
-          f"{len(train_data)} train / {len(held_out)} held-out bytes, {args.steps} steps of {args.batch} x "
-          f"{args.length} ({epochs:.1f} epochs)")
-    print("| attention | held-out loss (nats/byte) | perplexity per byte | bits per byte | train-slice loss "
-          "| train s |\n"
-          "|---|---|---|---|---|---|")
+    report = Report("bench_lm_perplexity", "Causal LM from scratch: dense vs SFA at topk = d/8 "
+                    "(benchmarks/bench_lm_perplexity.py)", args)
+    report.line(f"{provenance(torch.cuda.get_device_name() if device == 'cuda' else platform.machine())}, Python "
+                f"{platform.python_version()}; GPT-2 shape {args.layers} layers x {args.width} wide, "
+                f"{args.heads} heads of {head_dim}, byte-level, {len(train_data)} train / {len(held_out)} held-out "
+                f"bytes, {args.steps} steps of {args.batch} x {args.length} ({epochs:.1f} epochs)")
+    report.line()
+    report.line("| attention | held-out loss (nats/byte) | perplexity per byte | bits per byte | train-slice loss "
+                "| train s |")
+    report.line("|---|---|---|---|---|---|")
     for name, model in (("dense (SDPA)", dense), (f"SFA topk {head_dim // 8}", sfa)):
         start = time.time()
         train(model, train_data, args.steps, args.batch, args.length, args.lr, seed=1)
         seconds = time.time() - start
         loss = held_out_loss(model, held_out, args.length)
         seen = held_out_loss(model, train_data[:len(held_out)], args.length)
-        print(f"| {name} | {loss:.4f} | {math.exp(loss):.3f} | {loss / math.log(2):.3f} | {seen:.4f} | {seconds:.0f} |",
-              flush=True)
-
+        report.row(dict(attention=name, held_out_loss=loss, train_slice_loss=seen, seconds=round(seconds, 1)),
+                   f"| {name} | {loss:.4f} | {math.exp(loss):.3f} | {loss / math.log(2):.3f} | {seen:.4f} "
+                   f"| {seconds:.0f} |")
+    report.finish()
 
 if __name__ == "__main__":
     main()

@@ -11,11 +11,10 @@ round differently) flips which feature a query or key keeps when its k-th and (k
 tie, and the flip carries into the next layers.
 Times are medians over repeated runs with ONNX Runtime's default intra-op threads (all cores).
 
-    python benchmarks/bench_onnx_cpu.py [--lengths 512 2048] [--topks 8 16] [--repeats 10] [--csv out.csv]
+    python benchmarks/bench_onnx_cpu.py [--lengths 512 2048] [--topks 8 16] [--repeats 10] [--out DIR] [--publish]
 """
 
 import argparse
-import datetime
 import os
 import platform
 import statistics
@@ -25,10 +24,10 @@ import warnings
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
+import onnxruntime  # noqa: F401  (its version goes into the provenance line)
 import torch
 import transformers
-from results_csv import write_csv
+from publish import Report, add_arguments, log_log_lines, provenance
 
 import sfa_compile
 
@@ -89,7 +88,7 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--topks", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--repeats", type=int, default=10)
-    parser.add_argument("--csv", default=None)
+    add_arguments(parser)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
     rows = []
@@ -125,19 +124,32 @@ def main():
                                  "variant": variant, "ms": round(ms, 2),
                                  "err_vs_torch": f"{relative_error(out, expected):.1e}",
                                  "err_vs_plugin": f"{relative_error(out, first):.1e}"})
-                    print(rows[-1], flush=True)
+                    print(rows[-1], flush=True)  # progress; the table follows at the end
     dense = {(r["workload"], r["length"]): r["ms"] for r in rows if r["variant"] == "dense"}
-    print(f"\n{datetime.date.today()}, {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
-          f"torch {torch.__version__}, onnxruntime {ort.__version__}\n")
-    print("| workload | length | topk | variant | ms | speed vs dense ONNX | err vs torch | err vs plugin |\n"
-          "|---|---|---|---|---|---|---|---|")
+    report = Report("bench_onnx_cpu", "ONNX Runtime on the CPU: FlashSFA plugin vs function body vs dense ONNX "
+                    "(benchmarks/bench_onnx_cpu.py)", args)
+    report.line(f"{provenance(f'CPU ({platform.machine()}, {os.cpu_count()} cores)')}; batch 1, float32, causal; "
+                "ONNX Runtime's default intra-op threads")
+    report.line()
+    report.line("| workload | length | topk | variant | ms | speed vs dense ONNX | err vs torch | err vs plugin |")
+    report.line("|---|---|---|---|---|---|---|---|")
     for r in rows:
-        speedup = dense[(r["workload"], r["length"])] / r["ms"]
-        print(f"| {r['workload']} | {r['length']} | {r['topk']} | {r['variant']} | {r['ms']:.2f} | {speedup:.2f}x | "
-              f"{r['err_vs_torch']} | {r['err_vs_plugin']} |")
-    if args.csv:
-        write_csv(args.csv, rows)
+        r["speedup"] = round(dense[(r["workload"], r["length"])] / r["ms"], 3)
+        report.row(r, f"| {r['workload']} | {r['length']} | {r['topk']} | {r['variant']} | {r['ms']:.2f} "
+                      f"| {r['speedup']:.2f}x | {r['err_vs_torch']} | {r['err_vs_plugin']} |")
+    report.finish(plot=plot_onnx)
 
+
+def plot_onnx(figure, rows) -> None:
+    """Time against length per workload, one line per (topk, variant)."""
+    for i, workload in enumerate(("attention", "model")):
+        group = [r for r in rows if r["workload"] == workload]
+        lines = {}
+        for r in group:
+            label = "dense ONNX" if r["variant"] == "dense" else f"topk {r['topk']}, {r['variant']}"
+            lines.setdefault(label, []).append((r["length"], r["ms"]))
+        log_log_lines(figure.add_subplot(1, 2, i + 1), lines, f"{workload} (lower is better)", "length (tokens)",
+                      "ms")
 
 if __name__ == "__main__":
     main()

@@ -7,14 +7,16 @@ TFLOP/s are dense-equivalent: causal forward 4*B*H*N^2*d/2 FLOPs, backward 2.5x 
 convention), so SFA and dense rows compare by time.
 
     python benchmarks/bench_prefill.py [--dims 64 128] [--topks 8 16] [--lengths 4096 16384 65536]
-                                       [--tokens 65536] [--heads 16] [--csv out.csv]
+                                       [--tokens 65536] [--heads 16]
     python benchmarks/bench_prefill.py --cpu [--threads 2]   # SDPA vs flash_sfa on the CPU, same table
+    ... [--out DIR] [--publish]   # also write the table, a CSV and a plot (benchmarks/publish.py)
 
 Batch = tokens // length, so every length fills the GPU with the same number of query tokens.
 """
 
 import argparse
-import datetime
+import os
+import platform
 import statistics
 import time
 import warnings
@@ -22,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 import triton
-from results_csv import write_csv
+from publish import Report, add_arguments, log_log_lines, provenance
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sfa_compile import flash_sfa
@@ -126,21 +128,30 @@ def cpu_case(head_dim: int, topk: int, length: int, heads: int) -> dict:
 def cpu_main(args) -> None:
     """SDPA vs flash_sfa on the CPU (float32, causal), forward and forward+backward, same shapes and threads."""
     torch.set_num_threads(args.threads)
-    print(f"{datetime.date.today()} CPU, {args.threads} threads, torch {torch.__version__}, float32, causal, "
-          f"{args.cpu_heads} heads")
-    print("| d | topk | N | engine | SDPA fwd ms | SFA fwd ms | SFA / SDPA | SDPA f+b ms | SFA f+b ms | SFA / SDPA |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
-    rows = []
+    report = Report("bench_prefill_cpu", "Prefill on the CPU: flash_sfa vs SDPA (benchmarks/bench_prefill.py --cpu)",
+                    args)
+    report.line(f"{provenance(f'CPU ({platform.machine()}, {os.cpu_count()} cores)')}; {args.threads} threads, "
+                f"float32, causal, {args.cpu_heads} heads, batch 1; ratios are medians of per-repetition ratios")
+    report.line()
+    report.line("| d | topk | N | engine | SDPA fwd ms | SFA fwd ms | SFA / SDPA | SDPA f+b ms | SFA f+b ms "
+                "| SFA / SDPA |")
+    report.line("|---|---|---|---|---|---|---|---|---|---|")
     for head_dim in args.cpu_dims:
         for topk in args.topks:
             for length in args.cpu_lengths:
                 r = cpu_case(head_dim, topk, length, args.cpu_heads)
-                rows.append(r)
-                print(f"| {head_dim} | {topk} | {length} | {r['engine']} | {r['sdpa_fwd']:.2f} | {r['sfa_fwd']:.2f} "
-                      f"| {r['fwd_ratio']:.2f}x | {r['sdpa_fwdbwd']:.2f} | {r['sfa_fwdbwd']:.2f} "
-                      f"| {r['fwdbwd_ratio']:.2f}x |", flush=True)
-    if args.csv:
-        write_csv(args.csv, rows)
+                report.row(r, f"| {head_dim} | {topk} | {length} | {r['engine']} | {r['sdpa_fwd']:.2f} "
+                              f"| {r['sfa_fwd']:.2f} | {r['fwd_ratio']:.2f}x | {r['sdpa_fwdbwd']:.2f} "
+                              f"| {r['sfa_fwdbwd']:.2f} | {r['fwdbwd_ratio']:.2f}x |")
+    report.finish(plot=lambda figure, rows: plot_times(figure, rows, {"SDPA": "sdpa", "flash_sfa": "sfa"}))
+
+
+def plot_times(figure, rows, engines: dict) -> None:
+    """Forward and forward+backward time against N, one line per engine and (d, topk)."""
+    for i, (phase, suffix) in enumerate((("forward", "_fwd"), ("forward+backward", "_fwdbwd"))):
+        lines = {f"{label} d{d} k{topk}": [(r["N"], r[key + suffix]) for r in rows if (r["d"], r["topk"]) == (d, topk)]
+                 for d, topk in sorted({(r["d"], r["topk"]) for r in rows}) for label, key in engines.items()}
+        log_log_lines(figure.add_subplot(1, 2, i + 1), lines, f"{phase} (lower is better)", "N (tokens)", "ms")
 
 
 def main():
@@ -151,7 +162,7 @@ def main():
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=16)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
-    parser.add_argument("--csv", default=None)
+    add_arguments(parser)
     parser.add_argument("--cpu", action="store_true", help="time SDPA vs flash_sfa on the CPU instead")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--cpu-dims", type=int, nargs="+", default=[64])
@@ -161,14 +172,16 @@ def main():
     if args.cpu:
         return cpu_main(args)
     dtype = getattr(torch, args.dtype)
-    print(f"{datetime.date.today()} {torch.cuda.get_device_name()} torch {torch.__version__} "
-          f"triton {triton.__version__} {args.dtype}, causal, {args.heads} heads")
+    report = Report("bench_prefill", "Prefill: FlashSFA vs SDPA flash and cuDNN (benchmarks/bench_prefill.py)", args)
+    report.line(f"{provenance(torch.cuda.get_device_name())}; {args.dtype}, causal, {args.heads} heads, batch = "
+                f"{args.tokens} / N; top-k of q and k included; ratios > 1: FlashSFA faster; peak memory: one "
+                "forward+backward above the inputs")
+    report.line()
     header = ("| d | topk | N | batch | SFA fwd ms | flash fwd ms | cuDNN fwd ms | SFA fwd TFLOP/s | flash | cuDNN "
               "| fwd vs flash | fwd vs cuDNN | SFA f+b ms | flash f+b ms | cuDNN f+b ms | f+b vs flash "
               "| f+b vs cuDNN | top-k ms | engine | SFA f+b MiB | cuDNN f+b MiB |")
-    print(header)
-    print("|" + "---|" * (header.count("|") - 1))
-    rows = []
+    report.line(header)
+    report.line("|" + "---|" * (header.count("|") - 1))
     for head_dim in args.dims:
         for topk in args.topks:
             check(head_dim, topk, dtype)
@@ -177,18 +190,16 @@ def main():
                 r = time_case(batch, args.heads, length, head_dim, topk, dtype)
                 flops = 4 * batch * args.heads * length * length * head_dim / 2
                 tf = lambda ms, flops=flops: flops / ms / 1e9  # noqa: E731
-                row = dict(d=head_dim, topk=topk, N=length, batch=batch, **r)
-                rows.append(row)
-                print(f"| {head_dim} | {topk} | {length} | {batch} | {r['sfa_fwd']:.3f} | {r['flash_fwd']:.3f} "
-                      f"| {r['cudnn_fwd']:.3f} | {tf(r['sfa_fwd']):.0f} | {tf(r['flash_fwd']):.0f} "
-                      f"| {tf(r['cudnn_fwd']):.0f} | {r['flash_fwd'] / r['sfa_fwd']:.2f}x "
-                      f"| {r['cudnn_fwd'] / r['sfa_fwd']:.2f}x | {r['sfa_fwdbwd']:.3f} | {r['flash_fwdbwd']:.3f} "
-                      f"| {r['cudnn_fwdbwd']:.3f} | {r['flash_fwdbwd'] / r['sfa_fwdbwd']:.2f}x "
-                      f"| {r['cudnn_fwdbwd'] / r['sfa_fwdbwd']:.2f}x | {r['topk_only']:.3f} | {r['engine']} "
-                      f"| {r['sfa_peak_mib']:.0f} | {r['cudnn_peak_mib']:.0f} |", flush=True)
-    if args.csv:
-        write_csv(args.csv, rows)
-
+                report.row(dict(d=head_dim, topk=topk, N=length, batch=batch, **r),
+                           f"| {head_dim} | {topk} | {length} | {batch} | {r['sfa_fwd']:.3f} | {r['flash_fwd']:.3f} "
+                           f"| {r['cudnn_fwd']:.3f} | {tf(r['sfa_fwd']):.0f} | {tf(r['flash_fwd']):.0f} "
+                           f"| {tf(r['cudnn_fwd']):.0f} | {r['flash_fwd'] / r['sfa_fwd']:.2f}x "
+                           f"| {r['cudnn_fwd'] / r['sfa_fwd']:.2f}x | {r['sfa_fwdbwd']:.3f} | {r['flash_fwdbwd']:.3f} "
+                           f"| {r['cudnn_fwdbwd']:.3f} | {r['flash_fwdbwd'] / r['sfa_fwdbwd']:.2f}x "
+                           f"| {r['cudnn_fwdbwd'] / r['sfa_fwdbwd']:.2f}x | {r['topk_only']:.3f} | {r['engine']} "
+                           f"| {r['sfa_peak_mib']:.0f} | {r['cudnn_peak_mib']:.0f} |")
+    report.finish(plot=lambda figure, rows: plot_times(figure, rows, {"FlashSFA": "sfa", "flash": "flash",
+                                                                      "cuDNN": "cudnn"}))
 
 if __name__ == "__main__":
     main()

