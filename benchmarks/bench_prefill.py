@@ -147,11 +147,23 @@ def cpu_main(args) -> None:
 
 
 def plot_times(figure, rows, engines: dict) -> None:
-    """Forward and forward+backward time against N, one line per engine and (d, topk)."""
-    for i, (phase, suffix) in enumerate((("forward", "_fwd"), ("forward+backward", "_fwdbwd"))):
-        lines = {f"{label} d{d} k{topk}": [(r["N"], r[key + suffix]) for r in rows if (r["d"], r["topk"]) == (d, topk)]
-                 for d, topk in sorted({(r["d"], r["topk"]) for r in rows}) for label, key in engines.items()}
-        log_log_lines(figure.add_subplot(1, 2, i + 1), lines, f"{phase} (lower is better)", "N (tokens)", "ms")
+    """Time against N, one panel per head dim: each engine's forward (solid) and forward+backward (dashed); the
+    dense engines' times come from the first topk's rows (they do not depend on it)."""
+    dims = sorted({r["d"] for r in rows})
+    for i, d in enumerate(dims):
+        axes = figure.add_subplot(1, len(dims), i + 1)
+        group = [r for r in rows if r["d"] == d]
+        lines = {}
+        for label, key in engines.items():
+            topks = sorted({r["topk"] for r in group}) if key == "sfa" else [min(r["topk"] for r in group)]
+            for topk in topks:
+                name = f"{label} topk {topk}" if key == "sfa" else label
+                for phase, suffix, style in (("fwd", "_fwd", "-"), ("f+b", "_fwdbwd", "--")):
+                    points = sorted((r["N"], r[key + suffix]) for r in group if r["topk"] == topk)
+                    lines[f"{name} {phase}"] = (points, style)
+        for j, (label, (points, style)) in enumerate(lines.items()):
+            axes.plot(*zip(*points), style, marker="o", color=f"C{j // 2}", label=label)
+        log_log_lines(axes, {}, f"head dim {d} (lower is better)", "N (tokens)", "ms")
 
 
 def main():

@@ -26,11 +26,14 @@ def add_arguments(parser) -> None:
 
 
 def commit() -> str:
-    """The checkout's short commit, '+dirty' when tracked files differ from it; 'unknown' outside git."""
+    """The checkout's short commit, '+dirty' when tracked code differs from it (tables, plots and notes do not
+    count); 'unknown' outside git."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=HERE,
+        code = ["--", ":(top)", ":(top,exclude)*.md", ":(top,exclude)benchmarks/results",
+                ":(top,exclude)benchmarks/plots"]
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *code], cwd=HERE,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
