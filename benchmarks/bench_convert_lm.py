@@ -1,0 +1,241 @@
+"""Converting a pretrained causal LM to SFA: plain top-k, calibrated, calibrated + a short fine-tune, vs from scratch.
+
+A GPT-2-shaped byte-level model (vocabulary 256: no tokenizer download) is pretrained densely on the largest
+English text this machine has offline: CPython's ``pydoc_data.topics``, the docstrings of the standard library's
+modules, classes and functions, and the project's built-in sentences (sizes printed in the table's header; the
+last 5% of each source is held out). A quarter of the training rows are pass-key rows ("The pass key is 52719."
++ filler text + "The pass key is 52719."), so the model learns a retrieval that needs attention across the row.
+Then, per topk (d/4 and d/8 by default), on copies of the same pretrained model:
+  plain       ``convert(model, SFAConfig(topk))``: R = identity, the paper's method without training;
+  calibrated  ``convert(model, SFAConfig(topk), calibration=batches)``: the conversion defaults (principal axes and
+              the layer-local Eq. 8 refinement), R kept as a run-time projection so the fine-tune can train it;
+  + fine-tune the calibrated model trained on the LM loss + Eq. 8 (``sfa_compile.finetune``, model weights and R,
+              straight-through top-k) for ``--finetune-steps`` (default 10% of the pretraining steps);
+  scratch     an SFA model of the same initialization trained for pretraining + fine-tuning steps.
+Reported: held-out perplexity per byte, its ratio to dense, the share of plain top-k's gap to dense that the
+variant recovers, and pass-key accuracy (all five digits right, teacher-forced) at each filler distance.
+
+    python benchmarks/bench_convert_lm.py [--steps 2000] [--finetune-steps 200] [--topks 16 8]
+                                          [--layers 6] [--width 384] [--heads 6] [--out DIR] [--publish]
+"""
+
+import argparse
+import ast
+import copy
+import math
+import platform
+import sysconfig
+import time
+from importlib import resources
+from pathlib import Path
+from pydoc_data.topics import topics
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+import transformers
+from publish import Report, add_arguments, provenance
+
+import sfa_compile
+from sfa_compile.training.finetune import finetune
+
+PASS_KEY = "The pass key is "
+
+
+def stdlib_docstrings(limit_bytes: Optional[int] = None) -> str:
+    """Module, class and function docstrings of the standard library's own .py files (tests excluded)."""
+    texts, size = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).rglob("*.py")):
+        if "test" in path.parts or "idlelib" in path.parts or "site-packages" in path.parts:
+            continue
+        try:
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, ValueError):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)):
+                doc = ast.get_docstring(node)
+                if doc and len(doc) > 80:
+                    texts.append(doc)
+                    size += len(doc)
+        if limit_bytes is not None and size >= limit_bytes:
+            break
+    return "\n\n".join(texts)
+
+
+def english_corpus(device, docstring_bytes: Optional[int]):
+    """(train bytes, held-out bytes, source sizes): the last 5% of each source is held out."""
+    sources = {
+        "pydoc_data.topics": "\n\n".join(topics[k] for k in sorted(topics)),
+        "stdlib docstrings": stdlib_docstrings(docstring_bytes),
+        "built-in sentences": resources.files("sfa_compile").joinpath("data/sentences.txt").read_text(),
+    }
+    train, held_out = [], []
+    for text in sources.values():
+        data = text.encode("utf-8", errors="ignore")
+        split = int(0.95 * len(data))
+        train.append(data[:split])
+        held_out.append(data[split:])
+    as_tensor = lambda parts: torch.tensor(list(b"\n\n".join(parts)), dtype=torch.long, device=device)  # noqa: E731
+    return as_tensor(train), as_tensor(held_out), {k: len(v.encode()) for k, v in sources.items()}
+
+
+def pass_key_row(data, length, distance, generator):
+    """(bytes, positions of the second key's digits): key sentence, ``distance`` bytes of corpus filler, the key
+    sentence again, more filler to ``length`` + 1 bytes."""
+    key = "".join(str(d) for d in torch.randint(0, 10, (5,), generator=generator).tolist())
+    first, second = f"{PASS_KEY}{key}. ", f" {PASS_KEY}{key}."
+    start = torch.randint(0, len(data) - length - 1, (1,), generator=generator).item()
+    filler = data[start:start + length + 1].tolist()
+    row = list(first.encode()) + filler[:distance] + list(second.encode())
+    digits = list(range(len(first) + distance + 1 + len(PASS_KEY), len(first) + distance + 1 + len(PASS_KEY) + 5))
+    row = (row + filler[distance:])[:length + 1]
+    return row, digits
+
+
+def batch(data, size, length, generator, pass_key_share=0.25):
+    starts = torch.randint(0, len(data) - length - 1, (size,), generator=generator)
+    rows = torch.stack([data[s:s + length + 1] for s in starts.tolist()])
+    max_distance = length - 2 * (len(PASS_KEY) + 7) - 2
+    for i in range(int(size * pass_key_share)):
+        distance = torch.randint(0, max_distance, (1,), generator=generator).item()
+        rows[i] = torch.tensor(pass_key_row(data, length, distance, generator)[0], device=data.device)
+    return rows[:, :-1], rows[:, 1:]
+
+
+def train(model, data, steps, batch_size, length, lr, seed):
+    generator = torch.Generator().manual_seed(seed)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    model.train()
+    for _ in range(steps):
+        x, y = batch(data, batch_size, length, generator)
+        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
+            logits = model(input_ids=x).logits
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        schedule.step()
+    model.eval()
+
+
+@torch.no_grad()
+def held_out_loss(model, data, length, batch_size=32):
+    model.eval()
+    starts = list(range(0, len(data) - length - 1, length))
+    total, count = 0.0, 0
+    for i in range(0, len(starts), batch_size):
+        rows = torch.stack([data[s:s + length + 1] for s in starts[i:i + batch_size]])
+        logits = model(input_ids=rows[:, :-1]).logits
+        total += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum").item()
+        count += rows[:, 1:].numel()
+    return total / count
+
+
+@torch.no_grad()
+def pass_key_accuracy(model, data, length, distance, rows=128) -> float:
+    """Share of rows whose five key digits are all the model's argmax, each given the true bytes before it."""
+    generator = torch.Generator().manual_seed(distance)
+    made = [pass_key_row(data, length, distance, generator) for _ in range(rows)]
+    ids = torch.tensor([r for r, _ in made], device=data.device)
+    predicted = model(input_ids=ids[:, :-1]).logits.argmax(-1)
+    digits = torch.tensor([d for _, d in made], device=data.device)
+    right = predicted.gather(1, digits - 1) == ids.gather(1, digits)
+    return right.all(1).float().mean().item()
+
+
+def examples(data, count, size, length, seed):
+    """``count`` batches as ``convert`` / ``finetune`` examples (input_ids and labels: output.loss is the LM loss)."""
+    generator = torch.Generator().manual_seed(seed)
+    made = []
+    for _ in range(count):
+        x, _ = batch(data, size, length, generator)
+        made.append({"input_ids": x, "labels": x})
+    return made
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000, help="dense pretraining steps")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="default: 10%% of --steps")
+    parser.add_argument("--topks", type=int, nargs="+", default=None, help="default: d/4 and d/8")
+    parser.add_argument("--layers", type=int, default=6)
+    parser.add_argument("--width", type=int, default=384)
+    parser.add_argument("--heads", type=int, default=6)
+    parser.add_argument("--length", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--model-lr", type=float, default=1e-4, help="fine-tuning learning rate of the weights")
+    parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the docstring text (default: all)")
+    parser.add_argument("--distances", type=int, nargs="+", default=[16, 96, 192], help="pass-key filler bytes")
+    add_arguments(parser)
+    args = parser.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    head_dim = args.width // args.heads
+    topks = args.topks or [head_dim // 4, head_dim // 8]
+    finetune_steps = args.finetune_steps if args.finetune_steps is not None else args.steps // 10
+    train_data, held_out, sizes = english_corpus(device, args.docstring_bytes)
+    config = transformers.GPT2Config(vocab_size=256, n_positions=args.length, n_embd=args.width, n_layer=args.layers,
+                                     n_head=args.heads, attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0,
+                                     attn_pdrop=0.0)
+    torch.manual_seed(0)
+    initial = transformers.GPT2LMHeadModel(config).to(device)
+    report = Report("bench_convert_lm", "Converting a pretrained causal LM (benchmarks/bench_convert_lm.py)", args)
+    report.line(f"{provenance(torch.cuda.get_device_name() if device == 'cuda' else platform.machine())}; GPT-2 shape "
+                f"{args.layers} layers x {args.width}, {args.heads} heads of {head_dim}, byte-level; corpus "
+                + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
+                + f" ({len(train_data) / 1e6:.2f} MB train, {len(held_out) / 1e6:.2f} MB held out); pretraining "
+                f"{args.steps} steps of {args.batch} x {args.length} (a quarter pass-key rows), fine-tune "
+                f"{finetune_steps} steps; pass-key accuracy at filler distances {args.distances} bytes")
+    report.line()
+    distances = " | ".join(f"pass key @{d}" for d in args.distances)
+    report.line(f"| topk | model | held-out ppl/byte | vs dense | plain gap recovered | {distances} | seconds |")
+    report.line("|---|---|---|---|---|" + "---|" * len(args.distances) + "---|")
+
+    def measure(topk, name, model, seconds, plain_ppl=None, dense_ppl=None):
+        ppl = math.exp(held_out_loss(model, held_out, args.length))
+        keys = [pass_key_accuracy(model, held_out, args.length, d) for d in args.distances]
+        recovered = ((plain_ppl - ppl) / (plain_ppl - dense_ppl) if plain_ppl and plain_ppl != dense_ppl else None)
+        vs = f"{ppl / dense_ppl - 1:+.1%}" if dense_ppl else "-"
+        report.row(dict(topk=topk, model=name, ppl=ppl, vs_dense=ppl / dense_ppl - 1 if dense_ppl else 0.0,
+                        recovered=recovered, **{f"pass_key_{d}": a for d, a in zip(args.distances, keys)},
+                        seconds=round(seconds, 1)),
+                   f"| {topk or '-'} | {name} | {ppl:.3f} | {vs} | "
+                   f"{'-' if recovered is None else f'{recovered:.0%}'} | "
+                   + " | ".join(f"{a:.0%}" for a in keys) + f" | {seconds:.0f} |")
+        return ppl
+
+    start = time.time()
+    dense = copy.deepcopy(initial)
+    train(dense, train_data, args.steps, args.batch, args.length, args.lr, seed=1)
+    dense_ppl = measure(None, "dense (pretrained)", dense, time.time() - start)
+    calibration = examples(train_data, 8, 16, args.length, seed=2)
+    tuning = examples(train_data, max(finetune_steps, 1), args.batch, args.length, seed=3)
+    for topk in topks:
+        sfa_config = sfa_compile.SFAConfig(topk=topk)
+        start = time.time()
+        plain = sfa_compile.convert(copy.deepcopy(dense), sfa_config, progress=False)
+        plain_ppl = measure(topk, "plain top-k", plain, time.time() - start, None, dense_ppl)
+        start = time.time()
+        calibrated = sfa_compile.convert(copy.deepcopy(dense), sfa_config, calibration, fold=False, progress=False)
+        measure(topk, "calibrated (defaults)", calibrated, time.time() - start, plain_ppl, dense_ppl)
+        if finetune_steps:
+            start = time.time()
+            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+                finetune(calibrated, tuning, finetune_steps, task_loss=lambda out, example: out.loss,
+                         train_model=True, model_lr=args.model_lr, lr=1e-2, lam=1.0, straight_through=True,
+                         final_lr_factor=0.25, progress=False)
+            measure(topk, "calibrated + fine-tune", calibrated, time.time() - start, plain_ppl, dense_ppl)
+        start = time.time()
+        scratch = sfa_compile.convert(copy.deepcopy(initial), sfa_config, progress=False)
+        train(scratch, train_data, args.steps + finetune_steps, args.batch, args.length, args.lr, seed=1)
+        measure(topk, "SFA from scratch", scratch, time.time() - start, plain_ppl, dense_ppl)
+        del plain, calibrated, scratch
+    report.finish()
+
+
+if __name__ == "__main__":
+    main()
