@@ -32,8 +32,8 @@ from pydoc_data.topics import topics
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 import transformers
+from bench_lm_perplexity import add_model_arguments, held_out_loss, train
 from publish import Report, add_arguments, provenance
 
 import sfa_compile
@@ -103,38 +103,6 @@ def batch(data, size, length, generator, pass_key_share=0.25):
     return rows[:, :-1], rows[:, 1:]
 
 
-def train(model, data, steps, batch_size, length, lr, seed):
-    generator = torch.Generator().manual_seed(seed)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    model.train()
-    for _ in range(steps):
-        x, y = batch(data, batch_size, length, generator)
-        with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
-            logits = model(input_ids=x).logits
-        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        schedule.step()
-    model.eval()
-
-
-@torch.no_grad()
-def held_out_loss(model, data, length, batch_size=32):
-    model.eval()
-    starts = list(range(0, len(data) - length - 1, length))
-    total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        rows = torch.stack([data[s:s + length + 1] for s in starts[i:i + batch_size]])
-        logits = model(input_ids=rows[:, :-1]).logits
-        total += F.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum").item()
-        count += rows[:, 1:].numel()
-    return total / count
-
-
 @torch.no_grad()
 def pass_key_accuracy(model, data, length, distance, rows=128) -> float:
     """Share of rows whose five key digits are all the model's argmax, each given the true bytes before it."""
@@ -162,12 +130,7 @@ def main():
     parser.add_argument("--steps", type=int, default=2000, help="dense pretraining steps")
     parser.add_argument("--finetune-steps", type=int, default=None, help="default: 10%% of --steps")
     parser.add_argument("--topks", type=int, nargs="+", default=None, help="default: d/4 and d/8")
-    parser.add_argument("--layers", type=int, default=6)
-    parser.add_argument("--width", type=int, default=384)
-    parser.add_argument("--heads", type=int, default=6)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    add_model_arguments(parser)
     parser.add_argument("--model-lr", type=float, default=1e-4, help="fine-tuning learning rate of the weights")
     parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the docstring text (default: all)")
     parser.add_argument("--distances", type=int, nargs="+", default=[16, 96, 192], help="pass-key filler bytes")
@@ -210,7 +173,7 @@ def main():
 
     start = time.time()
     dense = copy.deepcopy(initial)
-    train(dense, train_data, args.steps, args.batch, args.length, args.lr, seed=1)
+    train(dense, train_data, args.steps, args.batch, args.length, args.lr, seed=1, make_batch=batch)
     dense_ppl = measure(None, "dense (pretrained)", dense, time.time() - start)
     calibration = examples(train_data, 8, 16, args.length, seed=2)
     tuning = examples(train_data, max(finetune_steps, 1), args.batch, args.length, seed=3)
@@ -231,7 +194,8 @@ def main():
             measure(topk, "calibrated + fine-tune", calibrated, time.time() - start, plain_ppl, dense_ppl)
         start = time.time()
         scratch = sfa_compile.convert(copy.deepcopy(initial), sfa_config, progress=False)
-        train(scratch, train_data, args.steps + finetune_steps, args.batch, args.length, args.lr, seed=1)
+        train(scratch, train_data, args.steps + finetune_steps, args.batch, args.length, args.lr, seed=1,
+              make_batch=batch)
         measure(topk, "SFA from scratch", scratch, time.time() - start, plain_ppl, dense_ppl)
         del plain, calibrated, scratch
     report.finish()

@@ -54,14 +54,15 @@ def held_out_loss(model, data, length, batch_size=32):
     return total / count
 
 
-def train(model, data, steps, batch_size, length, lr, seed):
+def train(model, data, steps, batch_size, length, lr, seed, make_batch=batch):
+    """AdamW with warm-up and cosine decay over ``steps`` batches of ``make_batch``, bf16 autocast on CUDA."""
     generator = torch.Generator().manual_seed(seed)
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1, betas=(0.9, 0.95))
     schedule = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda s: min(1.0, (s + 1) / 100) * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
     model.train()
     for _ in range(steps):
-        x, y = batch(data, batch_size, length, generator)
+        x, y = make_batch(data, batch_size, length, generator)
         with torch.autocast(x.device.type, dtype=torch.bfloat16, enabled=x.device.type == "cuda"):
             logits = model(input_ids=x).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
@@ -73,15 +74,20 @@ def train(model, data, steps, batch_size, length, lr, seed):
     return loss.item()
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000)
+def add_model_arguments(parser) -> None:
+    """The GPT-2 shape and the pretraining batch and learning rate."""
     parser.add_argument("--layers", type=int, default=6)
     parser.add_argument("--width", type=int, default=384)
     parser.add_argument("--heads", type=int, default=6)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=2000)
+    add_model_arguments(parser)
     add_arguments(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
