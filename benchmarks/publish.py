@@ -93,7 +93,8 @@ class Report:
         if self.rows:
             csv_path.parent.mkdir(parents=True, exist_ok=True)
             with open(csv_path, "w", newline="") as f:
-                writer = csv.DictWriter(f, fieldnames=list(self.rows[0]))
+                fields = list(dict.fromkeys(key for row in self.rows for key in row))  # rows may add columns
+                writer = csv.DictWriter(f, fieldnames=fields)
                 writer.writeheader()
                 writer.writerows(self.rows)
         if plot is None or not self.rows:
