@@ -77,9 +77,16 @@ def fold_into_linear(weight: torch.Tensor, bias, r: torch.Tensor, heads: int, he
     return (w.t().contiguous() if transposed else w.contiguous()), bias
 
 
+def _full_precision(module) -> torch.autocast:
+    """Autocast off for ``module``'s device: the orthogonal parametrization's set-up and removal compare and store
+    float32 matrices, which a caller's autocast would compute in bf16/fp16."""
+    return torch.autocast(module.weight.device.type, enabled=False)
+
+
 class orthogonal_training:
     """Context manager: the projections' weights become orthogonally parametrized (and trainable) inside it,
-    plain orthogonal tensors again after it. Yields the parameters to optimize."""
+    plain orthogonal tensors again after it. Yields the parameters to optimize. Works inside the caller's
+    autocast (the parametrization itself runs in the weights' dtype)."""
 
     def __init__(self, projections: list):
         self.projections = projections
@@ -87,12 +94,14 @@ class orthogonal_training:
     def __enter__(self):
         for m in self.projections:
             m.weight.requires_grad_(True)
-            parametrizations.orthogonal(m, "weight")
+            with _full_precision(m):
+                parametrizations.orthogonal(m, "weight")
         return [p for m in self.projections for p in m.parametrizations.weight.parameters()]
 
     def __exit__(self, *exc):
         for m in self.projections:
-            parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
+            with _full_precision(m):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         return False
 
 

@@ -136,3 +136,15 @@ def test_bad_schedules_are_refused(kwargs, message):
     steps = kwargs.pop("steps", 8)
     with pytest.raises(ValueError, match=message):
         sfa_compile.finetune(model, [inputs], steps, progress=False, **kwargs)
+
+
+def test_finetune_inside_autocast_trains_and_leaves_r_orthogonal_float32():
+    model, inputs, _, _ = build("llama", "eager")
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [inputs], progress=False)
+    before = model.model.layers[0].self_attn.sfa.weight.detach().clone()
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a mixed-precision training loop around finetune
+        losses = sfa_compile.finetune(model, [inputs], 3, lr=1e-2, progress=False)
+    r = model.model.layers[0].self_attn.sfa.weight.detach()
+    assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
+    assert r.dtype == torch.float32 and not torch.equal(r, before)  # trained
+    assert (r.transpose(-1, -2) @ r - torch.eye(r.size(-1))).abs().max() < 1e-5  # still orthogonal

@@ -1,14 +1,17 @@
 """Triton top-k sparsification of query/key features: one pass, the Triton twin of ``topk.sparsify_dense``.
 
 Per row (token and head) of d features, keep the ``topk`` largest |x| (ties: lower index wins) and zero the
-rest. No sort: the k-th largest magnitude is found by a bitwise binary search on the float bits of |x|
-(non-negative floats order like their bit patterns as integers), one compare-and-count over the row per
-bit: 31 steps for float32, 15 for bfloat16 and 18 for float16, whose low bits are zero after the exact
-upcast. The per-element compares run as float compares of |x| against the candidate's float value (the FP32
-pipe has twice the INT32 throughput on Hopper; the search is compute-bound, not memory-bound). Equal
-magnitudes at the threshold are then kept in index order with a running count. NaN ranks above every
-number as in torch's sort (the search treats it as inf, so only rows holding more than ``topk`` NaN and
-inf values may pick a different one of them). The cost does not depend on ``topk``.
+rest. No sort. Two searches, picked by dtype and topk (measured on the H100: benchmarks/LOG.md):
+- bit search (``topk_keep``, any dtype, cost independent of topk): the k-th largest magnitude by a bitwise binary
+  search on the float bits of |x| (non-negative floats order like their bit patterns as integers), one
+  compare-and-count over the row per bit: 31 steps for float32, 15 for bfloat16 and 18 for float16, whose low bits
+  are zero after the exact upcast. The compares run as float compares against the candidate's float value (the
+  FP32 pipe has twice the INT32 throughput on Hopper; the search is compute-bound). Equal magnitudes at the
+  threshold are then kept in index order with a running count. NaN ranks above every number as in torch's sort
+  (the search treats it as inf, so only rows holding more than ``topk`` NaN and inf values may pick a different
+  one of them).
+- rank search (``topk_keep_by_rank``, float16 / bfloat16 with topk <= RANK_SEARCH_MAX_TOPK): ``topk`` rounds over
+  unique per-feature keys, exact with ties and NaN as the sort orders them.
 """
 
 from __future__ import annotations
@@ -45,8 +48,14 @@ def autotuning() -> bool:
     return os.environ.get("SFA_AUTOTUNE", "1") != "0"
 
 
+# Largest topk that the rank search takes: at 16 it loses to the bit search (benchmarks/LOG.md).
+RANK_SEARCH_MAX_TOPK = 8
+# Bit pattern of +inf of the 16-bit dtypes the rank search takes (NaN patterns lie above it).
+INF_PATTERN = {torch.bfloat16: 0x7F80, torch.float16: 0x7C00}
+
+
 def _configs():
-    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (16, 32, 64) for w in (2, 4, 8)]
+    return [triton.Config({"BLOCK_R": r}, num_warps=w) for r in (16, 32, 64) for w in (1, 2, 4, 8)]
 
 
 @triton.jit
@@ -86,7 +95,7 @@ def _topk_sparsify_kernel(
     n_rows, n_heads, length, head_dim, topk,
     stride_b, stride_h, stride_n, stride_d,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, WRITE_KEEP: tl.constexpr,
-    INF_BITS: tl.constexpr = 0,
+    INF_BITS: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -118,7 +127,9 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
     if n_rows == 0:
         return y, keep
     args = (x, y, keep.view(torch.uint8) if want_keep else y, n_rows, heads, length, head_dim, topk, *x.stride())
-    meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype], WRITE_KEEP=want_keep)
+    rank_search = topk <= RANK_SEARCH_MAX_TOPK and x.dtype in INF_PATTERN
+    meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype], WRITE_KEEP=want_keep,
+                INF_BITS=INF_PATTERN[x.dtype] if rank_search else 0)
     if interpreting() or not autotuning():
         _topk_sparsify_kernel[(cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:
@@ -126,4 +137,5 @@ def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tupl
     return y, keep
 
 
-_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "WRITE_KEEP"])(_topk_sparsify_kernel)
+_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "WRITE_KEEP", "INF_BITS"])(
+    _topk_sparsify_kernel)

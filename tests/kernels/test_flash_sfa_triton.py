@@ -130,6 +130,8 @@ def test_topk_kernel_matches_sort(head_dim, topk, dtype, poisoned):
     x = randn(2, 3, 37, head_dim, dtype=dtype, seed=head_dim + topk)
     x[0, 0, 0, :5] = 1.0  # ties: lower index wins
     x[0, 0, 1, 3] = float("nan")  # NaN ranks above everything, as in torch.sort
+    if dtype != torch.float32:  # a second NaN with another payload ranks equal to the first: index order decides
+        x[0, 0, 1, 6] = torch.tensor(0x7E01 if dtype == torch.float16 else 0x7FC1, dtype=torch.int16).view(dtype)
     x[0, 1, 2] = 0.0  # fewer non-zeros than topk still keeps exactly topk
     strided = x.transpose(1, 2).contiguous().transpose(1, 2)
     y, keep = sparsify_triton(strided, topk, want_keep=True)
