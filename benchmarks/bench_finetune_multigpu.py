@@ -23,6 +23,7 @@ import platform
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -31,33 +32,10 @@ from publish import Report, add_arguments, provenance
 
 import sfa_compile
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "examples"))
+from finetune import full_state, shard_with_fsdp2, start_processes  # noqa: E402  (the example's distributed set-up)
+
 RESULT = "RESULT "
-
-
-def start(device_kind: str):
-    if device_kind == "cuda":
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-        return device
-    dist.init_process_group("gloo")
-    return torch.device("cpu")
-
-
-def shard(model, mode: str) -> None:
-    if mode == "fsdp2" and dist.get_world_size() > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        whole = sfa_compile.projection_parameters(model)
-        for layer in model.model.layers if hasattr(model, "model") else model.transformer.h:
-            fully_shard(layer, ignored_params=whole)
-        fully_shard(model, ignored_params=whole)
-
-
-def full_state(model) -> dict:
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
 
 
 def small_llama(device):
@@ -91,13 +69,14 @@ def check_worker(mode: str, device, steps: int) -> dict:
     rank, world = dist.get_rank(), dist.get_world_size()
     model = small_llama(device)
     batches = step_batches(steps, world, 2, 48, 256, device)
-    shard(model, mode)
+    if mode == "fsdp2" and dist.get_world_size() > 1:
+        shard_with_fsdp2(model)
     losses = torch.tensor(tune(model, [b[rank] for b in batches], steps), device=device)
     dist.all_reduce(losses)  # the global batch's loss is the mean of the ranks' (equal-sized) losses
     state = full_state(model)
     dist.destroy_process_group()
     if rank != 0:
-        return {}
+        return {}  # rank 0 alone compares with the one-process run
     single = small_llama(device)
     single_losses = tune(single, [{k: torch.cat([b[k] for b in ranks]) for k in ranks[0]} for ranks in batches],
                          steps)
@@ -120,7 +99,8 @@ def speed_worker(mode: str, device, steps: int, warmup: int, batch: int, length:
     data = [{"input_ids": (x := torch.randint(0, config.vocab_size, (batch, length), generator=g).to(device)),
              "labels": x} for _ in range(4)]
     sfa_compile.convert(model, sfa_compile.SFAConfig(topk=16), data[:1], refine_steps=0, fold=False, progress=False)
-    shard(model, mode)
+    if mode == "fsdp2" and dist.get_world_size() > 1:
+        shard_with_fsdp2(model)
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
         tune(model, data, warmup)
         if device.type == "cuda":
@@ -160,10 +140,10 @@ def main():
     add_arguments(parser)
     args = parser.parse_args()
     if args.worker:
-        device = start("cuda" if torch.cuda.is_available() else "cpu")
+        device = start_processes()
         result = (check_worker(args.mode, device, 3) if args.worker == "check"
                   else speed_worker(args.mode, device, args.steps, 3, args.batch, args.length))
-        if result:
+        if os.environ["RANK"] == "0":  # one line from one process (the others' would interleave with it)
             print(RESULT + json.dumps(result), flush=True)
         return
     available = torch.cuda.device_count() if torch.cuda.is_available() else 2
@@ -183,13 +163,13 @@ def main():
         for n in counts:
             speed = launch(n, args, "speed", mode)
             check = launch(n, args, "check", mode) if n > 1 else {}
-            single = single or speed["tokens_per_s"]
-            efficiency = speed["tokens_per_s"] / (n * single)
+            single = speed["tokens_per_s"] if n == 1 else single
+            efficiency = speed["tokens_per_s"] / (n * single) if single else None  # needs the 1-GPU run
             cells = [f"{check[k]:.1e}" if k in check else "-" for k in ("loss_diff", "r_diff", "weight_diff",
                                                                          "orthogonality")]
             report.row(dict(mode=mode, gpus=n, **speed, efficiency=efficiency, **check),
                        f"| {mode} | {n} | {speed['tokens_per_s']:.0f} | {speed['tokens_per_s'] / n:.0f} "
-                       f"| {efficiency:.0%} | " + " | ".join(cells) + " |")
+                       f"| {'-' if efficiency is None else f'{efficiency:.0%}'} | " + " | ".join(cells) + " |")
     skipped = [n for n in args.gpus if n > available]
     if skipped:
         report.line()

@@ -46,6 +46,18 @@ def start_processes() -> torch.device:
     return torch.device("cpu")
 
 
+def shard_with_fsdp2(model) -> None:
+    """FSDP2 over each decoder block, then the whole model; the projections R stay whole (the orthogonal
+    parametrization needs whole matrices)."""
+    from torch.distributed.fsdp import fully_shard
+
+    whole = sfa_compile.projection_parameters(model)
+    blocks = model.model.layers if hasattr(model, "model") else model.transformer.h  # Llama-like / GPT-2
+    for block in blocks:
+        fully_shard(block, ignored_params=whole)
+    fully_shard(model, ignored_params=whole)
+
+
 def full_state(model) -> dict:
     """The model's parameters and buffers as whole CPU tensors on every process (gathered from FSDP2 shards)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
@@ -70,12 +82,7 @@ def main():
     sfa_config = sfa_compile.SFAConfig(topk=args.topk)
     sfa_compile.convert(model, sfa_config, calibration=data[:8], progress=rank == 0)
     if args.fsdp and world > 1:
-        from torch.distributed.fsdp import fully_shard
-
-        whole = sfa_compile.projection_parameters(model)  # the orthogonal parametrization needs whole matrices
-        for layer in model.model.layers:
-            fully_shard(layer, ignored_params=whole)
-        fully_shard(model, ignored_params=whole)
+        shard_with_fsdp2(model)
     losses = sfa_compile.finetune(model, data[rank::world], args.steps, task_loss=lambda out, batch: out.loss,
                                   train_model=True, lam=1.0, model_lr=1e-3, progress=rank == 0)
     state = full_state(model) if world > 1 else None  # a collective: every process takes part
