@@ -7,6 +7,7 @@ NaN feature is always kept and propagates as it would in dense attention).
 
 from __future__ import annotations
 
+import numpy
 import torch
 
 
@@ -41,20 +42,13 @@ _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16:
          torch.float16: torch.int16}
 
 
-def _magnitude_bits(x: torch.Tensor) -> torch.Tensor:
-    return x.abs().view(_BITS[x.dtype])
-
-
-def _kth_largest_magnitude(x: torch.Tensor, topk: int) -> torch.Tensor:
-    """The bit pattern of the ``topk``-th largest |x| of each row, keepdim. On the CPU through numpy's introselect
-    in place on a scratch copy (several times faster than ``torch.topk`` on rows this short)."""
-    bits = _magnitude_bits(x)
-    if x.device.type != "cpu":
+def _kth_largest(bits: torch.Tensor, topk: int) -> torch.Tensor:
+    """The ``topk``-th largest of each row of the integer tensor ``bits``, keepdim. On the CPU through numpy's
+    introselect (several times faster than ``torch.topk`` on rows this short)."""
+    if bits.device.type != "cpu":
         return bits.topk(topk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
-    scratch = bits.numpy()
-    pivot = x.size(-1) - topk
-    scratch.partition(pivot, axis=-1)
-    return torch.from_numpy(scratch[..., pivot:pivot + 1].copy())
+    pivot = bits.size(-1) - topk
+    return torch.from_numpy(numpy.partition(bits.numpy(), pivot, axis=-1)[..., pivot:pivot + 1].copy())
 
 
 def sparsify_fast(x: torch.Tensor, topk: int, want_keep: bool = False):
@@ -65,8 +59,8 @@ def sparsify_fast(x: torch.Tensor, topk: int, want_keep: bool = False):
     index order, so the result equals ``sparsify_dense`` exactly, ties included. Rows without a tie at the
     threshold (almost all, for real activations) skip the tie-break pass; checking that reads a flag back, so
     this is the CPU path (the Triton top-k serves CUDA)."""
-    threshold = _kth_largest_magnitude(x, topk)
-    bits = _magnitude_bits(x)
+    bits = x.abs().view(_BITS[x.dtype])
+    threshold = _kth_largest(bits, topk)
     keep = bits >= threshold
     if torch.count_nonzero(keep) > keep.numel() // x.size(-1) * topk:  # ties at the threshold: lowest indices win
         above = bits > threshold
