@@ -24,7 +24,7 @@ import warnings
 import torch
 import torch.nn.functional as F
 import triton
-from publish import Report, add_arguments, log_log_lines, provenance
+from publish import Report, add_arguments, log_log_axes, provenance
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from sfa_compile import flash_sfa
@@ -163,7 +163,7 @@ def plot_times(figure, rows, engines: dict) -> None:
                     lines[f"{name} {phase}"] = (points, style)
         for j, (label, (points, style)) in enumerate(lines.items()):
             axes.plot(*zip(*points), style, marker="o", color=f"C{j // 2}", label=label)
-        log_log_lines(axes, {}, f"head dim {d} (lower is better)", "N (tokens)", "ms")
+        log_log_axes(axes, f"head dim {d} (lower is better)", "N (tokens)", "ms")
 
 
 def main():

@@ -129,11 +129,8 @@ def replace_section(path: Path, name: str, section: str) -> None:
     path.write_text(text)
 
 
-def log_log_lines(axes, lines: dict, title: str, xlabel: str, ylabel: str) -> None:
-    """One line per label -> [(x, y), ...] into ``axes``, both axes logarithmic."""
-    for label, points in lines.items():
-        if points:
-            axes.plot(*zip(*sorted(points)), marker="o", label=label)
+def log_log_axes(axes, title: str, xlabel: str, ylabel: str) -> None:
+    """Both axes logarithmic, labels, title, legend and grid: the style of every line plot here."""
     axes.set_xscale("log", base=2)
     axes.set_yscale("log")
     axes.set_xlabel(xlabel)
@@ -141,3 +138,11 @@ def log_log_lines(axes, lines: dict, title: str, xlabel: str, ylabel: str) -> No
     axes.set_title(title, fontsize=10)
     axes.legend(fontsize=7)
     axes.grid(True, which="both", alpha=0.3)
+
+
+def log_log_lines(axes, lines: dict, title: str, xlabel: str, ylabel: str) -> None:
+    """One line per label -> [(x, y), ...] into ``axes``, styled by ``log_log_axes``."""
+    for label, points in lines.items():
+        if points:
+            axes.plot(*zip(*sorted(points)), marker="o", label=label)
+    log_log_axes(axes, title, xlabel, ylabel)
