@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import datetime
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -27,7 +28,7 @@ def add_arguments(parser) -> None:
 
 def commit() -> str:
     """The checkout's short commit, '+dirty' when tracked code differs from it (tables, plots and notes do not
-    count); 'unknown' outside git."""
+    count); outside git, $BENCH_COMMIT (set by whoever copied the tree) or 'unknown'."""
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -36,7 +37,7 @@ def commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *code], cwd=HERE,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+        return os.environ.get("BENCH_COMMIT", "unknown")
     return sha + ("+dirty" if dirty else "")
 
 
