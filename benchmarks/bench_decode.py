@@ -11,10 +11,11 @@ cycle through enough copies of the caches (dense and SFA alike) to span four tim
 copy from HBM. "SFA + R" is the decode with a learned projection (a converted model's layer): the query
 projection and top-k run in one small kernel before the split kernel. Bandwidth counts the bytes a step must
 read: compressed keys + dense V for SFA, K + V for dense. The copy ceiling is measured in the same run
-(device-to-device copy, read + write bytes / time).
+(device-to-device copy, read + write bytes / time). ``--fp8-values`` caches SFA's values in FP8 (e4m3fn, a float32
+scale per token and key head; ``value_dtype`` of the cache), against the same bf16 dense SDPA: its own table.
 
     python benchmarks/bench_decode.py [--topks 8 16] [--cases 16x32768 16x131072 1x8192 1x131072]
-                                      [--sweep] [--out DIR] [--publish]
+                                      [--fp8-values] [--sweep] [--out DIR] [--publish]
 
 --sweep also times other split counts and key blocks per case and reports the best (tuning data).
 """
@@ -93,26 +94,37 @@ def dense_times(q, k, v, backend, copies) -> tuple[float, float, float]:
 
 def check(cache, q, topk, rotation):
     kv, ki, v = cache.views()
+    scales = cache.scale_view()
     for projection in (None, rotation):
-        got = triton_decode.decode(q, kv, ki, v, cache.lengths, topk, HEAD_DIM ** -0.5, None, projection)
-        want = ops.flash_sfa_decode_reference(q, kv, ki, v, cache.lengths, topk, projection=projection)
+        got = triton_decode.decode(q, kv, ki, v, cache.lengths, topk, HEAD_DIM ** -0.5, None, projection,
+                                   value_scales=scales)
+        want = ops.flash_sfa_decode_reference(q, kv, ki, v, cache.lengths, topk, projection=projection,
+                                              value_scales=scales)
         err = (got.float() - want.float()).abs().max().item()
         if not err < 2e-2:
             raise SystemExit(f"decode (projection: {projection is not None}) disagrees with the reference: max "
                              f"error {err}")
 
 
-def run_case(batch, context, topk, q_len, sweep):
+def run_case(batch, context, topk, q_len, sweep, value_dtype):
     g = torch.Generator(device="cuda").manual_seed(context + topk)
     k = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
     v = torch.randn(batch, KV_HEADS, context, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
     q = torch.randn(batch, Q_HEADS, q_len, HEAD_DIM, device="cuda", dtype=DTYPE, generator=g)
     rotation = torch.linalg.qr(torch.randn(KV_HEADS, HEAD_DIM, HEAD_DIM, device="cuda", generator=g))[0].to(DTYPE)
-    cache = CompressedKVCache.from_dense(k, v, topk)
+    cache = CompressedKVCache.from_dense(k, v, topk, value_dtype=value_dtype)
     if batch * context <= 16 * 32768:
         check(cache, q, topk, rotation)
     kv, ki, vc = cache.views()
+    own = (kv, ki, vc, cache.scale_view())
     scale = HEAD_DIM ** -0.5
+
+    def sfa(buffers=own, projection=None, **kw):
+        """One decode call over ``buffers`` (key values, key indices, values, value scales or None)."""
+        *views, scales = buffers
+        return triton_decode.decode(q, *views, cache.lengths, topk, scale, None, projection, value_scales=scales,
+                                    **kw)
+
     variants = {"auto": {}}
     if sweep:
         auto = decode_launch.split_config(batch * KV_HEADS, context, Q_HEADS // KV_HEADS * q_len, HEAD_DIM, topk,
@@ -124,24 +136,20 @@ def run_case(batch, context, topk, q_len, sweep):
     times = {}
     for name, kw in variants.items():
         try:
-            times[name] = bench(lambda kw=kw: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None,
-                                                                    **kw))
+            times[name] = bench(lambda kw=kw: sfa(**kw))
         except RuntimeError as err:  # a sweep variant Triton cannot compile: reported, not timed
             print(f"  skipped {name}: {str(err).splitlines()[0][:80]}", flush=True)
     best = min(times, key=times.get)
-    decode = lambda: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None)  # noqa: E731
-    host_us = host_time(decode)
-    sfa_graph = bench_graph(decode)
-    projected_graph = bench_graph(lambda: triton_decode.decode(q, kv, ki, vc, cache.lengths, topk, scale, None,
-                                                               rotation))
+    host_us = host_time(sfa)
+    sfa_graph = bench_graph(sfa)
+    projected_graph = bench_graph(lambda: sfa(projection=rotation))
     sfa_bytes, dense_bytes = cache.nbytes, 2 * k.numel() * k.element_size()
     copies = cold_copies(sfa_bytes)
     if copies == 1:
         sfa_cold = sfa_graph
     else:
-        caches = [[t.clone() for t in (kv, ki, vc)] for _ in range(copies)]  # lengths: read only, shared
-        sfa_cold = bench_graph_cold([lambda c=c: triton_decode.decode(q, *c, cache.lengths, topk, scale, None)
-                                     for c in caches])
+        caches = [[None if t is None else t.clone() for t in own] for _ in range(copies)]  # lengths: read only, shared
+        sfa_cold = bench_graph_cold([lambda c=c: sfa(c) for c in caches])
         del caches
     dense = {name: dense_times(q, k, v, name, copies) for name in BACKENDS}
     fastest_dense = min(t[0] for t in dense.values() if t[0] == t[0])
@@ -165,14 +173,19 @@ def main():
     parser.add_argument("--topks", type=int, nargs="+", default=[8, 16])
     parser.add_argument("--cases", nargs="+", default=["16x32768", "16x131072", "1x8192", "1x131072"])
     parser.add_argument("--query-length", type=int, default=1)
+    parser.add_argument("--fp8-values", action="store_true", help="SFA's cache holds FP8 values (per-row scales)")
     parser.add_argument("--sweep", action="store_true")
     add_arguments(parser)
     args = parser.parse_args()
     ceiling = copy_bandwidth()
-    report = Report("bench_decode", "Decode over the compressed key cache (benchmarks/bench_decode.py)", args)
-    report.line(f"{provenance(torch.cuda.get_device_name())}; GQA {Q_HEADS}/{KV_HEADS}, d {HEAD_DIM}, bf16, query "
-                f"length {args.query_length}; copy bandwidth {ceiling:.2f} TB/s. graph: GPU time replayed from a CUDA "
-                "graph; cold graph: each call reads its cache from HBM, as a model's decode step does")
+    value_dtype = torch.float8_e4m3fn if args.fp8_values else None
+    report = Report("bench_decode_fp8" if args.fp8_values else "bench_decode",
+                    "Decode over the compressed key cache" + (" with FP8 values" if args.fp8_values else "")
+                    + " (benchmarks/bench_decode.py" + (" --fp8-values)" if args.fp8_values else ")"), args)
+    values = "SFA values FP8 e4m3fn with a float32 scale per token and key head" if args.fp8_values else "bf16"
+    report.line(f"{provenance(torch.cuda.get_device_name())}; GQA {Q_HEADS}/{KV_HEADS}, d {HEAD_DIM}, {values}, "
+                f"query length {args.query_length}; copy bandwidth {ceiling:.2f} TB/s. graph: GPU time replayed from "
+                "a CUDA graph; cold graph: each call reads its cache from HBM, as a model's decode step does")
     report.line()
     report.line("| batch | context | topk | flash ms | cuDNN ms | SFA ms | SFA vs best dense | graph: flash / cuDNN / "
                 "SFA / SFA + R ms | graph: SFA, SFA + R vs best dense | cold graph (copies): flash / cuDNN / SFA ms | "
@@ -182,7 +195,7 @@ def main():
     for topk in args.topks:
         for case in args.cases:
             batch, context = map(int, case.split("x"))
-            r = run_case(batch, context, topk, args.query_length, args.sweep)
+            r = run_case(batch, context, topk, args.query_length, args.sweep, value_dtype)
             report.row(r, f"| {batch} | {context} | {topk} | {r['flash_ms']:.3f} | {r['cudnn_ms']:.3f} "
                           f"| {r['sfa_ms']:.3f} | {r['speedup']:.2f}x | {r['flash_graph_ms']:.3f} / "
                           f"{r['cudnn_graph_ms']:.3f} / {r['sfa_graph_ms']:.3f} / {r['sfa_r_graph_ms']:.3f} "
@@ -207,10 +220,12 @@ def plot_decode(figure, rows) -> None:
                   "ms")
     contexts = sorted({r["context"] for r in rows})
     dense = {"dense bf16 K + V": [(c, c * KV_HEADS * 2 * HEAD_DIM * 2 / 2**20) for c in contexts]}
-    sfa = {f"SFA topk {topk}": [(c, c * KV_HEADS * (topk * 3 + HEAD_DIM * 2) / 2**20) for c in contexts]
-           for topk in sorted({r["topk"] for r in rows})}
+    ratios = {r["topk"]: r["byte_ratio"] for r in rows}  # dense bytes / SFA bytes, whatever the value dtype
+    sfa = {f"SFA topk {topk}": [(c, c * KV_HEADS * 2 * HEAD_DIM * 2 / ratio / 2**20) for c in contexts]
+           for topk, ratio in sorted(ratios.items())}
     log_log_lines(figure.add_subplot(1, 2, 2), dense | sfa, "cache bytes per sequence and layer", "context (tokens)",
                   "MiB")
+
 
 if __name__ == "__main__":
     main()

@@ -14,10 +14,13 @@ other. SFA rows convert without calibration (R = identity, which SFACache drops:
 with --compile each topk also gets a row with a random orthogonal R per layer and key head ("+ R": the run-time
 cost of a calibrated conversion). Every graph row is checked against the same steps run without the graph.
 Cache bytes: the tokens cached at the end (SFACache.nbytes vs K + V of the dense cache) against the formula
-(k*(s_val+s_idx) + d*s_val) / (2*d*s_val).
+(k*(s_val+s_idx) + d*s_val) / (2*d*s_val). With --fp8-values each topk also gets graph rows with
+SFACache(value_dtype=torch.float8_e4m3fn), and a line comparing FP8 with bf16 values on the same tokens
+(teacher-forced after the prompt: how often the greedy pick agrees, mean KL of the next-token distributions) and
+how many leading tokens the two free-running generations share.
 
     python benchmarks/bench_generate.py [--prompt 32768] [--new-tokens 128] [--batch 1] [--topks 8 16]
-                                        [--compile] [--skip-eager] [--out DIR] [--publish]
+                                        [--compile] [--fp8-values] [--skip-eager] [--out DIR] [--publish]
 """
 
 import argparse
@@ -27,6 +30,7 @@ import inspect
 import time
 
 import torch
+import torch.nn.functional as F
 import transformers
 from publish import Report, add_arguments, provenance
 from transformers import DynamicCache, StaticCache
@@ -132,6 +136,27 @@ def graph_generate(model, cache, prompt, new_tokens, warmup=2, forward=None):
     return prefill, batch * replays / (time.perf_counter() - start), tokens
 
 
+@torch.no_grad()
+def forced_logits(model, cache, prompt, tokens):
+    """Float32 next-token logits after the prompt and after each of ``tokens`` but the last, fed one at a time."""
+    logits = [model(input_ids=prompt, **cache_kwarg(model, cache), use_cache=True, logits_to_keep=1).logits[:, -1]]
+    for i in range(tokens.size(1) - 1):
+        logits.append(model(input_ids=tokens[:, i:i + 1], **cache_kwarg(model, cache), use_cache=True).logits[:, -1])
+    return torch.stack(logits, 1).float()
+
+
+def fp8_agreement(model, prompt, tokens, fp8_tokens) -> str:
+    """FP8 against bf16 values: on the same ``tokens`` (greedy agreement, mean KL(bf16 || FP8)), and the leading
+    tokens the free-running generations share."""
+    want = forced_logits(model, SFACache(model), prompt, tokens)
+    got = forced_logits(model, SFACache(model, value_dtype=torch.float8_e4m3fn), prompt, tokens)
+    agree = (want.argmax(-1) == got.argmax(-1)).float().mean().item()
+    kl = F.kl_div(got.log_softmax(-1), want.log_softmax(-1), log_target=True, reduction="none").sum(-1).mean().item()
+    return (f"FP8 vs bf16 values over {tokens.size(1)} steps: greedy picks agree at {100 * agree:.1f}% (same "
+            f"tokens fed), mean KL(bf16 || FP8) {kl:.2e}; free-running, the first {leading_equal(tokens, fp8_tokens)}"
+            " tokens are equal")
+
+
 def sdpa_gqa_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
                        **kwargs):
     """Dense SDPA that keeps GQA inside the kernel (enable_gqa) also with a mask; transformers' "sdpa" repeats
@@ -175,14 +200,15 @@ def plot_generate(figure, rows) -> None:
 
 
 def graph_row(report, label, cache_label, model, make_cache, prompt, new_tokens, baseline, forward=None):
-    """One CUDA-graph row: time, check against the same steps without the graph, report; returns tokens/s."""
+    """One CUDA-graph row: time, check against the same steps without the graph, report; returns (tokens/s,
+    tokens)."""
     prefill, tps, tokens = graph_generate(model, make_cache(), prompt, new_tokens, forward=forward)
     check = replay_check(model, make_cache, prompt, new_tokens, tokens, forward=forward)
     ratio = f"{tps / baseline:.2f}x" if baseline else "1.00x"
     report.row(row(label, cache_label, prefill, tps),
                f"| {label} | {cache_label} | {prefill:.2f} | {tps:.1f} | {ratio} | | | {check} |")
     torch.cuda.empty_cache()
-    return tps
+    return tps, tokens
 
 
 def main():
@@ -194,6 +220,8 @@ def main():
     parser.add_argument("--vocab", type=int, default=151936)
     parser.add_argument("--compile", action="store_true",
                         help="also rows whose decode step is torch.compile'd (Inductor) and replayed from a CUDA graph")
+    parser.add_argument("--fp8-values", action="store_true",
+                        help="also CUDA-graph rows with FP8 values in SFACache, and their agreement with bf16 values")
     parser.add_argument("--skip-eager", action="store_true", help="only the CUDA-graph rows")
     add_arguments(parser)
     args = parser.parse_args()
@@ -224,18 +252,18 @@ def main():
     static_dense = functools.partial(StaticCache, model.config, max_cache_len=capacity)
     transformers.AttentionInterface.register("sdpa_gqa", sdpa_gqa_attention)
     transformers.AttentionMaskInterface.register("sdpa_gqa", transformers.masking_utils.sdpa_mask)
-    graph_rows = {}
+    graph_rows, notes = {}, []
     for implementation in ("sdpa", "sdpa_gqa"):
         model.set_attn_implementation(implementation)
         label = "dense SDPA" if implementation == "sdpa" else "dense SDPA, enable_gqa (no K/V repeat)"
         graph_rows[implementation] = graph_row(report, label, "StaticCache + CUDA graph", model, static_dense, prompt,
-                                               args.new_tokens, graph_rows.get("sdpa"))
+                                               args.new_tokens, graph_rows.get("sdpa"))[0]
     graph_dense = max(graph_rows.values())
     compiled_dense = None
     if args.compile:  # model is on "sdpa_gqa" here
         compiled_dense = graph_row(report, "dense SDPA, enable_gqa", "StaticCache + torch.compile + CUDA graph", model,
                                    static_dense, prompt, args.new_tokens, None,
-                                   forward=torch.compile(model.forward, fullgraph=True))
+                                   forward=torch.compile(model.forward, fullgraph=True))[0]
     model.set_attn_implementation("sdpa")
     for topk in args.topks:
         sfa = sfa_compile.convert(copy.deepcopy(model), sfa_compile.SFAConfig(topk=topk), progress=False)
@@ -256,11 +284,21 @@ def main():
                        f"| {tps / max(rows.values()):.2f}x | | | first {leading_equal(static_tokens, eager_tokens)}/"
                        f"{args.new_tokens} tokens equal the growing cache's |")
             torch.cuda.empty_cache()
-        graph_row(report, f"SFA topk {topk}", "SFACache static + CUDA graph", sfa, static_sfa, prompt, args.new_tokens,
-                  graph_dense)
+        _, tokens = graph_row(report, f"SFA topk {topk}", "SFACache static + CUDA graph", sfa, static_sfa, prompt,
+                              args.new_tokens, graph_dense)
         if args.compile:
             graph_row(report, f"SFA topk {topk}", "SFACache static + torch.compile + CUDA graph", sfa, static_sfa,
                       prompt, args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
+        if args.fp8_values:
+            static_fp8 = functools.partial(static_sfa, value_dtype=torch.float8_e4m3fn)
+            label = f"SFA topk {topk}, FP8 values"
+            _, fp8_tokens = graph_row(report, label, "SFACache static + CUDA graph", sfa, static_fp8, prompt,
+                                      args.new_tokens, graph_dense)
+            if args.compile:
+                graph_row(report, label, "SFACache static + torch.compile + CUDA graph", sfa, static_fp8, prompt,
+                          args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
+            agreement = fp8_agreement(sfa, prompt, tokens, fp8_tokens)
+            torch.cuda.empty_cache()
             random_rotations(sfa)
             generate(sfa, SFACache(sfa), prompt[:, :1024], 4)  # the kernels' projection variants
             graph_row(report, f"SFA topk {topk} + R", "SFACache static + torch.compile + CUDA graph", sfa,
@@ -268,6 +306,12 @@ def main():
                       forward=torch.compile(sfa.forward, fullgraph=True))
         del sfa
         torch.cuda.empty_cache()
+        if args.fp8_values:
+            notes.append(f"topk {topk}: {agreement}")
+    if notes:
+        report.line()
+    for note in notes:
+        report.line(f"- {note}")
     report.finish(plot=plot_generate)
 
 

@@ -147,8 +147,8 @@ def test_cache_crop_removes_tokens_or_keeps_a_length():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("topk", [None, 4])
-def test_decode_step_replayed_from_a_cuda_graph_generates_the_eager_tokens(topk):
+@pytest.mark.parametrize("topk,value_dtype", [(None, None), (4, None), (4, torch.float8_e4m3fn)])
+def test_decode_step_replayed_from_a_cuda_graph_generates_the_eager_tokens(topk, value_dtype):
     """A static SFACache makes the whole decode step capturable: benchmarks/bench_generate.py's CUDA-graph loop
     generates what eager decoding with the same cache generates."""
     import importlib.util
@@ -161,15 +161,17 @@ def test_decode_step_replayed_from_a_cuda_graph_generates_the_eager_tokens(topk)
     model, _, inputs, _ = sfa_model("qwen3", topk)
     model.cuda()
     prompt = inputs["input_ids"][:1].cuda()
-    eager = generate(model, {"input_ids": prompt}, SFACache(model, max_cache_len=prompt.size(1) + 16), n=12)
-    _, _, tokens = bench.graph_generate(model, SFACache(model, max_cache_len=prompt.size(1) + 16), prompt, 12)
+    eager = generate(model, {"input_ids": prompt},
+                     SFACache(model, max_cache_len=prompt.size(1) + 16, value_dtype=value_dtype), n=12)
+    _, _, tokens = bench.graph_generate(model, SFACache(model, max_cache_len=prompt.size(1) + 16,
+                                                        value_dtype=value_dtype), prompt, 12)
     assert torch.equal(tokens, eager[:, prompt.size(1):])
 
 
-def decode_steps(model, step, prompt, n=6):
+def decode_steps(model, step, prompt, n=6, value_dtype=None):
     """Greedy tokens: the prompt through the model, then ``n - 1`` single-token steps through ``step``; after the
     first step any recompilation raises (fail_on_recompile)."""
-    cache = SFACache(model, max_cache_len=prompt.size(1) + n)
+    cache = SFACache(model, max_cache_len=prompt.size(1) + n, value_dtype=value_dtype)
     try:
         with torch.no_grad():
             token = model(input_ids=prompt, **cache_kwarg(model, cache), use_cache=True).logits[:, -1:].argmax(-1)
@@ -214,3 +216,48 @@ def test_compiled_decode_steps_generate_the_eager_tokens_without_recompiling(nam
         compiled = torch.compile(model.forward, backend="aot_eager")
         got = compiled(input_ids=long_prompt, **fresh(), use_cache=True).logits
         torch.testing.assert_close(got, want)
+
+
+def forced_logits(model, cache, tokens, prompt_length):
+    """Logits of every position after the prompt, feeding ``tokens`` one at a time through ``cache``."""
+    with torch.no_grad():
+        out = [model(input_ids=tokens[:, :prompt_length], **cache_kwarg(model, cache), use_cache=True).logits[:, -1]]
+        for i in range(prompt_length, tokens.size(1)):
+            out.append(model(input_ids=tokens[:, i:i + 1], **cache_kwarg(model, cache), use_cache=True).logits[:, -1])
+    return torch.stack(out, 1)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen3"])
+def test_fp8_values_decode_within_fp8_error_of_model_dtype_values(name):
+    """SFACache(value_dtype=float8_e4m3fn): SFA layers cache values in FP8 with a float32 scale per token and key
+    head; every decode step's logits stay within FP8's error of the model-dtype cache's (the same tokens fed to
+    both), the bytes are what the format says, and a static cache, beams and prompt lookup run over it."""
+    model, _, inputs, head_dim = sfa_model(name, 4)
+    tokens = generate(model, inputs, SFACache(model), n=8)
+    prompt_length = inputs["input_ids"].size(1)
+    fp8 = SFACache(model, value_dtype=torch.float8_e4m3fn)
+    got = forced_logits(model, fp8, tokens, prompt_length)
+    want = forced_logits(model, SFACache(model), tokens, prompt_length)
+    store = fp8.layers[0].store
+    assert store.values.dtype == torch.float8_e4m3fn and store.value_scales.dtype == torch.float32
+    error = (got - want).abs().max() / want.abs().max()
+    assert 0 < error < 0.03, error  # e4m3 rounds each value by up to 6%, about 2% on average
+    cached = tokens.size(1)  # forced_logits fed every token
+    assert fp8.nbytes == len(fp8.layers) * tokens.size(0) * cached * store.key_heads * (4 * (4 + 1) + head_dim + 4)
+    static = generate(model, inputs, SFACache(model, max_cache_len=40, value_dtype=torch.float8_e4m3fn), n=8)
+    assert torch.equal(static, generate(model, inputs, SFACache(model, value_dtype=torch.float8_e4m3fn), n=8))
+    beams = generate(model, inputs, SFACache(model, value_dtype=torch.float8_e4m3fn), num_beams=3,
+                     num_return_sequences=2)
+    assert beams.size(0) == 2 * tokens.size(0)
+    with pytest.raises(ValueError, match="value_dtype must be None"):
+        SFACache(model, value_dtype=torch.float16)
+
+
+def test_compiled_decode_steps_over_fp8_values_generate_the_eager_tokens():
+    torch._dynamo.reset()
+    model, _, inputs, _ = sfa_model("qwen3", 4)
+    prompt = inputs["input_ids"][:1]
+    want, _ = decode_steps(model, model, prompt, value_dtype=torch.float8_e4m3fn)
+    compiled = torch.compile(model.forward, fullgraph=True, backend="aot_eager")
+    got, cache = decode_steps(model, compiled, prompt, value_dtype=torch.float8_e4m3fn)
+    assert torch.equal(got, want) and cache.layers[0].store.value_scales is not None

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from .limits import FP8_VALUE_DTYPE
+
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
@@ -148,7 +150,7 @@ def _check_projection(name: str, projection: Optional[torch.Tensor], key_heads: 
 
 
 def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection=None,
-                      name: str = "flash_sfa_decode", others: tuple = ()) -> None:
+                      value_scales=None, name: str = "flash_sfa_decode", others: tuple = ()) -> None:
     """Raise ValueError for decode inputs that do not form one compressed cache and query block (``others``: more
     tensors that must share their device)."""
     if query.dim() != 4 or key_values.dim() != 4 or key_indices.shape != key_values.shape or value.dim() != 4:
@@ -165,13 +167,16 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
     check_topk(topk, head_dim, name)
     if stored_topk != topk:
         raise ValueError(f"{name}: the cache stores {stored_topk} features per key, topk is {topk}")
-    if query.dtype not in SUPPORTED_DTYPES or key_values.dtype != query.dtype or value.dtype != query.dtype:
-        raise ValueError(f"{name}: query, key_values and value must share one float dtype, got {query.dtype}, "
-                         f"{key_values.dtype}, {value.dtype}")
+    if query.dtype not in SUPPORTED_DTYPES or key_values.dtype != query.dtype \
+            or value.dtype not in (query.dtype, FP8_VALUE_DTYPE):
+        raise ValueError(f"{name}: query, key_values and value must share one float dtype (value may be "
+                         f"float8_e4m3fn), got {query.dtype}, {key_values.dtype}, {value.dtype}")
+    _check_value_scales(name, value, value_scales)
     if key_indices.dtype not in (torch.uint8, torch.int16):
         raise ValueError(f"{name}: key_indices must be uint8 or int16, got {key_indices.dtype}")
     _check_lengths(name, "lengths", lengths, batch)
-    _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask, projection, *others)
+    _check_one_device(name, query, key_values, key_indices, value, lengths, attn_mask, projection, value_scales,
+                      *others)
     _check_projection(name, projection, key_heads, head_dim)
     if attn_mask is not None:
         if attn_mask.dtype != torch.bool:
@@ -184,7 +189,7 @@ def check_decode_args(query, key_values, key_indices, value, lengths, topk, attn
 
 
 def check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts,
-                      projection=None) -> None:
+                      projection=None, value_scales=None) -> None:
     """Raise ValueError for new keys/values that do not fit a compressed cache's layout."""
     name = "compressed_cache_append"
     batch, key_heads, _, head_dim = values.shape
@@ -195,18 +200,20 @@ def check_append_args(key_values, key_indices, values, lengths, new_keys, new_va
     _check_lengths(name, "lengths", lengths, batch)
     if counts is not None:
         _check_lengths(name, "counts", counts, batch)
-    _check_one_device(name, key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+    _check_value_scales(name, values, value_scales)
+    _check_one_device(name, key_values, key_indices, values, lengths, new_keys, new_values, counts, projection,
+                      value_scales)
     _check_projection(name, projection, key_heads, head_dim)
 
 
 def check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask,
-                    projection=None) -> None:
+                    projection=None, value_scales=None) -> None:
     """Raise ValueError for a decode step's inputs: ``check_decode_args`` of the query and cache, and the step's
     new keys and values as ``check_append_args`` takes them (each condition checked once: in every layer of every
     eager generation step)."""
     name = "flash_sfa_decode_step"
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection, name,
-                      (new_keys, new_values))
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection, value_scales,
+                      name, (new_keys, new_values))
     _check_new_tokens(name, value, new_keys, new_values)
 
 
@@ -216,6 +223,17 @@ def _check_new_tokens(name: str, values: torch.Tensor, new_keys: torch.Tensor, n
             or new_values.shape != new_keys.shape:
         raise ValueError(f"{name}: keys {tuple(new_keys.shape)} and values {tuple(new_values.shape)} must both be "
                          f"(batch {batch}, key heads {key_heads}, tokens, head dim {head_dim})")
+
+
+def _check_value_scales(name: str, values: torch.Tensor, scales: Optional[torch.Tensor]) -> None:
+    """FP8 cached values come with their float32 scale per (sequence, key head, slot); other values with none."""
+    fp8 = values.dtype == FP8_VALUE_DTYPE
+    if fp8 != (scales is not None):
+        raise ValueError(f"{name}: value_scales must be given exactly when the cached values are float8_e4m3fn "
+                         f"(values are {values.dtype}, value_scales {'given' if scales is not None else 'None'})")
+    if fp8 and (scales.dtype != torch.float32 or scales.shape != values.shape[:3]):
+        raise ValueError(f"{name}: value_scales must be float32 of shape {tuple(values.shape[:3])} (batch, key heads, "
+                         f"slots), got {scales.dtype} {tuple(scales.shape)}")
 
 
 def _check_lengths(name: str, label: str, t: torch.Tensor, batch: int) -> None:

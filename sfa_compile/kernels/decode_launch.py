@@ -21,8 +21,8 @@ MERGE_COLUMNS = 32  # feature columns per merge program: more programs with fewe
 
 # Keyed by value except the arguments that change from step to step (a growing cache's slot count and what follows
 # from it: splits, their length, the mask's strides).
-PROLOGUE = Launcher(decode_prologue_kernel, pointers=9, varying=("capacity",))
-SPLIT = Launcher(decode_split_kernel, pointers=9, varying=(
+PROLOGUE = Launcher(decode_prologue_kernel, pointers=10, varying=("capacity",))
+SPLIT = Launcher(decode_split_kernel, pointers=10, varying=(
     "scale_log2", "chunk", "n_splits", "n_parts", "n_keys", "m_start", "l_start", "stride_mask_b", "stride_mask_h",
     "stride_mask_t", "stride_mask_n"))
 COMBINE = Launcher(decode_combine_kernel, pointers=3, varying=("n_splits", "n_keys", "m_start", "l_start"))
@@ -130,11 +130,12 @@ class DecodePlan(NamedTuple):
 
 @functools.lru_cache(maxsize=1024)
 def decode_plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: int, n_keys: int, topk: int,
-          dtype: torch.dtype, step: bool, presparse: bool, has_mask: bool, mask_row: bool, row_strides: tuple,
-          num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int], num_stages: Optional[int],
-          device: int) -> DecodePlan:
+                dtype: torch.dtype, step: bool, presparse: bool, has_mask: bool, mask_row: bool, row_strides: tuple,
+                fp8_values: bool, num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
+                num_stages: Optional[int], device: int) -> DecodePlan:
     """The launch plan of ``decode``, memoized: a fixed cache asks the same every step, a growing one once per step
-    for all layers (``device``: the current CUDA device, -1 under the interpreter)."""
+    for all layers (``device``: the current CUDA device, -1 under the interpreter; ``fp8_values``: the cached values
+    are FP8 with per-row scales)."""
     interpret = SPLIT.interpret
     group = q_heads // key_heads
     rows = group * q_len
@@ -144,19 +145,19 @@ def decode_plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: 
     pdl = not interpret and _programmatic_launch(device)
     append = step and not presparse  # else the prologue appends
     prologue = PROLOGUE.config(dict(BLOCK_M=max(next_power_of_2(rows), 16), BLOCK_D=block_d, LOW_BIT=low_bit,
-                                     PRECISION=precision), 4, 3) if presparse else None
+                                     PRECISION=precision, FP8_V=fp8_values), 4, 3) if presparse else None
     splits, block_n, num_warps, num_stages, m_real = split_config(
         batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
         interpret)
     parts = splits + append
     block_k = max(next_power_of_2(topk), 2)
-    line = 128 // dtype.itemsize
+    line = 128 // (1 if fp8_values else dtype.itemsize)  # V elements per 128-byte line (prefetched)
     split = SPLIT.config(dict(
         M_REAL=m_real, REP=max(1, 16 // m_real), BLOCK_N=block_n, BLOCK_D=block_d, BLOCK_K=block_k, LOW_BIT=low_bit,
         HAS_MASK=has_mask, PRESPARSE=presparse, PRECISION=precision, ROW_ALIGN=_row_alignment(*row_strides),
         EVEN_K=block_k == topk, MASK_ROW=mask_row, APPEND=append,
         PREFETCH=n_keys > 0 and not interpret and torch.version.hip is None, LINES=cdiv(block_d, line), LINE=line,
-        PDL=pdl), num_warps, num_stages, pdl)
+        PDL=pdl, FP8_V=fp8_values), num_warps, num_stages, pdl)
     merge_cols = min(block_d, MERGE_COLUMNS)
     merge = COMBINE.config(dict(BLOCK_S=max(next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, PDL=pdl),
                             4, 3, pdl)

@@ -2,7 +2,9 @@
 
 Per sequence b, key head h and cached token s: ``key_values[b, h, s]`` holds the ``topk`` kept key features in
 the model dtype and ``key_indices[b, h, s]`` their feature indices (uint8, int16 when the head dim exceeds
-256), ascending; ``values[b, h, s]`` is the dense value row. Sequences have their own lengths (``lengths``,
+256), ascending; ``values[b, h, s]`` is the dense value row, in the model dtype or, with ``value_dtype=
+torch.float8_e4m3fn``, in FP8 with a float32 scale per row in ``value_scales[b, h, s]`` (quantized as appended,
+dequantized inside the decode kernels). Sequences have their own lengths (``lengths``,
 int32 on the cache's device, mirrored on the host so appends and sizes never synchronize). The cache owns the
 write protocol (make room, run the op over its buffers, then update the host lengths): ``append`` writes through
 ``sfa::compressed_cache_append``, ``step`` appends and attends through ``sfa::flash_sfa_decode_step``, ``attend``
@@ -11,8 +13,8 @@ reads through ``sfa::flash_sfa_decode``; the ops read and advance the device len
 whole capacity (slots past a sequence's length are ignored by the decode kernel), so a decode step depends on
 device state only and can be replayed from a CUDA graph or compiled (``append_on_device`` and ``step(...,
 on_device=True)`` skip the host mirror, which is re-read from the device when next needed). Bytes per token and
-key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense (DESIGN.md section 1); ``nbytes`` counts the cached
-tokens, ``capacity_nbytes`` the allocation.
+key head: topk*(s_val + s_idx) + d*s_val against 2*d*s_val dense (DESIGN.md section 1), with FP8 values
+topk*(s_val + s_idx) + d + 4; ``nbytes`` counts the cached tokens, ``capacity_nbytes`` the allocation.
 """
 
 from __future__ import annotations
@@ -25,17 +27,20 @@ from . import ops
 from .cache_reference import dense_cache
 from .checks import check_topk
 from .compressed import index_dtype
+from .limits import FP8_VALUE_DTYPE
 
 
 class CompressedKVCache:
     """Growable compressed cache for (batch, key heads, tokens, head dim) keys and values."""
 
     def __init__(self, batch: int, key_heads: int, head_dim: int, topk: int, dtype: torch.dtype,
-                 device=None, capacity: int = 256, fixed: bool = False):
+                 device=None, capacity: int = 256, fixed: bool = False, value_dtype: Optional[torch.dtype] = None):
         check_topk(topk, head_dim, "CompressedKVCache")
         self.batch, self.key_heads, self.head_dim, self.topk = batch, key_heads, head_dim, topk
         self.fixed = fixed
         self.dtype, self.device = dtype, torch.device(device) if device is not None else torch.device("cpu")
+        self.value_dtype = check_value_dtype(value_dtype, dtype, "CompressedKVCache")
+        self.value_scales: Optional[torch.Tensor] = None  # (batch, key heads, slots) float32 with FP8 values
         self._host_lengths: Optional[list[int]] = [0] * batch  # None: only the device lengths are current
         self.lengths = torch.zeros(batch, dtype=torch.int32, device=self.device)
         self._allocate(max(capacity, 1))
@@ -44,7 +49,9 @@ class CompressedKVCache:
         shape = (self.batch, self.key_heads, capacity)
         new = dict(key_values=torch.empty(*shape, self.topk, dtype=self.dtype, device=self.device),
                    key_indices=torch.empty(*shape, self.topk, dtype=index_dtype(self.head_dim), device=self.device),
-                   values=torch.empty(*shape, self.head_dim, dtype=self.dtype, device=self.device))
+                   values=torch.empty(*shape, self.head_dim, dtype=self.value_dtype, device=self.device))
+        if self.fp8_values:
+            new["value_scales"] = torch.empty(*shape, dtype=torch.float32, device=self.device)
         used = self.max_length if hasattr(self, "values") else 0
         for name, buffer in new.items():
             if used:
@@ -64,6 +71,15 @@ class CompressedKVCache:
         self._host_lengths = None if lengths is None else list(lengths)
 
     @property
+    def fp8_values(self) -> bool:
+        return self.value_dtype == FP8_VALUE_DTYPE
+
+    @property
+    def buffers(self) -> tuple[torch.Tensor, ...]:
+        """Every tensor of the cache with one row per (sequence, key head, slot)."""
+        return tuple(t for t in (self.key_values, self.key_indices, self.values, self.value_scales) if t is not None)
+
+    @property
     def capacity(self) -> int:
         return self.values.size(2)
 
@@ -75,7 +91,7 @@ class CompressedKVCache:
     def token_nbytes(self) -> int:
         """Bytes of one cached token of one key head."""
         return (self.topk * (self.key_values.element_size() + self.key_indices.element_size())
-                + self.head_dim * self.values.element_size())
+                + self.head_dim * self.values.element_size() + (4 if self.fp8_values else 0))
 
     @property
     def nbytes(self) -> int:
@@ -84,12 +100,12 @@ class CompressedKVCache:
 
     @property
     def dense_nbytes(self) -> int:
-        """Bytes the same tokens take in a dense cache of the same dtype."""
-        return sum(self.host_lengths) * self.key_heads * 2 * self.head_dim * self.values.element_size()
+        """Bytes the same tokens take in a dense cache of the model dtype."""
+        return sum(self.host_lengths) * self.key_heads * 2 * self.head_dim * self.key_values.element_size()
 
     @property
     def capacity_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.key_values, self.key_indices, self.values))
+        return sum(t.numel() * t.element_size() for t in self.buffers)
 
     def _reserve(self, keys: torch.Tensor, values: torch.Tensor, counts: Optional[Sequence[int]] = None,
                  on_device: bool = False) -> tuple[Optional[torch.Tensor], Optional[list[int]]]:
@@ -139,13 +155,14 @@ class CompressedKVCache:
     def _append(self, keys, values, counts, projection, on_device: bool) -> None:
         counts_t, after = self._reserve(keys, values, counts, on_device)
         ops.compressed_cache_append_op(self.key_values, self.key_indices, self.values, self.lengths, keys, values,
-                                       counts_t, projection)
+                                       counts_t, projection, self.value_scales)
         self.host_lengths = after  # None on device: re-read when next needed
 
     def attend(self, query: torch.Tensor, scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
                projection: Optional[torch.Tensor] = None) -> torch.Tensor:
         """SFA of the newest ``query`` tokens over the cached keys (``sfa_compile.flash_sfa_decode``)."""
-        return ops.flash_sfa_decode_op(query, *self.views(), self.lengths, self.topk, scale, attn_mask, projection)
+        return ops.flash_sfa_decode_op(query, *self.views(), self.lengths, self.topk, scale, attn_mask, projection,
+                                       self.scale_view())
 
     def step(self, query: torch.Tensor, new_keys: torch.Tensor, new_values: torch.Tensor,
              scale: Optional[float] = None, attn_mask: Optional[torch.Tensor] = None,
@@ -153,9 +170,9 @@ class CompressedKVCache:
         """One generation step: append the step's keys and values (as ``append``; ``on_device`` as
         ``append_on_device``) and attend ``query`` over the cache with them, in the decode kernels' own launches."""
         _, after = self._reserve(new_keys, new_values, on_device=on_device)
-        views = self.views(None if after is None else max(after))  # with the new tokens
-        out = ops.flash_sfa_decode_step_op(query, *views, self.lengths, new_keys, new_values, self.topk, scale,
-                                           attn_mask, projection)
+        length = None if after is None else max(after)  # with the new tokens
+        out = ops.flash_sfa_decode_step_op(query, *self.views(length), self.lengths, new_keys, new_values, self.topk,
+                                           scale, attn_mask, projection, self.scale_view(length))
         self.host_lengths = after
         return out
 
@@ -167,17 +184,24 @@ class CompressedKVCache:
         n = self.max_length if length is None else length
         return self.key_values[:, :, :n], self.key_indices[:, :, :n], self.values[:, :, :n]
 
+    def scale_view(self, length: Optional[int] = None) -> Optional[torch.Tensor]:
+        """The FP8 values' scales over the slots ``views`` covers; None without FP8 values."""
+        if self.value_scales is None or self.fixed:
+            return self.value_scales
+        return self.value_scales[:, :, :self.max_length if length is None else length]
+
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(keys, values) of shape (batch, key heads, max_length (fixed: capacity), d): the SFA-sparsified keys
-        (zeros at dropped features) and the values; positions past a sequence's length are zero."""
-        return dense_cache(*self.views(), self.lengths, self.head_dim)
+        """(keys, values) of shape (batch, key heads, max_length (fixed: capacity), d) in the model dtype: the
+        SFA-sparsified keys (zeros at dropped features) and the values (FP8 ones dequantized); positions past a
+        sequence's length are zero."""
+        return dense_cache(*self.views(), self.lengths, self.head_dim, self.scale_view())
 
     @classmethod
-    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, topk: int,
-                   lengths: Optional[Sequence[int]] = None) -> "CompressedKVCache":
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, topk: int, lengths: Optional[Sequence[int]] = None,
+                   value_dtype: Optional[torch.dtype] = None) -> "CompressedKVCache":
         """A cache holding dense (batch, key heads, T, d) keys/values, the first ``lengths[b]`` tokens of each."""
         batch, heads, length, dim = keys.shape
-        cache = cls(batch, heads, dim, topk, values.dtype, keys.device, capacity=length)
+        cache = cls(batch, heads, dim, topk, values.dtype, keys.device, capacity=length, value_dtype=value_dtype)
         cache.append(keys, values, lengths)
         return cache
 
@@ -186,6 +210,8 @@ class CompressedKVCache:
         index = index.to(self.device)
         self.key_values, self.key_indices, self.values = (t[index] for t in (self.key_values, self.key_indices,
                                                                               self.values))
+        if self.value_scales is not None:
+            self.value_scales = self.value_scales[index]
         self.host_lengths = [self.host_lengths[i] for i in index.tolist()]
         self.batch = len(self.host_lengths)
         self.lengths = self.lengths[index]
@@ -194,3 +220,13 @@ class CompressedKVCache:
         """Forget tokens past ``length`` in every sequence."""
         self.host_lengths = [min(n, length) for n in self.host_lengths]
         self.lengths.clamp_(max=length)
+
+
+def check_value_dtype(value_dtype: Optional[torch.dtype], dtype: torch.dtype, name: str) -> torch.dtype:
+    """The cached values' dtype: the model's (``None`` or ``dtype``) or FP8 (e4m3fn, per-row scales)."""
+    if value_dtype is None or value_dtype == dtype:
+        return dtype
+    if value_dtype == FP8_VALUE_DTYPE:
+        return value_dtype
+    raise ValueError(f"{name}: value_dtype must be None (the model's dtype, {dtype}) or torch.float8_e4m3fn "
+                     f"(FP8 values with a scale per token and head), got {value_dtype!r}")

@@ -12,3 +12,5 @@ MAX_FUSED_PROJECTION_DIM = 128  # above this, R is a torch matmul before the dec
 MAX_UINT8_INDEX_DIM = 256  # compressed key indices are uint8 up to this head dim, int16 above
 LOG2E = 1.4426950408889634  # the kernels' softmax runs in base 2
 LN2 = 0.6931471805599453  # and converts its log-sum-exp back to natural log
+FP8_VALUE_DTYPE = torch.float8_e4m3fn  # the compressed cache's optional FP8 values (``value_dtype``)
+FP8_VALUE_MAX = 448.0  # e4m3fn's largest finite value: each cached value row is scaled so its largest magnitude is this

@@ -157,13 +157,15 @@ def _flash_sfa_decode_reference(
     scale: Optional[float] = None,
     attn_mask: Optional[torch.Tensor] = None,
     projection: Optional[torch.Tensor] = None,
+    value_scales: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """Attention of a few new query tokens over a compressed key cache (kv_cache.py layout); inference only.
     ``projection``: R (key heads, d, d) applied to the queries before their top-k (the cached keys were
-    projected by the same R when appended), fused into the kernel."""
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
+    projected by the same R when appended), fused into the kernel. ``value_scales`` (B, Hk, S) float32: the
+    cached values are FP8 (e4m3fn), each row times its scale."""
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection, value_scales)
     return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
-                                      projection)
+                                      projection, value_scales)
 
 
 def _triton_decode_fits(query: torch.Tensor) -> bool:
@@ -173,20 +175,20 @@ def _triton_decode_fits(query: torch.Tensor) -> bool:
 
 
 def _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
-                           projection=None):
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
+                           projection=None, value_scales=None):
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection, value_scales)
     from . import triton_decode
 
     if not _triton_decode_fits(query):
         return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
-                                          projection)
+                                          projection, value_scales)
     return triton_decode.decode(query, key_values, key_indices, value, lengths, topk,
-                                default_scale(query, scale), attn_mask, projection)
+                                default_scale(query, scale), attn_mask, projection, value_scales=value_scales)
 
 
 def _flash_sfa_decode_fake(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
-                           projection=None):
-    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection)
+                           projection=None, value_scales=None):
+    check_decode_args(query, key_values, key_indices, value, lengths, topk, attn_mask, projection, value_scales)
     return query.new_empty(query.shape)
 
 
@@ -203,37 +205,48 @@ def _compressed_cache_append_reference(
     new_values: torch.Tensor,
     counts: Optional[torch.Tensor] = None,
     projection: Optional[torch.Tensor] = None,
+    value_scales: Optional[torch.Tensor] = None,
 ) -> None:
     """Append (B, Hk, T, d) keys (projected by ``projection`` R (Hk, d, d) when given, then compressed to top-k
     here) and values to a compressed cache (kv_cache.py layout) at each sequence's device length, then advance
-    ``lengths`` by T (or ``counts[b]``). Device state only, so a decode step that appends stays traceable and
-    replayable; tokens past the capacity are dropped (callers that know the host lengths check the capacity
-    first)."""
-    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
-    append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+    ``lengths`` by T (or ``counts[b]``). FP8 cached values (``value_scales`` given) are quantized here, each row
+    with its own scale. Device state only, so a decode step that appends stays traceable and replayable; tokens
+    past the capacity are dropped (callers that know the host lengths check the capacity first)."""
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection,
+                      value_scales)
+    append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection,
+                     value_scales)
 
 
 def _compressed_cache_append_cuda(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
-                                  projection=None):
-    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+                                  projection=None, value_scales=None):
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection,
+                      value_scales)
     if new_keys.dtype not in KERNEL_DTYPES:
-        return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+        return append_reference(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection,
+                                value_scales)
     from . import triton_decode
 
     triton_decode.append_compressed(key_values, key_indices, values, lengths, new_keys, new_values, counts,
-                                    projection)
-    torch.autograd.graph.increment_version((key_values, key_indices, values))
+                                    projection, value_scales)
+    torch.autograd.graph.increment_version(_written(key_values, key_indices, values, value_scales))
     advance_lengths(lengths, new_keys.size(2), counts, values.size(2))
 
 
+def _written(*tensors: Optional[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """The cache buffers a kernel wrote (value_scales only with FP8 values)."""
+    return tuple(t for t in tensors if t is not None)
+
+
 def _compressed_cache_append_fake(key_values, key_indices, values, lengths, new_keys, new_values, counts=None,
-                                  projection=None):
-    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection)
+                                  projection=None, value_scales=None):
+    check_append_args(key_values, key_indices, values, lengths, new_keys, new_values, counts, projection,
+                      value_scales)
 
 
 compressed_cache_append_op = _inference_op(
-    "compressed_cache_append", ("key_values", "key_indices", "values", "lengths"), _compressed_cache_append_reference,
-    _compressed_cache_append_cuda, _compressed_cache_append_fake)
+    "compressed_cache_append", ("key_values", "key_indices", "values", "lengths", "value_scales"),
+    _compressed_cache_append_reference, _compressed_cache_append_cuda, _compressed_cache_append_fake)
 
 
 def _flash_sfa_decode_step_reference(
@@ -248,37 +261,42 @@ def _flash_sfa_decode_step_reference(
     scale: Optional[float] = None,
     attn_mask: Optional[torch.Tensor] = None,
     projection: Optional[torch.Tensor] = None,
+    value_scales: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """One decode step: ``sfa::compressed_cache_append`` of the step's (B, Hk, T, d) keys and values, then
     ``sfa::flash_sfa_decode`` of its queries over the cache (the new tokens included). On CUDA, with <= 16 new
     tokens and queries, both run in the decode kernels' own launches (two per step without R, three with)."""
-    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
-    append_reference(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
+    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection,
+                    value_scales)
+    append_reference(key_values, key_indices, value, lengths, new_keys, new_values, None, projection, value_scales)
     return flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
-                                      projection)
+                                      projection, value_scales)
 
 
 def _flash_sfa_decode_step_cuda(query, key_values, key_indices, value, lengths, new_keys, new_values, topk,
-                                scale=None, attn_mask=None, projection=None):
-    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+                                scale=None, attn_mask=None, projection=None, value_scales=None):
+    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection,
+                    value_scales)
     if not (_triton_decode_fits(query) and new_keys.size(2) <= MAX_QUERY_LENGTH and new_keys.dtype == query.dtype):
-        _compressed_cache_append_cuda(key_values, key_indices, value, lengths, new_keys, new_values, None, projection)
+        _compressed_cache_append_cuda(key_values, key_indices, value, lengths, new_keys, new_values, None, projection,
+                                      value_scales)
         return _flash_sfa_decode_cuda(query, key_values, key_indices, value, lengths, topk, scale, attn_mask,
-                                      projection)
+                                      projection, value_scales)
     from . import triton_decode
 
     out = triton_decode.decode(query, key_values, key_indices, value, lengths, topk, default_scale(query, scale),
-                               attn_mask, projection, new_keys, new_values)
-    torch.autograd.graph.increment_version((key_values, key_indices, value, lengths))
+                               attn_mask, projection, new_keys, new_values, value_scales)
+    torch.autograd.graph.increment_version(_written(key_values, key_indices, value, lengths, value_scales))
     return out
 
 
 def _flash_sfa_decode_step_fake(query, key_values, key_indices, value, lengths, new_keys, new_values, topk,
-                                scale=None, attn_mask=None, projection=None):
-    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection)
+                                scale=None, attn_mask=None, projection=None, value_scales=None):
+    check_step_args(query, key_values, key_indices, value, lengths, new_keys, new_values, topk, attn_mask, projection,
+                    value_scales)
     return query.new_empty(query.shape)
 
 
 flash_sfa_decode_step_op = _inference_op(
-    "flash_sfa_decode_step", ("key_values", "key_indices", "value", "lengths"), _flash_sfa_decode_step_reference,
-    _flash_sfa_decode_step_cuda, _flash_sfa_decode_step_fake)
+    "flash_sfa_decode_step", ("key_values", "key_indices", "value", "lengths", "value_scales"),
+    _flash_sfa_decode_step_reference, _flash_sfa_decode_step_cuda, _flash_sfa_decode_step_fake)

@@ -214,14 +214,15 @@ def flash_sfa_backward_reference(
 
 
 def flash_sfa_decode_reference(query, key_values, key_indices, value, lengths, topk, scale=None, attn_mask=None,
-                               projection=None):
+                               projection=None, value_scales=None):
     """Decode over a compressed cache: queries (B, Hq, T, d), projected by R of their key head when a
     ``projection`` is given, aligned to the end of each sequence (query t sees keys up to lengths[b] - T + t),
-    keys restored from (values, indices), then ``flash_sfa_reference``."""
+    keys restored from (values, indices), FP8 values dequantized by ``value_scales`` to the keys' dtype, then
+    ``flash_sfa_reference``."""
     if projection is not None:
         query = project_by_key_head(query, projection)
     q_len = query.size(2)
-    keys, value = dense_cache(key_values, key_indices, value, lengths, query.size(3))
+    keys, value = dense_cache(key_values, key_indices, value, lengths, query.size(3), value_scales)
     positions = torch.arange(keys.size(2), device=query.device)
     last = lengths.to(torch.int64)[:, None] - q_len + torch.arange(q_len, device=query.device)
     allowed = (positions[None, None, :] <= last[:, :, None])[:, None]  # (B, 1, T, S)

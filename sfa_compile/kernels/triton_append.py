@@ -16,9 +16,11 @@ import triton
 import triton.language as tl
 
 from .launcher import Launcher, cdiv
-from .limits import MAX_FUSED_PROJECTION_DIM
+from .limits import FP8_VALUE_DTYPE, FP8_VALUE_MAX, MAX_FUSED_PROJECTION_DIM
 from .topk import project_by_key_head
 from .triton_topk import LOW_BIT, feature_block, topk_keep
+
+FP8_MAX = tl.constexpr(FP8_VALUE_MAX)
 
 
 @triton.jit
@@ -60,14 +62,30 @@ def _sparse_query_rows(Q, R, OUT, b, hk, topk, head_dim, q_len, group, key_heads
 
 
 @triton.jit
-def append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, h, n, row_ok, start, head_dim, topk, capacity,
+def _round_to_e4m3(y):
+    """float32 ``y`` (|y| <= FP8_MAX) rounded to the nearest e4m3fn value (ties to even), still float32, so that the
+    conversion to FP8 after it is exact: Triton's interpreter rounds that conversion without carrying into the
+    exponent (127.25 becomes 64). Normal range: round the mantissa to 3 bits on the bit pattern; below 2^-6 the
+    subnormals' fixed step 2^-9: round |y| * 2^9 to an integer with the 1.5 * 2^23 trick, then the sign."""
+    bits = y.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
+    subnormal = ((tl.abs(y) * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
+    return tl.where(tl.abs(y) >= 0.015625, normal, tl.where(bits < 0, -subnormal, subnormal))  # keeps -0.0
+
+
+@triton.jit
+def append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, VSCALE, b, h, n, row_ok, start, head_dim, topk, capacity,
                  stride_k_b, stride_k_h, stride_k_n, stride_k_d, stride_v_b, stride_v_h, stride_v_n, stride_v_d,
                  stride_r_h, stride_r_in, stride_r_out, stride_kval_b, stride_kval_h, stride_kval_n, stride_kidx_b,
-                 stride_kidx_h, stride_kidx_n, stride_vcache_b, stride_vcache_h, stride_vcache_n,
-                 BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr):
+                 stride_kidx_h, stride_kidx_n, stride_vcache_b, stride_vcache_h, stride_vcache_n, stride_vscale_b,
+                 stride_vscale_h, stride_vscale_n,
+                 BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_R: tl.constexpr, PRECISION: tl.constexpr,
+                 FP8_V: tl.constexpr):
     """New tokens ``n`` (>= 16 rows, ``row_ok`` real) of one (sequence, key head): keys projected by R when given,
-    their top-k values and ascending indices written at slots start + n, V copied; slots past ``capacity`` are
-    dropped. Returns (the sparsified keys, zero past the capacity; the values in the cache's dtype)."""
+    their top-k values and ascending indices written at slots start + n, V copied (FP8_V: quantized, each row
+    divided by its scale, its largest magnitude / FP8_MAX, which goes to VSCALE); slots past ``capacity`` are
+    dropped. Returns (the sparsified keys, zero past the capacity; the values as cached; their scales, ones
+    without FP8_V)."""
     cols = tl.arange(0, BLOCK_D)
     ok = row_ok[:, None] & (cols < head_dim)[None, :]
     x = _load_rows(KEYS, b * stride_k_b + h * stride_k_h + n * stride_k_n, stride_k_d, row_ok, R + h * stride_r_h,
@@ -86,15 +104,22 @@ def append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, h, n, row_ok, start, hea
              + tl.zeros_like(slot).to(KIDX.dtype.element_ty), mask=keep)
     v = tl.load(VALUES + b * stride_v_b + h * stride_v_h + n[:, None] * stride_v_n + cols[None, :] * stride_v_d,
                 mask=ok, other=0.0)
+    if FP8_V:  # exact IEEE divisions, as the reference (cache_reference.quantize_values)
+        v = v.to(tl.float32)
+        v_scale = tl.math.div_rn(tl.max(tl.abs(v), axis=1), FP8_MAX)
+        v = _round_to_e4m3(tl.math.div_rn(v, tl.where(v_scale > 0, v_scale, 1.0)[:, None]))
+        tl.store(VSCALE + b * stride_vscale_b + h * stride_vscale_h + pos * stride_vscale_n, v_scale, mask=row_ok)
+    else:
+        v_scale = tl.where(row_ok, 1.0, 1.0)
     v = v.to(VCACHE.dtype.element_ty)
     tl.store(VCACHE + b * stride_vcache_b + h * stride_vcache_h + (pos * stride_vcache_n)[:, None] + cols[None, :], v,
              mask=ok)
-    return tl.where(keep, x, 0.0), v
+    return tl.where(keep, x, 0.0), v, v_scale
 
 
 @triton.jit
 def decode_prologue_kernel(
-    Q, R, QOUT, KEYS, VALUES, KVAL, KIDX, VCACHE, LENGTHS,
+    Q, R, QOUT, KEYS, VALUES, KVAL, KIDX, VCACHE, VSCALE, LENGTHS,
     topk, head_dim, q_len, group, key_heads, new_tokens, capacity,
     stride_q_b, stride_q_h, stride_q_t, stride_q_d,
     stride_r_h, stride_r_in, stride_r_out,
@@ -103,7 +128,9 @@ def decode_prologue_kernel(
     stride_kval_b, stride_kval_h, stride_kval_n,
     stride_kidx_b, stride_kidx_h, stride_kidx_n,
     stride_vcache_b, stride_vcache_h, stride_vcache_n,
+    stride_vscale_b, stride_vscale_h, stride_vscale_n,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, PRECISION: tl.constexpr,
+    FP8_V: tl.constexpr,
 ):
     """Per (sequence, key head): program column 0 sparsifies the query rows; column 1 (a decode step's grid
     only) appends the step's <= 16 new tokens at the sequence's length, which it does not advance."""
@@ -116,17 +143,17 @@ def decode_prologue_kernel(
                            stride_r_out, BLOCK_M, BLOCK_D, LOW_BIT, PRECISION)
     else:
         n = tl.arange(0, 16)
-        append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, hk, n, n < new_tokens, tl.load(LENGTHS + b), head_dim,
-                     topk, capacity, stride_k_b, stride_k_h, stride_k_n, stride_k_d, stride_v_b, stride_v_h,
-                     stride_v_n, stride_v_d, stride_r_h, stride_r_in, stride_r_out, stride_kval_b, stride_kval_h,
-                     stride_kval_n, stride_kidx_b, stride_kidx_h,
-                     stride_kidx_n, stride_vcache_b, stride_vcache_h, stride_vcache_n, BLOCK_D, LOW_BIT, True,
-                     PRECISION)
+        append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, VSCALE, b, hk, n, n < new_tokens, tl.load(LENGTHS + b),
+                    head_dim, topk, capacity, stride_k_b, stride_k_h, stride_k_n, stride_k_d, stride_v_b, stride_v_h,
+                    stride_v_n, stride_v_d, stride_r_h, stride_r_in, stride_r_out, stride_kval_b, stride_kval_h,
+                    stride_kval_n, stride_kidx_b, stride_kidx_h, stride_kidx_n, stride_vcache_b, stride_vcache_h,
+                    stride_vcache_n, stride_vscale_b, stride_vscale_h, stride_vscale_n, BLOCK_D, LOW_BIT, True,
+                    PRECISION, FP8_V)
 
 
 @triton.jit
 def _append_kernel(
-    KEYS, VALUES, R, KVAL, KIDX, VCACHE, STARTS, COUNTS,
+    KEYS, VALUES, R, KVAL, KIDX, VCACHE, VSCALE, STARTS, COUNTS,
     key_heads, length, head_dim, topk, capacity,
     stride_k_b, stride_k_h, stride_k_n, stride_k_d,
     stride_v_b, stride_v_h, stride_v_n, stride_v_d,
@@ -134,8 +161,9 @@ def _append_kernel(
     stride_kval_b, stride_kval_h, stride_kval_n,
     stride_kidx_b, stride_kidx_h, stride_kidx_n,
     stride_vcache_b, stride_vcache_h, stride_vcache_n,
+    stride_vscale_b, stride_vscale_h, stride_vscale_n,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, RAGGED: tl.constexpr,
-    HAS_R: tl.constexpr, PRECISION: tl.constexpr,
+    HAS_R: tl.constexpr, PRECISION: tl.constexpr, FP8_V: tl.constexpr,
 ):
     n = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # new tokens of one (sequence, key head)
     bh = tl.program_id(1)
@@ -144,19 +172,20 @@ def _append_kernel(
     row_ok = n < length
     if RAGGED:
         row_ok = row_ok & (n < tl.load(COUNTS + b))
-    append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, b, h, n, row_ok, tl.load(STARTS + b), head_dim, topk, capacity,
-                 stride_k_b, stride_k_h, stride_k_n, stride_k_d, stride_v_b, stride_v_h, stride_v_n, stride_v_d,
-                 stride_r_h, stride_r_in, stride_r_out, stride_kval_b, stride_kval_h, stride_kval_n, stride_kidx_b,
-                 stride_kidx_h, stride_kidx_n, stride_vcache_b, stride_vcache_h, stride_vcache_n,
-                 BLOCK_D, LOW_BIT, HAS_R, PRECISION)
+    append_rows(KEYS, VALUES, R, KVAL, KIDX, VCACHE, VSCALE, b, h, n, row_ok, tl.load(STARTS + b), head_dim, topk,
+                capacity, stride_k_b, stride_k_h, stride_k_n, stride_k_d, stride_v_b, stride_v_h, stride_v_n,
+                stride_v_d, stride_r_h, stride_r_in, stride_r_out, stride_kval_b, stride_kval_h, stride_kval_n,
+                stride_kidx_b, stride_kidx_h, stride_kidx_n, stride_vcache_b, stride_vcache_h, stride_vcache_n,
+                stride_vscale_b, stride_vscale_h, stride_vscale_n, BLOCK_D, LOW_BIT, HAS_R, PRECISION, FP8_V)
 
 
 def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value_cache: torch.Tensor,
                       lengths: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                      counts: Optional[torch.Tensor], projection: Optional[torch.Tensor] = None) -> None:
-    """Write compressed keys (projected by ``projection[key head]`` first when given) and dense values at each
-    sequence's device length: all T tokens of every sequence, or the first ``counts[b]``; rows past the capacity
-    are dropped. ``lengths`` is not advanced."""
+                      counts: Optional[torch.Tensor], projection: Optional[torch.Tensor] = None,
+                      value_scales: Optional[torch.Tensor] = None) -> None:
+    """Write compressed keys (projected by ``projection[key head]`` first when given) and dense values (FP8 with
+    their ``value_scales`` when the value cache is FP8) at each sequence's device length: all T tokens of every
+    sequence, or the first ``counts[b]``; rows past the capacity are dropped. ``lengths`` is not advanced."""
     batch, heads, length, head_dim = keys.shape
     if batch * heads * length == 0:
         return
@@ -164,16 +193,23 @@ def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value
         keys, projection = project_by_key_head(keys, projection), None
     block_r = 16  # tl.dot's smallest row count (the projection)
     _APPEND((cdiv(length, block_r), batch * heads), (
-        keys, values, keys if projection is None else projection, key_values, key_indices, value_cache, lengths,
-        lengths if counts is None else counts,
+        keys, values, keys if projection is None else projection, key_values, key_indices, value_cache,
+        lengths if value_scales is None else value_scales, lengths, lengths if counts is None else counts,
         heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
         *(projection.stride() if projection is not None else (0, 0, 0)),
         *key_values.stride()[:3], *key_indices.stride()[:3], *value_cache.stride()[:3],
+        *scale_strides(value_scales),
     ), _APPEND.config(dict(BLOCK_R=block_r, BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[keys.dtype],
                            RAGGED=counts is not None, HAS_R=projection is not None,
-                           PRECISION="ieee" if keys.dtype == torch.float32 else "tf32"), 4, 3))
+                           PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
+                           FP8_V=value_cache.dtype == FP8_VALUE_DTYPE), 4, 3))
+
+
+def scale_strides(value_scales: Optional[torch.Tensor]) -> tuple[int, int, int]:
+    """The (sequence, key head, slot) strides of FP8 values' scales; zeros without them (the kernels skip them)."""
+    return (0, 0, 0) if value_scales is None else value_scales.stride()
 
 
 # A prompt's keys and values are views whose strides follow its length: keyed by rule, like the length.
-_APPEND = Launcher(_append_kernel, pointers=8, varying=("length", "capacity", "stride_k_b", "stride_k_h",
+_APPEND = Launcher(_append_kernel, pointers=9, varying=("length", "capacity", "stride_k_b", "stride_k_h",
                                                         "stride_k_n", "stride_v_b", "stride_v_h", "stride_v_n"))

@@ -18,7 +18,7 @@ import torch
 from .decode_launch import COMBINE, PROLOGUE, SPLIT, broadcast_strides, decode_plan
 from .limits import LOG2E, MAX_FUSED_PROJECTION_DIM
 from .topk import project_by_key_head
-from .triton_append import append_compressed
+from .triton_append import append_compressed, scale_strides
 
 __all__ = ["append_compressed", "decode"]
 
@@ -26,12 +26,14 @@ __all__ = ["append_compressed", "decode"]
 def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Tensor, value: torch.Tensor,
            lengths: torch.Tensor, topk: int, scale: float, attn_mask: Optional[torch.Tensor],
            projection: Optional[torch.Tensor] = None, new_keys: Optional[torch.Tensor] = None,
-           new_values: Optional[torch.Tensor] = None, num_splits: Optional[int] = None, block_n: Optional[int] = None,
-           num_warps: Optional[int] = None, num_stages: Optional[int] = None) -> torch.Tensor:
+           new_values: Optional[torch.Tensor] = None, value_scales: Optional[torch.Tensor] = None,
+           num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
+           num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of (B, Hq, T, d) queries (projected by ``projection[key head]`` first when given) over the
     compressed cache; arguments checked by the op. With ``new_keys`` and ``new_values`` (B, Hk, <= 16 tokens, d),
     a decode step: they are appended at each sequence's length first (as ``append_compressed``), attended, and
-    ``lengths`` advance by their count (at most to the slot count). Runs once per layer of every generation step,
+    ``lengths`` advance by their count (at most to the slot count). ``value_scales``: the values are FP8, each
+    cached row times its scale. Runs once per layer of every generation step,
     so the host work is kept small: a memoized launch plan, one workspace allocation, and kernels launched through
     ``Launcher``."""
     batch, q_heads, q_len, head_dim = query.shape
@@ -45,6 +47,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     pending = new_keys.size(2) if step else 0
     new_keys, new_values = (new_keys, new_values) if step else (query, query)
     kv_strides, ki_strides, v_strides = key_values.stride()[:3], key_indices.stride()[:3], value.stride()[:3]
+    scales_arg, vs_strides = (lengths if value_scales is None else value_scales), scale_strides(value_scales)
     mask_row = False
     if attn_mask is not None:
         mask_arg, mask_strides = attn_mask.view(torch.uint8), broadcast_strides(attn_mask)
@@ -52,24 +55,24 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     else:
         mask_arg, mask_strides = lengths, (0, 0, 0, 0)
     plan = decode_plan(batch, q_heads, q_len, head_dim, key_heads, n_keys, topk, query.dtype, step,
-                       projection is not None,
-                 attn_mask is not None, mask_row, kv_strides + ki_strides, num_splits, block_n, num_warps, num_stages,
-                 -1 if SPLIT.interpret else torch.cuda.current_device())
+                       projection is not None, attn_mask is not None, mask_row, kv_strides + ki_strides,
+                       value_scales is not None, num_splits, block_n, num_warps, num_stages,
+                       -1 if SPLIT.interpret else torch.cuda.current_device())
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if projection is not None:
         sparse_query = torch.empty_like(query, memory_format=torch.contiguous_format)
         PROLOGUE(plan.prologue_grid, (
-            query, projection, sparse_query, new_keys, new_values, key_values, key_indices, value, lengths, topk,
-            head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(), *projection.stride(),
-            *new_keys.stride(), *new_values.stride(), *kv_strides, *ki_strides, *v_strides,
+            query, projection, sparse_query, new_keys, new_values, key_values, key_indices, value, scales_arg,
+            lengths, topk, head_dim, q_len, group, key_heads, pending, n_keys, *query.stride(), *projection.stride(),
+            *new_keys.stride(), *new_values.stride(), *kv_strides, *ki_strides, *v_strides, *vs_strides,
         ), plan.prologue)
         query = sparse_query
     workspace = torch.empty(plan.workspace, dtype=torch.float32, device=query.device)
     SPLIT(plan.split_grid, (
-        query, key_values, key_indices, value, lengths, mask_arg, workspace, new_keys, new_values,
+        query, key_values, key_indices, value, scales_arg, lengths, mask_arg, workspace, new_keys, new_values,
         scale * LOG2E, topk, head_dim, q_len, group, key_heads, plan.chunk, plan.splits, plan.parts,
         pending, n_keys, plan.m_start, plan.l_start, *query.stride(), *kv_strides, *ki_strides, *v_strides,
-        *mask_strides, *new_keys.stride(), *new_values.stride(),
+        *vs_strides, *mask_strides, *new_keys.stride(), *new_values.stride(),
     ), plan.split)
     COMBINE(plan.merge_grid, (
         workspace, out, lengths, head_dim, q_len, group, key_heads, plan.parts, pending, n_keys, plan.m_start,

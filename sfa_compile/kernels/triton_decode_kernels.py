@@ -58,15 +58,19 @@ def _user_mask(MASK, b, heads, t, row_ok, offs_n, n_keys, stride_mask_b, stride_
 
 
 @triton.jit
-def _softmax_block(s, allowed, v, m_i, l_i, acc, REP: tl.constexpr, PRECISION: tl.constexpr):
+def _softmax_block(s, allowed, v, v_scale, m_i, l_i, acc, REP: tl.constexpr, PRECISION: tl.constexpr,
+                   FP8_V: tl.constexpr):
     """One block of keys into the online softmax: scores ``s`` (M_REAL rows, log2 units) where ``allowed``,
-    values ``v``; P is repeated REP times to the >= 16 rows of the tensor-core P @ V."""
+    values ``v`` (FP8_V: dequantized values are v times ``v_scale`` per key, folded into P's columns); P is
+    repeated REP times to the >= 16 rows of the tensor-core P @ V."""
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
     p = tl.exp2(s - m_use[:, None])
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
+    if FP8_V:
+        p = p * v_scale[None, :]
     p_rep = tl.reshape(tl.broadcast_to(p[None, :, :], (REP, s.shape[0], s.shape[1])), (REP * s.shape[0], s.shape[1]))
     alpha_rep = tl.reshape(tl.broadcast_to(alpha[None, :], (REP, s.shape[0])), (REP * s.shape[0],))
     acc = acc * alpha_rep[:, None] + tl.dot(p_rep.to(v.dtype), v, input_precision=PRECISION)
@@ -74,24 +78,26 @@ def _softmax_block(s, allowed, v, m_i, l_i, acc, REP: tl.constexpr, PRECISION: t
 
 
 @triton.jit
-def _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, MASK, b, hk, heads, t, row_ok, last, cached, pending, n_keys,
-                       m_i, l_i, acc, scale_log2, head_dim, topk, stride_newk_b, stride_newk_h, stride_newk_n,
+def _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, VSCALE, MASK, b, hk, heads, t, row_ok, last, cached, pending,
+                       n_keys, m_i, l_i, acc, scale_log2, head_dim, topk, stride_newk_b, stride_newk_h, stride_newk_n,
                        stride_newk_d, stride_newv_b, stride_newv_h, stride_newv_n, stride_newv_d,
                        stride_kval_b, stride_kval_h, stride_kval_n, stride_kidx_b, stride_kidx_h, stride_kidx_n,
-                       stride_v_b, stride_v_h, stride_v_n, stride_mask_b, stride_mask_h, stride_mask_t, stride_mask_n,
-                       REP: tl.constexpr,
+                       stride_v_b, stride_v_h, stride_v_n, stride_vscale_b, stride_vscale_h, stride_vscale_n,
+                       stride_mask_b, stride_mask_h, stride_mask_t, stride_mask_n, REP: tl.constexpr,
                        BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, MASK_ROW: tl.constexpr,
-                       PRECISION: tl.constexpr):
+                       PRECISION: tl.constexpr, FP8_V: tl.constexpr):
     """A decode step's <= 16 new tokens (no projection): appended at the sequence's cached length (as
     _append_rows) and folded into the online softmax from registers. q holds values of the keys' dtype, so the
     tensor-core scores are exact products either way; the REP copies of each score row are equal."""
     new = tl.arange(0, 16)
-    keys, values = append_rows(NEW_K, NEW_V, NEW_K, KVAL, KIDX, V, b, hk, new, new < pending, cached, head_dim, topk,
-                                n_keys, stride_newk_b, stride_newk_h, stride_newk_n, stride_newk_d, stride_newv_b,
-                                stride_newv_h, stride_newv_n, stride_newv_d, 0, 0, 0, stride_kval_b, stride_kval_h,
-                                stride_kval_n, stride_kidx_b,
-                                stride_kidx_h, stride_kidx_n, stride_v_b, stride_v_h, stride_v_n, BLOCK_D, LOW_BIT,
-                                False, PRECISION)
+    keys, values, v_scale = append_rows(NEW_K, NEW_V, NEW_K, KVAL, KIDX, V, VSCALE, b, hk, new, new < pending, cached,
+                                        head_dim, topk, n_keys, stride_newk_b, stride_newk_h, stride_newk_n,
+                                        stride_newk_d, stride_newv_b, stride_newv_h, stride_newv_n, stride_newv_d, 0,
+                                        0, 0, stride_kval_b, stride_kval_h, stride_kval_n, stride_kidx_b,
+                                        stride_kidx_h, stride_kidx_n, stride_v_b, stride_v_h, stride_v_n,
+                                        stride_vscale_b, stride_vscale_h, stride_vscale_n, BLOCK_D, LOW_BIT, False,
+                                        PRECISION, FP8_V)
+    values = values.to(keys.dtype)  # FP8: exact in the keys' (the model's) dtype
     q_rep = tl.reshape(tl.broadcast_to(q[None, :, :], (REP, q.shape[0], BLOCK_D)), (REP * q.shape[0], BLOCK_D))
     s_rep = tl.dot(q_rep.to(keys.dtype), tl.trans(keys), input_precision=PRECISION)
     s = tl.max(tl.reshape(s_rep, (REP, q.shape[0], 16)), axis=0) * scale_log2
@@ -101,17 +107,18 @@ def _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, MASK, b, hk, heads, t, ro
     # last <= length - 1 with length = min(cached + pending, n_keys): this also drops the padding rows past the
     # step's tokens and those past the capacity.
     allowed = allowed & (pos[None, :] <= last[:, None])
-    return _softmax_block(s, allowed, values, m_i, l_i, acc, REP, PRECISION)
+    return _softmax_block(s, allowed, values, v_scale, m_i, l_i, acc, REP, PRECISION, FP8_V)
 
 
 @triton.jit
 def decode_split_kernel(
-    Q, KVAL, KIDX, V, LENGTHS, MASK, PARTS, NEW_K, NEW_V,
+    Q, KVAL, KIDX, V, VSCALE, LENGTHS, MASK, PARTS, NEW_K, NEW_V,
     scale_log2, topk, head_dim, q_len, group, key_heads, chunk, n_splits, n_parts, pending, n_keys, m_start, l_start,
     stride_q_b, stride_q_h, stride_q_t, stride_q_d,
     stride_kval_b, stride_kval_h, stride_kval_n,
     stride_kidx_b, stride_kidx_h, stride_kidx_n,
     stride_v_b, stride_v_h, stride_v_n,
+    stride_vscale_b, stride_vscale_h, stride_vscale_n,
     stride_mask_b, stride_mask_h, stride_mask_t, stride_mask_n,
     stride_newk_b, stride_newk_h, stride_newk_n, stride_newk_d,
     stride_newv_b, stride_newv_h, stride_newv_n, stride_newv_d,
@@ -119,6 +126,7 @@ def decode_split_kernel(
     BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRESPARSE: tl.constexpr,
     PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROW: tl.constexpr,
     APPEND: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
+    FP8_V: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
@@ -186,6 +194,12 @@ def decode_split_kernel(
         kidx = tl.load(KIDX + kidx_rows[:, None] + kk[None, :], mask=nk_ok, other=0).to(tl.int32)
         v = tl.load(v_base + offs_n[:, None] * stride_v_n + cols[None, :], mask=n_ok[:, None] & col_ok[None, :],
                     other=0.0)
+        if FP8_V:  # exact in the query's dtype; the scales fold into P
+            v = v.to(Q.dtype.element_ty)
+            v_scale = tl.load(VSCALE + b * stride_vscale_b + hk * stride_vscale_h + offs_n * stride_vscale_n,
+                              mask=n_ok, other=0.0)
+        else:
+            v_scale = l_i  # unused
         # scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]]: gathered from the register tile.
         index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K))
         picked = tl.reshape(tl.gather(q, index, axis=1), (M_REAL, BLOCK_N, BLOCK_K))
@@ -194,19 +208,19 @@ def decode_split_kernel(
         allowed = user & n_ok[None, :] & (offs_n[None, :] <= last[:, None])
         user = _user_mask(MASK, b, heads, t, row_ok, offs_n + BLOCK_N, n_keys, stride_mask_b, stride_mask_h,
                           stride_mask_t, stride_mask_n, HAS_MASK, MASK_ROW)
-        m_i, l_i, acc = _softmax_block(s, allowed, v, m_i, l_i, acc, REP, PRECISION)
+        m_i, l_i, acc = _softmax_block(s, allowed, v, v_scale, m_i, l_i, acc, REP, PRECISION, FP8_V)
 
     if APPEND:
         if split == n_splits:
-            m_i, l_i, acc = _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, MASK, b, hk, heads, t, row_ok, last,
-                                               cached, pending, n_keys, m_i, l_i, acc, scale_log2, head_dim, topk,
-                                               stride_newk_b, stride_newk_h, stride_newk_n, stride_newk_d,
+            m_i, l_i, acc = _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, VSCALE, MASK, b, hk, heads, t, row_ok,
+                                               last, cached, pending, n_keys, m_i, l_i, acc, scale_log2, head_dim,
+                                               topk, stride_newk_b, stride_newk_h, stride_newk_n, stride_newk_d,
                                                stride_newv_b, stride_newv_h, stride_newv_n, stride_newv_d,
                                                stride_kval_b, stride_kval_h, stride_kval_n,
                                                stride_kidx_b, stride_kidx_h, stride_kidx_n, stride_v_b, stride_v_h,
-                                               stride_v_n, stride_mask_b, stride_mask_h, stride_mask_t, stride_mask_n,
-                                               REP, BLOCK_D,
-                                               LOW_BIT, HAS_MASK, MASK_ROW, PRECISION)
+                                               stride_v_n, stride_vscale_b, stride_vscale_h, stride_vscale_n,
+                                               stride_mask_b, stride_mask_h, stride_mask_t, stride_mask_n, REP,
+                                               BLOCK_D, LOW_BIT, HAS_MASK, MASK_ROW, PRECISION, FP8_V)
     if PDL:  # the merge kernel may launch now (it waits for this grid's results); earlier, its programs would take
         gdc_launch_dependents()  # multiprocessor slots from the splits still streaming keys
     part = (bh * n_parts + split).to(tl.int64) * (group * q_len) + rows

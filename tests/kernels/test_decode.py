@@ -8,41 +8,13 @@ kernel output start poisoned (NaN), so reading or leaving them shows.
 
 import pytest
 import torch
+from decode_helpers import DEVICE, assert_kernel_error, dense_decode, filled_cache, rotations
 
-from sfa_compile import flash_sfa, sparsify
+from sfa_compile import sparsify
 from sfa_compile.functional import flash_sfa_decode
 from sfa_compile.kernels import ops
 from sfa_compile.kernels.kv_cache import CompressedKVCache
 from sfa_compile.kernels.topk import project_by_key_head
-
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def filled_cache(batch, key_heads, head_dim, topk, lengths, dtype=torch.float32, device="cpu", poison=True):
-    """A cache holding random keys/values, the dense tensors it was built from, garbage past each length."""
-    n = max(lengths)
-    keys = torch.randn(batch, key_heads, n, head_dim, dtype=dtype, device=device)
-    values = torch.randn(batch, key_heads, n, head_dim, dtype=dtype, device=device)
-    cache = CompressedKVCache(batch, key_heads, head_dim, topk, dtype, device, capacity=n + 5)
-    if poison:
-        for t in (cache.key_values, cache.values):
-            t.fill_(float("nan"))
-        cache.key_indices.fill_(255 if cache.key_indices.dtype == torch.uint8 else 32767)
-    cache.append(keys, values, lengths)
-    return cache, keys, values
-
-
-def dense_decode(query, keys, values, lengths, topk, attn_mask=None):
-    """Per sequence: flash_sfa over its own keys, query t seeing keys up to length - T + t."""
-    q_len = query.size(2)
-    outs = []
-    for b, n in enumerate(lengths):
-        allowed = torch.ones(q_len, n, dtype=torch.bool, device=query.device).tril(n - q_len)
-        if attn_mask is not None:
-            allowed = allowed & attn_mask[b if attn_mask.size(0) > 1 else 0, :, :, :n]
-        outs.append(flash_sfa(query[b:b + 1], keys[b:b + 1, :, :n], values[b:b + 1, :, :n], topk=topk,
-                              attn_mask=allowed, enable_gqa=True))
-    return torch.cat(outs)
 
 
 def test_cache_round_trip_ragged_growth_and_bytes():
@@ -176,7 +148,7 @@ def test_decode_step_equals_append_then_decode():
     appending the tokens and then decoding: same output, same cache contents and lengths (host and device), for a
     cache that must grow to take them and for a fixed one."""
     torch.manual_seed(6)
-    r = _rotations(2, 16, seed=2).to(DEVICE)
+    r = rotations(2, 16, seed=2).to(DEVICE)
     for fixed in (False, True):
         for q_len in (1, 3):
             caches = [CompressedKVCache(2, 2, 16, 4, torch.float32, DEVICE, capacity=9, fixed=fixed) for _ in range(2)]
@@ -219,12 +191,6 @@ def test_decode_step_equals_append_then_decode():
 
 def _triton():
     return pytest.importorskip("sfa_compile.kernels.triton_decode")
-
-
-def assert_kernel_error(got, want, naive, dtype):
-    """The kernel's error against the float64 ``want`` is at most twice the same-precision reference's."""
-    floor = 4 * torch.finfo(dtype).eps * max(want.abs().max().item(), 1.0)
-    assert (got.double() - want).abs().max().item() <= 2 * (naive.double() - want).abs().max().item() + floor
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -321,11 +287,6 @@ def test_triton_decode_relaunches_match_reference(poisoned):
         assert_kernel_error(got, want, naive, dtype)
 
 
-def _rotations(key_heads, head_dim, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return torch.linalg.qr(torch.randn(key_heads, head_dim, head_dim, generator=g, dtype=torch.float64))[0].float()
-
-
 @pytest.mark.parametrize("dtype,q_len,head_dim", [(torch.float32, 2, 24), (torch.float16, 2, 24),
                                                   (torch.float32, 11, 24), (torch.float16, 1, 160)])
 def test_triton_projection_fused_into_append_and_decode(dtype, q_len, head_dim, poisoned):
@@ -335,7 +296,7 @@ def test_triton_projection_fused_into_append_and_decode(dtype, q_len, head_dim, 
     triton_decode = _triton()
     torch.manual_seed(4)
     batch, key_heads, group, topk, lengths = 2, 2, 3, 5, [23, 9]
-    r = _rotations(key_heads, head_dim).to(DEVICE)
+    r = rotations(key_heads, head_dim).to(DEVICE)
     keys = torch.randn(batch, key_heads, 23, head_dim, dtype=dtype, device=DEVICE)
     values = torch.randn_like(keys)
     query = torch.randn(batch, key_heads * group, q_len, head_dim, dtype=dtype, device=DEVICE)  # 6 or 33 rows/head
@@ -382,7 +343,7 @@ def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected
     triton_decode = _triton()
     torch.manual_seed(8)
     batch, key_heads, topk, capacity = 3, 2, 5, 30
-    r = _rotations(key_heads, head_dim, seed=3).to(DEVICE) if projected else None
+    r = rotations(key_heads, head_dim, seed=3).to(DEVICE) if projected else None
     lengths = [20, 7, capacity - 1]  # the last sequence has room for one new token only
     caches = [CompressedKVCache(batch, key_heads, head_dim, topk, dtype, DEVICE, capacity=capacity, fixed=True)
               for _ in range(2)]
@@ -420,7 +381,7 @@ def test_triton_decode_step_appends_attends_and_advances(dtype, q_len, projected
 def test_projection_argument_of_the_ops():
     """The ops' ``projection`` means "project by R of the key head first", on every device; bad R is refused."""
     torch.manual_seed(5)
-    r = _rotations(2, 16, seed=1).to(DEVICE)
+    r = rotations(2, 16, seed=1).to(DEVICE)
     keys = torch.randn(1, 2, 6, 16, device=DEVICE)
     values = torch.randn(1, 2, 6, 16, device=DEVICE)
     query = torch.randn(1, 4, 1, 16, device=DEVICE)
