@@ -7,7 +7,9 @@ initialization and see the same batches in the same order; the SFA one is conver
 forward and backward. Reported: held-out perplexity per byte and bits per byte after the same number of
 steps (the paper: 17.29 dense vs 18.27 SFA at GPT-2 scale on OpenWebText, per token), and the loss on the
 first held-out-sized slice of the training text (how much each model memorized: the corpus is small, so
-long runs are many epochs).
+long runs are many epochs). The trained SFA model is also read the way generation reads it: each held-out window
+one byte at a time through ``SFACache`` under bf16 autocast, its values cached in bf16 and then in FP8
+(``value_dtype=torch.float8_e4m3fn``), so every prediction attends over the compressed cache.
 
     python benchmarks/bench_lm_perplexity.py [--steps 2000] [--layers 6] [--width 384] [--heads 6]
                                                 [--out DIR] [--publish]
@@ -25,6 +27,7 @@ import transformers
 from publish import Report, add_arguments, provenance
 
 import sfa_compile
+from sfa_compile import SFACache
 
 
 def corpus(device):
@@ -50,6 +53,28 @@ def held_out_loss(model, data, length, batch_size=32):
         logits = model(input_ids=rows[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + rows[:, 1:].numel()
+    model.train()
+    return total / count
+
+
+@torch.no_grad()
+def held_out_loss_decoding(model, data, length, value_dtype=None, batch_size=256):
+    """``held_out_loss`` with every window read one byte at a time through an ``SFACache`` (values in
+    ``value_dtype``, default the autocast dtype), under bf16 autocast on CUDA: what generation computes."""
+    from bench_generate import cache_kwarg
+
+    model.eval()
+    starts = list(range(0, len(data) - length - 1, length))
+    total, count = 0.0, 0
+    device = data.device.type
+    with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+        for i in range(0, len(starts), batch_size):
+            rows = torch.stack([data[s:s + length + 1] for s in starts[i:i + batch_size]])
+            cache = SFACache(model, value_dtype=value_dtype)
+            for t in range(length):
+                logits = model(input_ids=rows[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True).logits
+                loss = torch.nn.functional.cross_entropy(logits[:, -1].float(), rows[:, t + 1], reduction="sum")
+                total, count = total + loss.item(), count + rows.size(0)
     model.train()
     return total / count
 
@@ -119,7 +144,18 @@ def main():
         report.row(dict(attention=name, held_out_loss=loss, train_slice_loss=seen, seconds=round(seconds, 1)),
                    f"| {name} | {loss:.4f} | {math.exp(loss):.3f} | {loss / math.log(2):.3f} | {seen:.4f} "
                    f"| {seconds:.0f} |")
+    decoded = {}
+    plain = "bf16" if device == "cuda" else "float32"  # the autocast dtype, or none on the CPU
+    for values, value_dtype in ((plain, None), ("FP8", torch.float8_e4m3fn)):
+        name = f"SFA topk {head_dim // 8}, decoding through SFACache, {values} values"
+        loss = decoded[values] = held_out_loss_decoding(sfa, held_out, args.length, value_dtype)
+        report.row(dict(attention=name, held_out_loss=loss), f"| {name} | {loss:.4f} | {math.exp(loss):.3f} "
+                                                             f"| {loss / math.log(2):.3f} | | |")
+    report.line()
+    report.line(f"- Perplexity with FP8 values vs {plain} values (decoding): "
+                f"{100 * (math.exp(decoded['FP8'] - decoded[plain]) - 1):+.3f}%")
     report.finish()
+
 
 if __name__ == "__main__":
     main()
