@@ -60,6 +60,7 @@ class FidelityRow:
     plain_retrieval: float
     calibrated_retrieval: float
     cache_ratio: float  # K+V bytes per token and head (bf16 values, uint8 indices) vs dense bf16
+    fp8_cache_ratio: Optional[float]  # the same with FP8 values; None where topk keeps a dense cache
     score_ratio: float  # multiply-adds per query-key score vs dense
     calibration_seconds: float
 
@@ -123,10 +124,17 @@ def retrieval_agreement(dense: torch.Tensor, sfa: torch.Tensor) -> float:
     return (nearest(dense) == nearest(sfa)).float().mean().item()
 
 
-def cache_ratio(topk: int, head_dim: int) -> float:
-    """K+V bytes per token and head, SFA (topk bf16 values + uint8 indices, dense bf16 V) vs dense bf16; topk =
-    head dim keeps a dense cache (1.0)."""
-    return 1.0 if topk >= head_dim else (topk * 3 + head_dim * 2) / (head_dim * 4)
+def cache_ratios(topk: int, head_dim: int) -> tuple[float, Optional[float]]:
+    """K+V bytes per token and head of SFA's compressed cache (``CompressedKVCache.token_nbytes``: topk bf16 values +
+    uint8 indices, then V in bf16, or in FP8 with a float32 scale) against a dense bf16 cache; topk = head dim keeps
+    a dense cache (1.0, no FP8 figure)."""
+    if topk >= head_dim:
+        return 1.0, None
+    from .kernels.kv_cache import CompressedKVCache
+
+    ratios = [CompressedKVCache(1, 1, head_dim, topk, torch.bfloat16, capacity=1, value_dtype=values).token_nbytes
+              / (2 * head_dim * 2) for values in (None, torch.float8_e4m3fn)]
+    return ratios[0], ratios[1]
 
 
 def _converted(model, topk, calibration, refine_steps=None):
@@ -248,7 +256,7 @@ def run_demo(size: Optional[DemoSize] = None, say: Callable[[str], None] = print
             topk, (plain_e * dense_embeddings).sum(-1).mean().item(),
             (calibrated_e * dense_embeddings).sum(-1).mean().item(),
             retrieval_agreement(dense_embeddings, plain_e), retrieval_agreement(dense_embeddings, calibrated_e),
-            cache_ratio(topk, head_dim), topk / head_dim, seconds))
+            *cache_ratios(topk, head_dim), topk / head_dim, seconds))
         if topk == size.compiled_topk:
             compile_reference, onnx_sfa = plain, calibrated
 

@@ -15,11 +15,12 @@ from .demo import DemoResult
 
 def _fidelity_table(result: DemoResult) -> list[str]:
     lines = ["| topk | cosine, plain top-k | cosine, calibrated | retrieval, plain | retrieval, calibrated "
-             "| K+V cache vs dense | score work vs dense | calibration s |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| K+V cache vs dense | with FP8 values | score work vs dense | calibration s |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in result.rows:
         lines.append(f"| {r.topk} | {r.plain_cosine:.4f} | {r.calibrated_cosine:.4f} | {r.plain_retrieval:.1%} "
-                     f"| {r.calibrated_retrieval:.1%} | {r.cache_ratio:.3f} | {r.score_ratio:.3f} "
+                     f"| {r.calibrated_retrieval:.1%} | {r.cache_ratio:.3f} "
+                     f"| {'-' if r.fp8_cache_ratio is None else f'{r.fp8_cache_ratio:.3f}'} | {r.score_ratio:.3f} "
                      f"| {r.calibration_seconds:.1f} |")
     return lines
 
@@ -58,7 +59,8 @@ def markdown(result: DemoResult) -> str:
         f"sentences; retrieval = share of them whose nearest neighbour is the dense model's. Calibrated: "
         f"`sfa_compile.convert(model, SFAConfig(topk), calibration{refine})` on {size.calibration_sentences} other "
         f"sentences (principal axes, then layer-local Eq. 8 refinement). Cache: key/value bytes per token and "
-        f"head (bf16 values, uint8 indices) against a dense bf16 cache; score work: multiply-adds per query-key "
+        f"head (bf16 values, uint8 indices; then FP8 values with a float32 scale, `SFACache(model, value_dtype="
+        f"torch.float8_e4m3fn)`) against a dense bf16 cache; score work: multiply-adds per query-key "
         f"score. topk = "
         f"{result.head_dim} keeps every feature: it is dense attention, exactly.",
         "",
@@ -106,6 +108,8 @@ def _plots(result: DemoResult, directory: Path) -> None:
 
     fig, axis = plt.subplots(figsize=(5, 3.5))
     axis.plot(topks, [r.cache_ratio for r in result.rows], "o-", label="K+V cache bytes")
+    fp8 = [(r.topk, r.fp8_cache_ratio) for r in result.rows if r.fp8_cache_ratio is not None]
+    axis.plot(*zip(*fp8), "^-", label="K+V cache bytes, FP8 values")
     axis.plot(topks, [r.score_ratio for r in result.rows], "s-", label="score multiply-adds")
     axis.axhline(1.0, color="gray", linestyle="--", label="dense")
     axis.set_xlabel("topk")

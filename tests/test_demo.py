@@ -23,11 +23,12 @@ def demo(tmp_path_factory):
 
 
 def _fidelity_rows(report: str) -> dict:
-    """topk -> (plain cosine, calibrated cosine, plain retrieval, calibrated retrieval, cache, score work)."""
+    """topk -> (plain cosine, calibrated cosine, plain retrieval, calibrated retrieval, cache, cache with FP8 values
+    (None: '-'), score work)."""
     rows = {}
-    for m in re.finditer(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \| ([\d.]+) \|",
-                         report, re.M):
-        rows[int(m[1])] = tuple(float(x) for x in m.groups()[1:])
+    for m in re.finditer(r"^\| (\d+) \| ([\d.]+) \| ([\d.]+) \| ([\d.]+)% \| ([\d.]+)% \| ([\d.]+) \| ([\d.]+|-) "
+                         r"\| ([\d.]+) \|", report, re.M):
+        rows[int(m[1])] = tuple(None if x == "-" else float(x) for x in m.groups()[1:])
     return rows
 
 
@@ -47,11 +48,13 @@ def test_numbers_make_sense(demo):
     report = (out / "report.md").read_text()
     rows = _fidelity_rows(report)
     assert sorted(rows) == [4, 8, 32]
-    for topk, (plain, calibrated, plain_nn, calibrated_nn, cache, score) in rows.items():
+    for topk, (plain, calibrated, plain_nn, calibrated_nn, cache, fp8_cache, score) in rows.items():
         if topk < 32:
             assert calibrated >= plain and calibrated_nn >= plain_nn  # calibration helps at every topk
             assert 0.5 < cache < 1.0 and score == pytest.approx(topk / 32, abs=1e-3)
-    assert rows[32][:4] == (1.0, 1.0, 100.0, 100.0) and rows[32][4] == 1.0  # topk = head dim: dense, exactly
+            # Per token and head of 32: topk * (2 + 1) + 32 * 1 + 4 bytes against 2 * 32 * 2.
+            assert fp8_cache == pytest.approx((topk * 3 + 36) / 128, abs=1e-3) and fp8_cache < cache
+    assert rows[32][:4] == (1.0, 1.0, 100.0, 100.0) and rows[32][4:6] == (1.0, None)  # topk = head dim: dense
     assert rows[8][1] > 0.95 and rows[4][0] < rows[8][0] < 1.0  # fidelity grows with topk
     compiled = float(re.search(r"lowest embedding cosine over the held-out sentences ([\d.]+)", report)[1])
     assert compiled > 0.999  # torch.compile(backend="sfa") computes what the converted model does
