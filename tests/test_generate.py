@@ -1,6 +1,7 @@
 """Hugging Face generation with SFACache: compressed keys, decode over them, same tokens as the references."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -231,7 +232,8 @@ def forced_logits(model, cache, tokens, prompt_length):
 def test_fp8_values_decode_within_fp8_error_of_model_dtype_values(name):
     """SFACache(value_dtype=float8_e4m3fn): SFA layers cache values in FP8 with a float32 scale per token and key
     head; every decode step's logits stay within FP8's error of the model-dtype cache's (the same tokens fed to
-    both), the bytes are what the format says, and a static cache, beams and prompt lookup run over it."""
+    both), the bytes are what the format says, a static cache generates what the growing one does, beams run, and
+    prompt lookup (drafts verified several tokens at once, rejected ones cropped) generates the greedy tokens."""
     model, _, inputs, head_dim = sfa_model(name, 4)
     tokens = generate(model, inputs, SFACache(model), n=8)
     prompt_length = inputs["input_ids"].size(1)
@@ -249,6 +251,10 @@ def test_fp8_values_decode_within_fp8_error_of_model_dtype_values(name):
     beams = generate(model, inputs, SFACache(model, value_dtype=torch.float8_e4m3fn), num_beams=3,
                      num_return_sequences=2)
     assert beams.size(0) == 2 * tokens.size(0)
+    repeats = {"input_ids": torch.tensor([[5, 6, 7, 8] * 3 + [5, 6]])}  # drafts are found, verified and cropped
+    fp8 = functools.partial(SFACache, model, value_dtype=torch.float8_e4m3fn)
+    drafted = generate(model, repeats, fp8(), n=12, prompt_lookup_num_tokens=3)
+    assert torch.equal(drafted, generate(model, repeats, fp8(), n=12))
     with pytest.raises(ValueError, match="value_dtype must be None"):
         SFACache(model, value_dtype=torch.float16)
 
