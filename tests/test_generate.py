@@ -252,9 +252,9 @@ def test_fp8_values_decode_within_fp8_error_of_model_dtype_values(name):
                      num_return_sequences=2)
     assert beams.size(0) == 2 * tokens.size(0)
     repeats = {"input_ids": torch.tensor([[5, 6, 7, 8] * 3 + [5, 6]])}  # drafts are found, verified and cropped
-    fp8 = functools.partial(SFACache, model, value_dtype=torch.float8_e4m3fn)
-    drafted = generate(model, repeats, fp8(), n=12, prompt_lookup_num_tokens=3)
-    assert torch.equal(drafted, generate(model, repeats, fp8(), n=12))
+    fresh_fp8 = functools.partial(SFACache, model, value_dtype=torch.float8_e4m3fn)
+    drafted = generate(model, repeats, fresh_fp8(), n=12, prompt_lookup_num_tokens=3)
+    assert torch.equal(drafted, generate(model, repeats, fresh_fp8(), n=12))
     with pytest.raises(ValueError, match="value_dtype must be None"):
         SFACache(model, value_dtype=torch.float16)
 
