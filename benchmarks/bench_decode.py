@@ -131,7 +131,7 @@ def run_case(batch, context, topk, q_len, sweep, value_dtype):
                                            False, None, None, None, None, torch.cuda.current_device(), False)[0]
         variants.update({f"splits={s},block={b},warps={w},stages={st}": dict(num_splits=s, block_n=b, num_warps=w,
                                                                             num_stages=st)
-                         for s in sorted({max(1, auto // 2), auto, 2 * auto}) for b in (32, 64) for w in (2, 4)
+                         for s in sorted({max(1, auto // 2), auto, 2 * auto}) for b in (32, 64, 128) for w in (2, 4)
                          for st in (2, 3)})
     times = {}
     for name, kw in variants.items():
