@@ -58,11 +58,23 @@ def _user_mask(MASK, b, heads, t, row_ok, offs_n, n_keys, stride_mask_b, stride_
 
 
 @triton.jit
+def _widen_fp8(v, model_dtype: tl.constexpr):
+    """FP8 values in the dtype of the P @ V product: float16 for half-precision models (exact, one conversion
+    instruction per two values, where bfloat16 takes several), float32 for float32 models (their precision)."""
+    if model_dtype == tl.float32:
+        return v.to(tl.float32)
+    else:
+        return v.to(tl.float16)
+
+
+@triton.jit
 def _softmax_block(s, allowed, v, v_scale, m_i, l_i, acc, REP: tl.constexpr, PRECISION: tl.constexpr,
                    FP8_V: tl.constexpr):
     """One block of keys into the online softmax: scores ``s`` (M_REAL rows, log2 units) where ``allowed``,
-    values ``v`` (FP8_V: dequantized values are v times ``v_scale`` per key, folded into P's columns); P is
-    repeated REP times to the >= 16 rows of the tensor-core P @ V."""
+    values ``v``; P is repeated REP times to the >= 16 rows of the tensor-core P @ V. FP8_V: ``v`` holds the FP8
+    values widened (``_widen_fp8``), each key's value row times its ``v_scale``: P's columns take the scales
+    divided by the block's largest (so P stays in [0, 1], within float16's range) and the product is multiplied
+    by it."""
     s = tl.where(allowed, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -70,10 +82,14 @@ def _softmax_block(s, allowed, v, v_scale, m_i, l_i, acc, REP: tl.constexpr, PRE
     alpha = tl.exp2(m_i - m_use)
     l_i = l_i * alpha + tl.sum(p, axis=1)
     if FP8_V:
-        p = p * v_scale[None, :]
+        block_scale = tl.max(v_scale, axis=0)
+        p = p * (v_scale / tl.where(block_scale > 0, block_scale, 1.0))[None, :]
     p_rep = tl.reshape(tl.broadcast_to(p[None, :, :], (REP, s.shape[0], s.shape[1])), (REP * s.shape[0], s.shape[1]))
     alpha_rep = tl.reshape(tl.broadcast_to(alpha[None, :], (REP, s.shape[0])), (REP * s.shape[0],))
-    acc = acc * alpha_rep[:, None] + tl.dot(p_rep.to(v.dtype), v, input_precision=PRECISION)
+    pv = tl.dot(p_rep.to(v.dtype), v, input_precision=PRECISION)
+    if FP8_V:
+        pv = pv * block_scale
+    acc = acc * alpha_rep[:, None] + pv
     return m_new, l_i, acc
 
 
@@ -97,7 +113,8 @@ def _attend_new_tokens(q, NEW_K, NEW_V, KVAL, KIDX, V, VSCALE, MASK, b, hk, head
                                         stride_kidx_h, stride_kidx_n, stride_v_b, stride_v_h, stride_v_n,
                                         stride_vscale_b, stride_vscale_h, stride_vscale_n, BLOCK_D, LOW_BIT, False,
                                         PRECISION, FP8_V)
-    values = values.to(keys.dtype)  # FP8: exact in the keys' (the model's) dtype
+    if FP8_V:
+        values = _widen_fp8(values, keys.dtype)
     q_rep = tl.reshape(tl.broadcast_to(q[None, :, :], (REP, q.shape[0], BLOCK_D)), (REP * q.shape[0], BLOCK_D))
     s_rep = tl.dot(q_rep.to(keys.dtype), tl.trans(keys), input_precision=PRECISION)
     s = tl.max(tl.reshape(s_rep, (REP, q.shape[0], 16)), axis=0) * scale_log2
@@ -194,8 +211,8 @@ def decode_split_kernel(
         kidx = tl.load(KIDX + kidx_rows[:, None] + kk[None, :], mask=nk_ok, other=0).to(tl.int32)
         v = tl.load(v_base + offs_n[:, None] * stride_v_n + cols[None, :], mask=n_ok[:, None] & col_ok[None, :],
                     other=0.0)
-        if FP8_V:  # exact in the query's dtype; the scales fold into P
-            v = v.to(Q.dtype.element_ty)
+        if FP8_V:  # the scales fold into P
+            v = _widen_fp8(v, Q.dtype.element_ty)
             v_scale = tl.load(VSCALE + b * stride_vscale_b + hk * stride_vscale_h + offs_n * stride_vscale_n,
                               mask=n_ok, other=0.0)
         else:
