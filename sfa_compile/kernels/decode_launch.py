@@ -65,7 +65,8 @@ def _programmatic_launch(device: int) -> bool:
 
 def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, append: bool,
                    num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
-                   num_stages: Optional[int], device: int, interpret: bool) -> tuple[int, int, int, int]:
+                   num_stages: Optional[int], device: int, interpret: bool,
+                   fp8_values: bool = False) -> tuple[int, int, int, int]:
     """(splits, key block, warps, stages), each unless given; chosen by sweeps (benchmarks/RESULTS.md, LOG.md).
 
     With >= 16 (sequence, key head) pairs, <= 4 score rows and topk <= 16: about two programs per multiprocessor
@@ -75,7 +76,8 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, ap
     split four times further, with the tiles above where swept, else 32-key blocks, 2 warps, 2 stages. When the
     split kernel ``append``s a step's new tokens, their program counts in the programs per multiprocessor (one
     more would wait for a second wave), and four programs per multiprocessor take 32-key blocks, 2 warps, 3 stages
-    at every topk."""
+    at every topk. FP8 values: twice those splits, 64-key blocks, 2 warps, 3 stages (the best of the sweep at
+    batch 16 / 32k-128k and batch 1 / 128k, topk 8 and 16)."""
     if interpret:
         return num_splits or max(1, min(4, cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
     stride_mask_n = _multiprocessors(device)
@@ -91,17 +93,21 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, ap
             block, warps, stages = wide if measured else (32, 2, 2)
         else:
             block, warps, stages = (64, 4, 2) if topk <= 8 and not append else (32, 2, 3)
+    if fp8_values:
+        splits, block, warps, stages = 2 * splits, 64, 2, 3
     return num_splits or splits, block_n or block, num_warps or warps, num_stages or stages
 
 
 def split_config(batch_heads: int, n_keys: int, rows: int, head_dim: int, topk: int, append: bool,
                   num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
-                  num_stages: Optional[int], device: int, interpret: bool) -> tuple[int, int, int, int, int]:
+                  num_stages: Optional[int], device: int, interpret: bool,
+                  fp8_values: bool = False) -> tuple[int, int, int, int, int]:
     """(splits, key block, warps, stages, score rows) of a split-kernel launch: ``_launch_config`` and the score
     rows its warps allow."""
     splits, block_n, num_warps, num_stages = _launch_config(batch_heads, n_keys, topk,
                                                             _score_rows(rows, head_dim, topk), append, num_splits,
-                                                            block_n, num_warps, num_stages, device, interpret)
+                                                            block_n, num_warps, num_stages, device, interpret,
+                                                            fp8_values)
     return splits, block_n, num_warps, num_stages, _score_rows(rows, head_dim, topk, num_warps)
 
 
@@ -148,7 +154,7 @@ def decode_plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: 
                                      PRECISION=precision, FP8_V=fp8_values), 4, 3) if presparse else None
     splits, block_n, num_warps, num_stages, m_real = split_config(
         batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
-        interpret)
+        interpret, fp8_values)
     parts = splits + append
     block_k = max(next_power_of_2(topk), 2)
     line = 128 // (1 if fp8_values else dtype.itemsize)  # V elements per 128-byte line (prefetched)
