@@ -65,11 +65,16 @@ def _sparse_query_rows(Q, R, OUT, b, hk, topk, head_dim, q_len, group, key_heads
 def _round_to_e4m3(y):
     """float32 ``y`` (|y| <= FP8_MAX) rounded to the nearest e4m3fn value (ties to even), still float32, so that the
     conversion to FP8 after it is exact: Triton's interpreter rounds that conversion without carrying into the
-    exponent (127.25 becomes 64). Normal range: round the mantissa to 3 bits on the bit pattern; below 2^-6 the
-    subnormals' fixed step 2^-9: round |y| * 2^9 to an integer with the 1.5 * 2^23 trick, then the sign."""
+    exponent (127.25 becomes 64). Integer steps only, which no floating-point contraction can change: the normal
+    range rounds the mantissa to 3 bits on the bit pattern; below 2^-6 the subnormals' fixed step 2^-9 rounds
+    |y| * 2^9 (exact, < 8) to an integer, then the sign is put back."""
     bits = y.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
-    subnormal = ((tl.abs(y) * 512.0 + 12582912.0) - 12582912.0) * 0.001953125
+    steps = tl.abs(y) * 512.0
+    whole = steps.to(tl.int32)  # truncation
+    rest = steps - whole.to(tl.float32)
+    up = (rest > 0.5) | ((rest == 0.5) & ((whole & 1) == 1))
+    subnormal = (whole + up.to(tl.int32)).to(tl.float32) * 0.001953125
     return tl.where(tl.abs(y) >= 0.015625, normal, tl.where(bits < 0, -subnormal, subnormal))  # keeps -0.0
 
 
