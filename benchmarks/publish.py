@@ -28,7 +28,10 @@ def add_arguments(parser) -> None:
 
 def commit() -> str:
     """The checkout's short commit, '+dirty' when tracked code differs from it (tables, plots and notes do not
-    count); outside git, $BENCH_COMMIT (set by whoever copied the tree) or 'unknown'."""
+    count); $BENCH_COMMIT when set (whoever copied the tree names its commit: a copy's .git may be stale), 'unknown'
+    outside git."""
+    if os.environ.get("BENCH_COMMIT"):
+        return os.environ["BENCH_COMMIT"]
     try:
         sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=HERE, capture_output=True, text=True,
                              check=True).stdout.strip()
@@ -37,7 +40,7 @@ def commit() -> str:
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", *code], cwd=HERE,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("BENCH_COMMIT", "unknown")
+        return "unknown"
     return sha + ("+dirty" if dirty else "")
 
 
