@@ -43,13 +43,18 @@ def batch(data, size, length, generator):
     return rows[:, :-1], rows[:, 1:]
 
 
+def windows(data, length, batch_size):
+    """Batches of consecutive, non-overlapping (length + 1)-byte windows of ``data``: inputs and next bytes."""
+    starts = list(range(0, len(data) - length - 1, length))
+    for i in range(0, len(starts), batch_size):
+        yield torch.stack([data[s:s + length + 1] for s in starts[i:i + batch_size]])
+
+
 @torch.no_grad()
 def held_out_loss(model, data, length, batch_size=32):
     model.eval()
-    starts = list(range(0, len(data) - length - 1, length))
     total, count = 0.0, 0
-    for i in range(0, len(starts), batch_size):
-        rows = torch.stack([data[s:s + length + 1] for s in starts[i:i + batch_size]])
+    for rows in windows(data, length, batch_size):
         logits = model(input_ids=rows[:, :-1]).logits
         loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1).float(), rows[:, 1:].flatten(), reduction="sum")
         total, count = total + loss.item(), count + rows[:, 1:].numel()
@@ -64,12 +69,10 @@ def held_out_loss_decoding(model, data, length, value_dtype=None, batch_size=256
     from bench_generate import cache_kwarg
 
     model.eval()
-    starts = list(range(0, len(data) - length - 1, length))
     total, count = 0.0, 0
     device = data.device.type
     with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-        for i in range(0, len(starts), batch_size):
-            rows = torch.stack([data[s:s + length + 1] for s in starts[i:i + batch_size]])
+        for rows in windows(data, length, batch_size):
             cache = SFACache(model, value_dtype=value_dtype)
             for t in range(length):
                 logits = model(input_ids=rows[:, t:t + 1], **cache_kwarg(model, cache), use_cache=True).logits

@@ -80,14 +80,14 @@ def _launch_config(batch_heads: int, n_keys: int, topk: int, score_rows: int, ap
     batch 16 / 32k-128k and batch 1 / 128k, topk 8 and 16)."""
     if interpret:
         return num_splits or max(1, min(4, cdiv(n_keys, 16))), block_n or 16, num_warps or 4, num_stages or 1
-    stride_mask_n = _multiprocessors(device)
+    multiprocessors = _multiprocessors(device)
     measured = score_rows <= 4 and topk <= 16
     wide = (64 if topk <= 8 else 128), 4, 3
     if batch_heads >= 16 and measured:
-        splits = max(1, min(2 * stride_mask_n // batch_heads - append, cdiv(n_keys, MIN_SPLIT_TOKENS)))
+        splits = max(1, min(2 * multiprocessors // batch_heads - append, cdiv(n_keys, MIN_SPLIT_TOKENS)))
         block, warps, stages = wide
     else:
-        splits = max(1, min(cdiv(4 * stride_mask_n, batch_heads) - append, cdiv(n_keys, MIN_SPLIT_TOKENS)))
+        splits = max(1, min(cdiv(4 * multiprocessors, batch_heads) - append, cdiv(n_keys, MIN_SPLIT_TOKENS)))
         if cdiv(max(n_keys, 1), splits) >= LONG_SPLIT_TOKENS:
             splits *= 4
             block, warps, stages = wide if measured else (32, 2, 2)

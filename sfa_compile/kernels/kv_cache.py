@@ -77,7 +77,10 @@ class CompressedKVCache:
     @property
     def buffers(self) -> tuple[torch.Tensor, ...]:
         """Every tensor of the cache with one row per (sequence, key head, slot)."""
-        return tuple(t for t in (self.key_values, self.key_indices, self.values, self.value_scales) if t is not None)
+        return tuple(getattr(self, name) for name in self._buffer_names())
+
+    def _buffer_names(self) -> tuple[str, ...]:
+        return ("key_values", "key_indices", "values") + (("value_scales",) if self.fp8_values else ())
 
     @property
     def capacity(self) -> int:
@@ -208,10 +211,8 @@ class CompressedKVCache:
     def select(self, index: torch.Tensor) -> None:
         """Keep (and reorder) the sequences ``index`` (beam search, finished sequences)."""
         index = index.to(self.device)
-        self.key_values, self.key_indices, self.values = (t[index] for t in (self.key_values, self.key_indices,
-                                                                              self.values))
-        if self.value_scales is not None:
-            self.value_scales = self.value_scales[index]
+        for name in self._buffer_names():
+            setattr(self, name, getattr(self, name)[index])
         self.host_lengths = [self.host_lengths[i] for i in index.tolist()]
         self.batch = len(self.host_lengths)
         self.lengths = self.lengths[index]

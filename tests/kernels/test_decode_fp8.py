@@ -39,6 +39,10 @@ def within_fp8_rounding(got: torch.Tensor, values: torch.Tensor, scales: torch.T
     return bool(((got.double() - values.double()).abs() <= bound).all())
 
 
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == FP8 else torch.equal(a, b)
+
+
 def test_quantize_values_scales_each_row_to_the_fp8_range():
     torch.manual_seed(0)
     values = torch.randn(3, 2, 7, 24) * torch.logspace(-6, 4, 7)[None, None, :, None]  # rows of any magnitude
@@ -125,8 +129,7 @@ def test_fp8_reference_decode_is_dense_sfa_over_the_dequantized_values(q_len):
     torch.testing.assert_close(got, flash_sfa_decode(query, cache), rtol=0, atol=0)
     for a, b in zip(stepped.buffers, cache.buffers):
         for seq, n in enumerate(cache.host_lengths):
-            assert torch.equal(a[seq, :, :n].view(torch.uint8) if a.dtype == FP8 else a[seq, :, :n],
-                               b[seq, :, :n].view(torch.uint8) if b.dtype == FP8 else b[seq, :, :n])
+            assert _same_bytes(a[seq, :, :n], b[seq, :, :n])
     torch.library.opcheck(torch.ops.sfa.flash_sfa_decode_step.default,
                           (query, *cache.views(), cache.lengths, new_k, new_v, 4),
                           {"value_scales": cache.scale_view()},
@@ -137,10 +140,6 @@ def test_fp8_reference_decode_is_dense_sfa_over_the_dequantized_values(q_len):
 
 def _triton():
     return pytest.importorskip("sfa_compile.kernels.triton_decode")
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8)) if a.dtype == FP8 else torch.equal(a, b)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
