@@ -134,6 +134,30 @@ def test_prompt_lookup_decoding_verifies_drafts_over_the_compressed_cache(max_ca
     assert torch.equal(got, generate(model, inputs, n=12))
 
 
+def test_cache_layer_reaches_the_attention_function_through_either_handoff(monkeypatch):
+    """Models that pass their attention kwargs through Cache.update (transformers 5.24+) get the layer as the
+    keyword sfa_cache_layer, untagged keys; others (older transformers) get it on the keys. Both generate the
+    reference path's tokens; a handoff lost between cache and attention fails at the next step, never silently."""
+    model, _, inputs, _ = sfa_model("llama", 4)
+    want = generate(model, inputs)
+    layer = SFACache(model).layers[0]
+    key, value = torch.randn(2, 2, 5, 16), torch.randn(2, 2, 5, 16)
+    attention_kwargs = {}
+    got_key, _ = layer.update(key, value, kwargs=attention_kwargs)
+    assert attention_kwargs == {hf_attention.CACHE_LAYER_KWARG: layer}
+    assert not hasattr(got_key, hf_attention.CACHE_TAG)
+    got_key, _ = layer.update(key, value)
+    assert getattr(got_key, hf_attention.CACHE_TAG) is layer
+
+    update = SFACacheLayer.update
+    monkeypatch.setattr(SFACacheLayer, "update", lambda self, k, v, *a, **kw: update(self, k, v, *a))
+    assert torch.equal(generate(model, inputs, SFACache(model)), want)
+    monkeypatch.setattr(SFACacheLayer, "update", lambda self, k, v, *a, **kw: tuple(
+        t.clone() for t in update(self, k, v, *a)))  # the clone drops the tag: the keys arrive unannounced
+    with pytest.raises(RuntimeError, match="never reached the 'sfa' attention function"):
+        generate(model, inputs, SFACache(model))
+
+
 def test_cache_crop_removes_tokens_or_keeps_a_length():
     """crop(-n) forgets the last n tokens (transformers' convention), crop(n > 0) keeps the first n (the
     convention before transformers 5.18), crop(0) does nothing; host and device lengths agree."""

@@ -20,19 +20,20 @@ from ..training.observers import notify
 from ..training.straight_through import sfa_attention, straight_through_on
 
 ATTN_IMPLEMENTATION = "sfa"
-CACHE_TAG = "_sfa_cache_layer"  # set by SFACache.update on the keys it hands to the attention function
+CACHE_LAYER_KWARG = "sfa_cache_layer"  # SFACache.update hands its layer to this function under this keyword
+CACHE_TAG = "_sfa_cache_layer"  # ... or, where the model keeps its attention kwargs from the cache, on the keys
 
 
 def sfa_attention_forward(module, query, key, value, attention_mask, scaling=None, dropout=0.0, is_causal=None,
-                          **kwargs):
+                          sfa_cache_layer=None, **kwargs):
     """Same contract as transformers' sdpa_attention_forward: (batch, heads, len, d) in, (batch, len, heads,
-    d) out, no attention weights."""
+    d) out, no attention weights. ``sfa_cache_layer``: the SFACache layer that took this call's keys."""
     is_causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
     is_causal = bool(is_causal and attention_mask is None and query.shape[2] > 1)
     sdpa_kwargs = dict(attn_mask=attention_mask, is_causal=is_causal, scale=scaling,
                        dropout_p=dropout if module.training else 0.0, enable_gqa=key.shape[1] != query.shape[1])
     sfa = getattr(module, "sfa", None)
-    cache_layer = getattr(key, CACHE_TAG, None)
+    cache_layer = sfa_cache_layer if sfa_cache_layer is not None else getattr(key, CACHE_TAG, None)
     if sfa is not None and cache_layer is not None and cache_layer.decoding:
         return _decode(cache_layer, query, key, value, attention_mask, scaling)
     if attention_mask is not None and attention_mask.size(-1) > key.size(-2) and cache_layer is not None:

@@ -5,11 +5,14 @@
 
 Each SFA layer's keys are projected by the layer's R (inside the append kernel), compressed to top-k values +
 indices and appended to a ``CompressedKVCache``; values stay dense; other layers keep a plain dense cache.
-``update`` hands the attention function the current tokens' keys tagged with their cache layer: the first
-call (the prompt) is appended there and runs the prefill kernel on its own keys; later calls (decode steps)
-leave the appending to the attention function, which appends and attends over the compressed cache in one op
-(``flash_sfa_decode`` with ``new_keys``: the append rides in the decode kernels' launches). The tag only means
-something to the "sfa" attention function, so the cache refuses models that do not use it.
+``update`` hands the attention function its cache layer: as the keyword ``sfa_cache_layer`` where the model
+passes its attention kwargs through ``Cache.update`` (transformers 5.24+: Llama, Qwen, Mistral, ...), otherwise
+as an attribute of the keys it returns (older transformers). The first call (the prompt) is appended there and
+runs the prefill kernel on its own keys; later calls (decode steps) leave the appending to the attention
+function, which appends and attends over the compressed cache in one op (``flash_sfa_decode`` with
+``new_keys``: the append rides in the decode kernels' launches). Only the "sfa" attention function knows the
+handoff, so the cache refuses models that do not use it, and a growing cache checks at each step that the
+previous one reached it.
 
 With ``max_cache_len`` the cache is static, like transformers' StaticCache: every layer allocates its capacity up
 front and never moves, attention masks span the capacity, and a decode step reads only device state (lengths
@@ -30,7 +33,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicLayer, Stati
 
 from ..kernels.kv_cache import CompressedKVCache, check_value_dtype
 from ..kernels.limits import MAX_QUERY_LENGTH
-from .hf_attention import ATTN_IMPLEMENTATION, CACHE_TAG
+from .hf_attention import ATTN_IMPLEMENTATION, CACHE_LAYER_KWARG, CACHE_TAG
 
 
 def _is_identity(r: torch.Tensor) -> bool:
@@ -51,6 +54,7 @@ class SFACacheLayer(CacheLayerMixin):
         self.store: CompressedKVCache | None = None
         self.identity_projection = False  # R is exactly the identity: the kernels skip it
         self.decoding = False  # the latest update is a decode step: the attention function appends its tokens
+        self.expected_length: int | None = None  # a growing cache's length once that step has been appended
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         batch, key_heads, length, head_dim = key_states.shape
@@ -93,12 +97,29 @@ class SFACacheLayer(CacheLayerMixin):
                                  "(transformers' generate does) or feed it in chunks of at most 16 tokens")
             self.decoding = True
         else:
+            self._check_previous_step()
             self.decoding = self.store.max_length > 0
+            if self.decoding and self.max_cache_len is None:
+                self.expected_length = self.store.max_length + key_states.size(2)
         if not self.decoding:
             with torch.no_grad():
                 self.store.append(key_states, value_states, projection=self.projection_weight())
-        setattr(key_states, CACHE_TAG, self)
+        attention_kwargs = kwargs.get("kwargs")
+        if isinstance(attention_kwargs, dict):  # the dict the model then unpacks into the attention function
+            attention_kwargs[CACHE_LAYER_KWARG] = self
+        else:
+            setattr(key_states, CACHE_TAG, self)
         return key_states, value_states
+
+    def _check_previous_step(self) -> None:
+        """A decode step's tokens are appended by the attention function: if the handoff was lost (a model that
+        copies its keys between the cache and the attention function), they never were; fail rather than decode
+        over a cache with holes."""
+        expected, self.expected_length = self.expected_length, None
+        if expected is not None and self.store.max_length != expected:
+            raise RuntimeError("SFACache: the previous step's keys never reached the 'sfa' attention function (the "
+                               "model changed them between its cache and its attention call); generate with a "
+                               "dense cache (no SFACache) for this model")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         if self.max_cache_len is not None:
@@ -120,7 +141,7 @@ class SFACacheLayer(CacheLayerMixin):
         return self.store.nbytes if self.is_initialized else 0
 
     def reset(self) -> None:
-        self.store, self.is_initialized, self.decoding = None, False, False
+        self.store, self.is_initialized, self.decoding, self.expected_length = None, False, False, None
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         if self.is_initialized:
@@ -136,6 +157,8 @@ class SFACacheLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: rejected speculative drafts); a
         positive value is the length to keep, the convention transformers 5.17 still accepts (deprecated)."""
+        if self.is_initialized:
+            self._check_previous_step()
         if self.is_initialized and tokens_to_remove:
             length = self.store.max_length
             keep = max(length + tokens_to_remove, 0) if tokens_to_remove < 0 else min(tokens_to_remove, length)
