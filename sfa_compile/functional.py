@@ -37,8 +37,8 @@ def flash_sfa(
     dropout_seed = None
     if dropout_p > 0.0:
         dropout_seed = torch.randint(0, 2**62, (), dtype=torch.int64)
-    out, _ = ops.flash_sfa_op(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
-    return out
+    return ops.flash_sfa_op(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                            dropout_seed)[0]
 
 
 def flash_sfa_decode(query: torch.Tensor, cache: "CompressedKVCache", *, scale: Optional[float] = None,

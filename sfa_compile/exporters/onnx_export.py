@@ -32,7 +32,8 @@ _EXTERNAL_DATA_BYTES = 1 << 30  # initializers above this go to a side file (pro
 
 def _translate_flash_sfa(query, key, value, topk, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                          enable_gqa=False, dropout_seed=None):
-    """onnxscript translation of ``sfa::flash_sfa`` (the exporter calls it with symbolic tensors)."""
+    """onnxscript translation of ``sfa::flash_sfa`` (the exporter calls it with symbolic tensors): the node gives the
+    op's output and lse; q~ and k~, the op's outputs for its backward, are never read in an exported graph."""
     import onnxscript
     from onnxscript import opset18 as op
 

@@ -2,14 +2,15 @@
 ``sfa::flash_sfa_decode`` (attention over a compressed key cache), ``sfa::compressed_cache_append`` and
 ``sfa::flash_sfa_decode_step`` (append a step's keys and values, then attend: what a generation step calls).
 
-The op returns (output, lse): lse is the float32 log-sum-exp of each query row's masked, scaled scores as the
-engine that ran the call computed it (prefill.py), saved for the backward so that it never recomputes the softmax
-normalizer; callers use output only. The fake implementation (shapes only) is the single source of output
-shapes, used by torch.compile, torch.export and the FX passes. Every device runs ``prefill``: top-k of q and k,
-then the fastest dense attention engine that takes the call (SDPA's backends, our Triton kernels on CUDA, imported
-on first use so that machines without Triton never need them), else the pure-PyTorch reference. Dropout
-randomness enters as an explicit seed tensor so the op stays a pure function of its inputs (recomputable in the
-backward, checkable by opcheck, traceable by export).
+The op returns (output, lse, q~, k~): lse is the float32 log-sum-exp of each query row's masked, scaled scores as
+the engine that ran the call computed it (prefill.py), q~ and k~ the sparsified query and key (empty when topk >=
+d), all saved for the backward so that it recomputes neither the softmax normalizer nor the top-k (it reads the
+keep masks from q~ and k~; autograd keeps them instead of q and k); callers use output only. The fake
+implementation (shapes only) is the single source of output shapes, used by torch.compile, torch.export and the
+FX passes. Every device runs ``prefill``: top-k of q and k, then the fastest dense attention engine that takes the
+call (SDPA's backends, our Triton kernels on CUDA, imported on first use so that machines without Triton never
+need them), else the pure-PyTorch reference. Dropout randomness enters as an explicit seed tensor so the op stays
+a pure function of its inputs (recomputable in the backward, checkable by opcheck, traceable by export).
 
 The three decode ops are inference-only and run once per layer of every generation step, so they are defined
 with torch.library's lower-level API (``_inference_op``) instead of ``torch.library.custom_op``, whose Python
@@ -55,7 +56,7 @@ def flash_sfa_op(
     scale: Optional[float] = None,
     enable_gqa: bool = False,
     dropout_seed: Optional[torch.Tensor] = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
     return prefill.forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed)
 
@@ -65,7 +66,9 @@ def _flash_sfa_fake(query, key, value, topk, attn_mask=None, dropout_p=0.0, is_c
                     enable_gqa=False, dropout_seed=None):
     _check(query, key, value, topk, attn_mask, dropout_p, is_causal, enable_gqa, dropout_seed)
     lse_shape = score_shape(query, key, value, enable_gqa)[:-1]
-    return query.new_empty(output_shape(query, key, value, enable_gqa)), query.new_empty(lse_shape, dtype=torch.float32)
+    q_shape, k_shape = prefill.sparse_shapes(query, key, value, topk, enable_gqa)
+    return (query.new_empty(output_shape(query, key, value, enable_gqa)),
+            query.new_empty(lse_shape, dtype=torch.float32), query.new_empty(q_shape), key.new_empty(k_shape))
 
 
 @torch.library.custom_op("sfa::flash_sfa_backward", mutates_args=())
@@ -84,11 +87,14 @@ def flash_sfa_backward_op(
     enable_gqa: bool,
     dropout_seed: Optional[torch.Tensor],
     mask_grad: bool,
+    query_shape: list[int],
+    key_shape: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv, d attn_mask); the last is an empty tensor unless mask_grad. The engine is the forward's
+    """(dq, dk, dv, d attn_mask) of q and k shaped ``query_shape``, ``key_shape``; the last is an empty tensor
+    unless mask_grad. ``query``, ``key``: the forward's q~, k~ (q, k when topk >= d). The engine is the forward's
     (the reference recomputes the probabilities and ignores ``out`` and ``lse``)."""
     grads = prefill.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
-                             enable_gqa, dropout_seed, mask_grad)
+                             enable_gqa, dropout_seed, mask_grad, query_shape, key_shape)
     return _contiguous_grads(query, *grads)
 
 
@@ -99,27 +105,29 @@ def _contiguous_grads(query, dq, dk, dv, d_mask):
 
 @flash_sfa_backward_op.register_fake
 def _flash_sfa_backward_fake(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
-                             enable_gqa, dropout_seed, mask_grad):
+                             enable_gqa, dropout_seed, mask_grad, query_shape, key_shape):
     # Gradients are contiguous whatever the inputs' strides (transposed views are common here).
     d_mask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty(0)
-    return query.new_empty(query.shape), key.new_empty(key.shape), value.new_empty(value.shape), d_mask
+    return query.new_empty(query_shape), key.new_empty(key_shape), value.new_empty(value.shape), d_mask
 
 
 def _setup_context(ctx, inputs, output) -> None:
     query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed = inputs
-    out, lse = output
-    ctx.save_for_backward(query, key, value, out, lse, attn_mask, dropout_seed)
-    ctx.settings = (topk, dropout_p, is_causal, scale, enable_gqa)
+    out, lse, q_sparse, k_sparse = output
+    dense = topk >= query.size(-1)  # nothing dropped: q~, k~ are empty and the backward reads q, k
+    ctx.save_for_backward(query if dense else q_sparse, key if dense else k_sparse, value, out, lse, attn_mask,
+                          dropout_seed)
+    ctx.settings = (topk, dropout_p, is_causal, scale, enable_gqa, list(query.shape), list(key.shape))
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
-    ctx.mark_non_differentiable(lse)
+    ctx.mark_non_differentiable(lse, q_sparse, k_sparse)
 
 
-def _backward(ctx, grad_out, _grad_lse):
+def _backward(ctx, grad_out, _grad_lse, _grad_q_sparse, _grad_k_sparse):
     query, key, value, out, lse, attn_mask, dropout_seed = ctx.saved_tensors
-    topk, dropout_p, is_causal, scale, enable_gqa = ctx.settings
+    topk, dropout_p, is_causal, scale, enable_gqa, query_shape, key_shape = ctx.settings
     dq, dk, dv, d_mask = flash_sfa_backward_op(
         grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-        dropout_seed, ctx.mask_grad,
+        dropout_seed, ctx.mask_grad, query_shape, key_shape,
     )
     return dq, dk, dv, None, (d_mask if ctx.mask_grad else None), None, None, None, None, None
 

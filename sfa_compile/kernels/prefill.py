@@ -34,7 +34,7 @@ import torch
 from .checks import default_scale, gqa_group_size, score_shape
 from .limits import KERNEL_DTYPES, MAX_HEAD_DIM
 from .reference import flash_sfa_backward_reference, flash_sfa_reference
-from .topk import sparsify_fast
+from .topk import kept_features, sparsify_dense, sparsify_fast
 
 REFERENCE, TRITON, CUDNN, FLASH, CPU_FLASH = "reference", "triton", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash"
 _HALF = (torch.float16, torch.bfloat16)
@@ -111,14 +111,23 @@ def _layout(query, key, value, enable_gqa):
     return batch, kv_batch
 
 
-def _sparsify(x: torch.Tensor, topk: int, want_keep: bool, triton: bool):
-    if topk >= x.size(-1):
-        return x, None
-    if not triton:
-        return sparsify_fast(x, topk, want_keep)
-    from .triton_topk import sparsify_triton
+def _sparsify(x: torch.Tensor, topk: int, triton: bool) -> torch.Tensor:
+    """x~ of the 4-D ``x``: the Triton top-k (CUDA, or Triton's interpreter under tests), else the CPU selection,
+    else (other devices' float64) the sort."""
+    if triton and x.dtype in KERNEL_DTYPES:
+        from .triton_topk import sparsify_triton
 
-    return sparsify_triton(x, topk, want_keep)
+        return sparsify_triton(x, topk)
+    return sparsify_fast(x, topk) if x.device.type == "cpu" else sparsify_dense(x, topk)[0]
+
+
+def _zero_dropped(grad: torch.Tensor, x_sparse: torch.Tensor, topk: int, triton: bool) -> torch.Tensor:
+    """The gradient of x~ as the gradient of x: zero at the features x~'s top-k dropped (read from x~ itself)."""
+    if triton and x_sparse.dtype in KERNEL_DTYPES:
+        from .triton_topk import zero_dropped_triton
+
+        return zero_dropped_triton(grad, x_sparse, topk)
+    return grad.masked_fill(~kept_features(x_sparse, topk), 0)
 
 
 def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:
@@ -176,14 +185,15 @@ def _engine_backward(engine, d_out, q, k, v, out, lse, mask, is_causal, scale):
     return flash_backward(d_out, q, k, v, out, lse, mask, is_causal, scale)
 
 
-def _inputs(query, key, value, topk, attn_mask, enable_gqa, want_keep, triton):
-    """The op's arguments in the engines' 4-D layout, q and k sparsified (by the Triton top-k if ``triton``):
-    (batch, kv batch, q~, q keep, k~, k keep, v, mask)."""
+def _inputs(query, key, value, topk, attn_mask, enable_gqa, triton, sparse: bool = False):
+    """The op's arguments in the engines' 4-D layout, q and k sparsified (by the Triton top-k if ``triton``) unless
+    they already are (``sparse``, or topk >= d): (batch, kv batch, q~, k~, v, mask)."""
     batch, kv_batch = _layout(query, key, value, enable_gqa)
-    q_sparse, q_keep = _sparsify(_four_d(query, batch), topk, want_keep, triton)
-    k_sparse, k_keep = _sparsify(_four_d(key, kv_batch), topk, want_keep, triton)
+    q, k = _four_d(query, batch), _four_d(key, kv_batch)
+    if not sparse and topk < query.size(-1):
+        q, k = _sparsify(q, topk, triton), _sparsify(k, topk, triton)
     mask = None if attn_mask is None else _four_d(attn_mask, batch, query.size(-2), key.size(-2))
-    return batch, kv_batch, q_sparse, q_keep, k_sparse, k_keep, _four_d(value, kv_batch), mask
+    return batch, kv_batch, q, k, _four_d(value, kv_batch), mask
 
 
 def engine_for(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False,
@@ -197,53 +207,67 @@ def engine_for(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return _engine(q, k, v, mask, is_causal)
 
 
+def sparse_shapes(query, key, value, topk, enable_gqa) -> tuple[list, list]:
+    """Shapes of the op's q~ and k~ outputs: the scores' batch dims (K's own head count under GQA) + (length, d),
+    or (0,) when topk >= d (nothing is dropped: the backward reads q and k themselves)."""
+    if topk >= query.size(-1):
+        return [0], [0]
+    batch, kv_batch = _layout(query, key, value, enable_gqa)
+    return batch + list(query.shape[-2:]), kv_batch + list(key.shape[-2:])
+
+
 def forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa, dropout_seed,
             engine: Optional[str] = None):
-    """(out, lse) of ``sfa::flash_sfa`` (arguments already validated). ``engine``: run this one instead of the
-    rules' choice (tests run the Triton kernels on the CPU through Triton's interpreter this way)."""
+    """(out, lse, q~, k~) of ``sfa::flash_sfa`` (arguments already validated; q~, k~ shaped by ``sparse_shapes``,
+    what the backward reads instead of a second top-k). ``engine``: run this one instead of the rules' choice
+    (tests run the Triton kernels on the CPU through Triton's interpreter this way)."""
     reason = _reference_reason(query, key, value, dropout_p, False)
     if reason is not None or _is_empty(query, key, value):
         engine = REFERENCE
-    if engine != REFERENCE:
-        batch, _, q, _, k, _, v, mask = _inputs(query, key, value, topk, attn_mask, enable_gqa, False,
-                                                query.is_cuda or engine == TRITON)
-        engine = engine or _engine(q, k, v, mask, is_causal)
+    triton = query.is_cuda or engine == TRITON
+    batch, kv_batch, q, k, v, mask = _inputs(query, key, value, topk, attn_mask, enable_gqa, triton)
+    engine = engine or _engine(q, k, v, mask, is_causal)
     if engine == REFERENCE:
         if reason is not None:
             _warn_once(reason)
-        return flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                   dropout_seed)
-    out, lse = _engine_forward(engine, q, k, v, mask, is_causal, default_scale(query, scale))
-    return (out.reshape(*batch, query.size(-2), value.size(-1)).contiguous(),
-            lse.reshape(*batch, query.size(-2)).contiguous())
+        out, lse = flash_sfa_reference(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
+                                       dropout_seed)
+    else:
+        out, lse = _engine_forward(engine, q, k, v, mask, is_causal, default_scale(query, scale))
+        out = out.reshape(*batch, query.size(-2), value.size(-1)).contiguous()
+        lse = lse.reshape(*batch, query.size(-2)).contiguous()
+    if topk >= query.size(-1):
+        return out, lse, query.new_empty(0), key.new_empty(0)
+    return (out, lse, q.reshape(*batch, *query.shape[-2:]).contiguous(),
+            k.reshape(*kv_batch, *key.shape[-2:]).contiguous())
 
 
 def backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-             dropout_seed, mask_grad, engine: Optional[str] = None):
-    """(dq, dk, dv, d_mask or None) of ``sfa::flash_sfa``, gradients only through kept features; ``engine`` as
-    in ``forward`` (it must be the forward's)."""
+             dropout_seed, mask_grad, query_shape, key_shape, engine: Optional[str] = None):
+    """(dq, dk, dv, d_mask or None) of ``sfa::flash_sfa``, gradients only through kept features. ``query`` and
+    ``key`` are the forward's q~ and k~ (q and k when topk >= d); ``query_shape``, ``key_shape`` the shapes of q
+    and k; ``engine`` as in ``forward`` (it must be the forward's). The keep masks are read from q~ and k~
+    (``topk.kept_features``); the reference sparsifies them again, which keeps the same features."""
     reason = _reference_reason(query, key, value, dropout_p, mask_grad)
     if reason is not None or _is_empty(query, key, value):
         engine = REFERENCE
-    if engine != REFERENCE:
-        batch, kv_batch, q, q_keep, k, k_keep, v, mask = _inputs(query, key, value, topk, attn_mask, enable_gqa,
-                                                                 True, query.is_cuda or engine == TRITON)
-        engine = engine or _engine(q, k, v, mask, is_causal)
+    triton = query.is_cuda or engine == TRITON
+    batch, kv_batch, q, k, v, mask = _inputs(query, key, value, topk, attn_mask, enable_gqa, triton, sparse=True)
+    engine = engine or _engine(q, k, v, mask, is_causal)
     if engine == REFERENCE:
         if reason is not None:
             _warn_once(reason)
-        return flash_sfa_backward_reference(grad_out, query, key, value, topk, attn_mask, dropout_p, is_causal,
-                                            scale, enable_gqa, dropout_seed, mask_grad)
+        dq, dk, dv, d_mask = flash_sfa_backward_reference(grad_out, query, key, value, topk, attn_mask, dropout_p,
+                                                          is_causal, scale, enable_gqa, dropout_seed, mask_grad)
+        return dq.sum_to_size(query_shape), dk.sum_to_size(key_shape), dv, d_mask
     lse4 = _four_d(lse.unsqueeze(-1), batch).squeeze(-1).contiguous()
     out4 = _four_d(out, batch).contiguous()
     d_out4 = _four_d(grad_out, batch).contiguous()
     dq, dk, dv = _engine_backward(engine, d_out4, q, k, v, out4, lse4, mask, is_causal, default_scale(query, scale))
-    if q_keep is not None:
-        dq = dq.masked_fill(~q_keep, 0)
-    if k_keep is not None:
-        dk = dk.masked_fill(~k_keep, 0)
+    if topk < query.size(-1):
+        dq, dk = _zero_dropped(dq, q, topk, triton), _zero_dropped(dk, k, topk, triton)
     length, keys = query.size(-2), key.size(-2)
-    dq = dq.reshape(*batch, length, query.size(-1)).sum_to_size(query.shape)
-    dk = dk.reshape(*kv_batch, keys, key.size(-1)).sum_to_size(key.shape)
+    dq = dq.reshape(*batch, length, query.size(-1)).sum_to_size(query_shape)
+    dk = dk.reshape(*kv_batch, keys, key.size(-1)).sum_to_size(key_shape)
     dv = dv.reshape(*kv_batch, keys, value.size(-1)).sum_to_size(value.shape)
     return dq, dk, dv, None

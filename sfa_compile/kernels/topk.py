@@ -51,8 +51,8 @@ def _kth_largest(bits: torch.Tensor, topk: int) -> torch.Tensor:
     return torch.from_numpy(numpy.partition(bits.numpy(), pivot, axis=-1)[..., pivot:pivot + 1].copy())
 
 
-def sparsify_fast(x: torch.Tensor, topk: int, want_keep: bool = False):
-    """``sparsify_dense`` without the full sort, for the run-time path: (x~, keep mask or None).
+def sparsify_fast(x: torch.Tensor, topk: int) -> torch.Tensor:
+    """``sparsify_dense``'s x~ without the full sort, for the run-time path.
 
     The k-th largest magnitude comes from a selection on the bit patterns of |x| (non-negative floats order like
     their bits as integers, NaN above inf, as the stable sort orders them); magnitudes equal to it are kept in
@@ -67,4 +67,17 @@ def sparsify_fast(x: torch.Tensor, topk: int, want_keep: bool = False):
         at = bits == threshold
         room = topk - above.sum(dim=-1, keepdim=True)
         keep = above | (at & (at.cumsum(dim=-1) <= room))
-    return torch.where(keep, x, torch.zeros((), dtype=x.dtype)), (keep if want_keep else None)
+    return torch.where(keep, x, torch.zeros((), dtype=x.dtype))
+
+
+def kept_features(x_sparse: torch.Tensor, topk: int) -> torch.Tensor:
+    """The keep mask of the top-k that made ``x_sparse`` (an output of the sparsifiers above), from x~ alone, so a
+    backward needs no second top-k: the non-zero features, and in a row with fewer than ``topk`` of them (x had
+    fewer non-zeros, so every feature outside the kept set was zero) the lowest-index zeros up to ``topk``, as the
+    selection's tie rule kept them. NaN counts as non-zero, as it is always kept."""
+    nonzero = x_sparse != 0
+    missing = topk - nonzero.sum(dim=-1, keepdim=True)
+    if x_sparse.device.type == "cpu" and not bool((missing > 0).any()):  # the common case, without the scan
+        return nonzero
+    zero = ~nonzero
+    return nonzero | (zero & (zero.cumsum(dim=-1) <= missing))

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Optional
 
 import torch
 import triton
@@ -91,11 +90,10 @@ def topk_keep_by_rank(x, ok, cols, topk, INF_BITS: tl.constexpr):
 
 @triton.jit
 def _topk_sparsify_kernel(
-    X, Y, KEEP,
+    X, Y,
     n_rows, n_heads, length, head_dim, topk,
     stride_b, stride_h, stride_n, stride_d,
-    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, WRITE_KEEP: tl.constexpr,
-    INF_BITS: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, INF_BITS: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -111,31 +109,56 @@ def _topk_sparsify_kernel(
         keep = topk_keep(x, ok, topk, LOW_BIT)
     out = rows[:, None] * head_dim + cols[None, :]
     tl.store(Y + out, tl.where(keep, x, 0.0), mask=ok)
-    if WRITE_KEEP:
-        tl.store(KEEP + out, keep.to(tl.uint8), mask=ok)
 
 
-def sparsify_triton(x: torch.Tensor, topk: int, want_keep: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """(contiguous copy of the 4-D ``x`` with all but the top-k features of each row zeroed, keep mask or None).
+def sparsify_triton(x: torch.Tensor, topk: int) -> torch.Tensor:
+    """Contiguous copy of the 4-D ``x`` with all but the top-k features of each row zeroed.
 
     ``x`` is (batch, heads, length, features) with any strides, in float16, bfloat16 or float32.
     """
     batch, heads, length, head_dim = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
-    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device) if want_keep else None
     n_rows = batch * heads * length
     if n_rows == 0:
-        return y, keep
-    args = (x, y, keep.view(torch.uint8) if want_keep else y, n_rows, heads, length, head_dim, topk, *x.stride())
+        return y
+    args = (x, y, n_rows, heads, length, head_dim, topk, *x.stride())
     rank_search = topk <= RANK_SEARCH_MAX_TOPK and x.dtype in INF_PATTERN
-    meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype], WRITE_KEEP=want_keep,
+    meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype],
                 INF_BITS=INF_PATTERN[x.dtype] if rank_search else 0)
     if interpreting() or not autotuning():
         _topk_sparsify_kernel[(cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:
         _topk_tuned[lambda m: (cdiv(n_rows, m["BLOCK_R"]),)](*args, **meta)
-    return y, keep
+    return y
 
 
-_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "WRITE_KEEP", "INF_BITS"])(
-    _topk_sparsify_kernel)
+_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "INF_BITS"])(_topk_sparsify_kernel)
+
+
+@triton.jit
+def _zero_dropped_kernel(G, X, n_rows, head_dim, topk, BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr):
+    """G *= keep, keep = ``topk.kept_features(X, topk)``: rows of contiguous (n_rows, head_dim) tensors."""
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tl.arange(0, BLOCK_D)
+    ok = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
+    offsets = rows[:, None] * head_dim + cols[None, :]
+    x = tl.load(X + offsets, mask=ok, other=0.0)
+    nonzero = (x != 0.0) & ok  # NaN included
+    zero = (x == 0.0) & ok
+    missing = topk - tl.sum(nonzero.to(tl.int32), axis=1)
+    keep = nonzero | (zero & (tl.cumsum(zero.to(tl.int32), axis=1) <= missing[:, None]))
+    g = tl.load(G + offsets, mask=ok, other=0.0)
+    tl.store(G + offsets, tl.where(keep, g, 0.0), mask=ok)
+
+
+def zero_dropped_triton(grad: torch.Tensor, x_sparse: torch.Tensor, topk: int) -> torch.Tensor:
+    """``grad`` with the features ``x_sparse``'s top-k dropped set to zero (in place on a contiguous ``grad`` of
+    x_sparse's shape; x_sparse is contiguous, as ``sparsify_triton`` writes it): one pass, no second top-k."""
+    grad = grad.contiguous()
+    head_dim = x_sparse.size(-1)
+    n_rows = x_sparse.numel() // max(head_dim, 1)
+    if n_rows:
+        block_r = 32 if interpreting() else 16
+        _zero_dropped_kernel[(cdiv(n_rows, block_r),)](grad, x_sparse, n_rows, head_dim, topk, BLOCK_R=block_r,
+                                                       BLOCK_D=feature_block(head_dim), num_warps=4)
+    return grad

@@ -20,7 +20,10 @@ import torch
 import torch.fx as fx
 from torch._inductor.custom_graph_pass import CustomGraphPass
 
-_CODE_HASH = hashlib.sha256(pathlib.Path(__file__).read_bytes()).hexdigest()
+# Inductor's caches key compiled graphs by the passes' uuid: naming this file and the op registrations (schemas,
+# autograd formulas, fake shapes, all baked into compiled code) makes an upgrade of either a new key, not a stale hit.
+_CODE_HASH = hashlib.sha256(b"".join(path.read_bytes() for path in (
+    pathlib.Path(__file__), *sorted((pathlib.Path(__file__).parents[1] / "kernels").glob("*.py"))))).hexdigest()
 
 
 def hidden_softmax(*args):
@@ -55,7 +58,6 @@ class _Retarget(CustomGraphPass):
 
     def uuid(self) -> Any:
         others = tuple(o.uuid() if isinstance(o, CustomGraphPass) else None for o in self.others)
-        # Inductor's caches key compiled graphs by this: it names this file's code, so an edit is a new key.
         return (_CODE_HASH, self.before, others) if None not in others else None
 
 

@@ -16,8 +16,8 @@ triton = pytest.importorskip("triton")
 from sfa_oracle import oracle_keep, oracle_sfa  # noqa: E402
 
 from sfa_compile.kernels import prefill, reference  # noqa: E402
-from sfa_compile.kernels.topk import sparsify_dense  # noqa: E402
-from sfa_compile.kernels.triton_topk import sparsify_triton  # noqa: E402
+from sfa_compile.kernels.topk import kept_features, sparsify_dense  # noqa: E402
+from sfa_compile.kernels.triton_topk import sparsify_triton, zero_dropped_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def naive(q, k, v, topk, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
@@ -91,7 +91,7 @@ ENGINES = [prefill.TRITON, None]
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_forward_matches_oracle(name, dtype, engine, poisoned):
     q, k, v, topk, kwargs = make_case(name, dtype)
-    out, lse = prefill.forward(*op_args(q, k, v, topk, kwargs), engine=engine)
+    out, lse, _, _ = prefill.forward(*op_args(q, k, v, topk, kwargs), engine=engine)
     want = oracle_sfa(q, k, v, topk, **kwargs)
     assert out.shape == want.shape and out.dtype == dtype
     assert_within_2x(out, naive(q, k, v, topk, **kwargs), want, dtype)
@@ -110,9 +110,13 @@ def test_forward_matches_oracle(name, dtype, engine, poisoned):
 def test_backward_matches_oracle(name, dtype, engine, poisoned):
     q, k, v, topk, kwargs = make_case(name, dtype, seed=3)
     args = op_args(q, k, v, topk, kwargs)
-    out, lse = prefill.forward(*args, engine=engine)
+    out, lse, q_sparse, k_sparse = prefill.forward(*args, engine=engine)
     d_out = randn(*out.shape, dtype=dtype, seed=7)
-    dq, dk, dv, d_mask = prefill.backward(d_out, q, k, v, out, lse, *args[3:], mask_grad=False, engine=engine)
+    dense = topk >= q.size(-1)  # the backward reads q~, k~ (q, k themselves when nothing is dropped)
+    assert (q_sparse.numel() == 0) == dense
+    dq, dk, dv, d_mask = prefill.backward(d_out, q if dense else q_sparse, k if dense else k_sparse, v, out, lse,
+                                          *args[3:], mask_grad=False, query_shape=list(q.shape),
+                                          key_shape=list(k.shape), engine=engine)
     assert d_mask is None
     inputs = [t.detach().requires_grad_() for t in (q, k, v)]
     want = torch.autograd.grad(oracle_sfa(*inputs, topk, **kwargs), inputs, d_out.double())
@@ -134,10 +138,13 @@ def test_topk_kernel_matches_sort(head_dim, topk, dtype, poisoned):
         x[0, 0, 1, 6] = torch.tensor(0x7E01 if dtype == torch.float16 else 0x7FC1, dtype=torch.int16).view(dtype)
     x[0, 1, 2] = 0.0  # fewer non-zeros than topk still keeps exactly topk
     strided = x.transpose(1, 2).contiguous().transpose(1, 2)
-    y, keep = sparsify_triton(strided, topk, want_keep=True)
+    y = sparsify_triton(strided, topk)
     ref_y, ref_keep = sparsify_dense(x, topk)
-    assert torch.equal(keep, ref_keep) and bool((keep.sum(-1) == topk).all())
     assert torch.equal(y.nan_to_num(), ref_y.nan_to_num()) and y.is_contiguous()
+    # The backward's keep mask, read from x~ alone (a row of zeros included), is the selection's.
+    assert torch.equal(kept_features(y, topk), ref_keep)
+    grad = randn(*x.shape, dtype=dtype, seed=1)
+    assert torch.equal(zero_dropped_triton(grad.clone(), y, topk), torch.where(ref_keep, grad, 0))
 
 
 class TestFallback:
@@ -150,12 +157,12 @@ class TestFallback:
         q, k, v, topk, kwargs = make_case("three_dim", torch.float64)
         args = list(op_args(q, k, v, topk, kwargs))
         with pytest.warns(UserWarning, match="float64 inputs"):
-            out, _ = prefill.forward(*args)
+            out = prefill.forward(*args)[0]
         torch.testing.assert_close(out, oracle_sfa(q, k, v, topk, **kwargs))
         args = list(op_args(q.float(), k.float(), v.float(), topk, {}))
         args[5], args[9] = 0.5, torch.tensor(11)
         with pytest.warns(UserWarning, match="dropout_p > 0"):
-            out, _ = prefill.forward(*args)
+            out = prefill.forward(*args)[0]
         torch.testing.assert_close(out, reference.flash_sfa_reference(*args)[0])
         import warnings
 
@@ -166,9 +173,10 @@ class TestFallback:
     def test_mask_gradient_falls_back(self):
         q, k, v, topk, kwargs = make_case("additive_2d", torch.float32)
         args = op_args(q, k, v, topk, kwargs)
-        out, lse = prefill.forward(*args)
-        with pytest.warns(UserWarning, match="gradients with respect to attn_mask"):
-            grads = prefill.backward(torch.ones_like(out), q, k, v, out, lse, *args[3:], mask_grad=True)
+        out, lse, q_sparse, k_sparse = prefill.forward(*args)
+        with pytest.warns(UserWarning, match="gradients with respect to attn_mask"):  # from q~, k~: same features
+            grads = prefill.backward(torch.ones_like(out), q_sparse, k_sparse, v, out, lse, *args[3:], mask_grad=True,
+                                     query_shape=list(q.shape), key_shape=list(k.shape))
         want = reference.flash_sfa_backward_reference(torch.ones_like(out), *args, mask_grad=True)
         for g, w in zip(grads, want):
             torch.testing.assert_close(g, w)

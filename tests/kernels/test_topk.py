@@ -4,7 +4,7 @@ prefill engine rules on the CPU."""
 import pytest
 import torch
 
-from sfa_compile.kernels.topk import sparsify_dense, sparsify_fast
+from sfa_compile.kernels.topk import kept_features, sparsify_dense, sparsify_fast
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -18,11 +18,26 @@ def test_sparsify_fast_equals_the_sort(head_dim, topk, dtype):
     x[0, 0, 3, 5] = float("inf")
     x[0, 1, 2] = 0.0  # fewer non-zeros than topk: still exactly topk kept
     x[1, 2, 4, ::2] = -0.0
-    y, keep = sparsify_fast(x.transpose(1, 2).contiguous().transpose(1, 2), topk, want_keep=True)
+    y = sparsify_fast(x.transpose(1, 2).contiguous().transpose(1, 2), topk)
     want_y, want_keep = sparsify_dense(x, topk)
-    assert torch.equal(keep, want_keep) and bool((keep.sum(-1) == topk).all())
     assert torch.equal(y.nan_to_num(), want_y.nan_to_num()) and torch.equal(y.isnan(), want_y.isnan())
-    assert sparsify_fast(x, topk)[1] is None
+    # What the backward reads instead of a second top-k: the keep mask from x~ alone, ties and zero rows included.
+    keep = kept_features(y, topk)
+    assert torch.equal(keep, want_keep) and bool((keep.sum(-1) == topk).all())
+
+
+@pytest.mark.parametrize("topk", [1, 3, 5])
+def test_kept_features_of_rows_with_fewer_non_zeros_than_topk(topk):
+    """x had fewer than topk non-zeros: the selection kept them all plus the lowest-index zeros (either sign);
+    x~ == x there, and the mask read back from x~ must name the same zeros. Sparsifying x~ again keeps the same
+    features (the reference backward relies on it)."""
+    x = torch.tensor([[0.0, -0.0, 3.0, 0.0, 0.0, -1.0],
+                      [0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+                      [-0.0, 2.0, float("nan"), 0.0, 5.0, 4.0],
+                      [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    y, want = sparsify_dense(x, topk)
+    assert torch.equal(kept_features(y, topk), want)
+    assert torch.equal(sparsify_dense(y, topk)[1], want)
 
 
 def test_engine_rules_on_cpu():
