@@ -224,7 +224,7 @@ def forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, ena
     reason = _reference_reason(query, key, value, dropout_p, False)
     if reason is not None or _is_empty(query, key, value):
         engine = REFERENCE
-    triton = query.is_cuda or engine == TRITON
+    triton = (query.is_cuda and engine != REFERENCE) or engine == TRITON  # the reference's q~, k~ come from the sort
     batch, kv_batch, q, k, v, mask = _inputs(query, key, value, topk, attn_mask, enable_gqa, triton)
     engine = engine or _engine(q, k, v, mask, is_causal)
     if engine == REFERENCE:
