@@ -182,16 +182,16 @@ class CompressedKVCache:
     def views(self, length: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(key values, key indices, values) over the first ``length`` (default ``max_length``) tokens, no copies;
         a fixed cache: all slots."""
-        if self.fixed:  # the buffers themselves: a compiled step mutates graph inputs, not views of them
-            return self.key_values, self.key_indices, self.values
-        n = self.max_length if length is None else length
-        return self.key_values[:, :, :n], self.key_indices[:, :, :n], self.values[:, :, :n]
+        return tuple(self._covered(t, length) for t in (self.key_values, self.key_indices, self.values))
 
     def scale_view(self, length: Optional[int] = None) -> Optional[torch.Tensor]:
         """The FP8 values' scales over the slots ``views`` covers; None without FP8 values."""
-        if self.value_scales is None or self.fixed:
-            return self.value_scales
-        return self.value_scales[:, :, :self.max_length if length is None else length]
+        return self._covered(self.value_scales, length)
+
+    def _covered(self, buffer: Optional[torch.Tensor], length: Optional[int]) -> Optional[torch.Tensor]:
+        if buffer is None or self.fixed:  # a fixed cache: the buffers themselves (a compiled step mutates graph
+            return buffer  # inputs, not views of them)
+        return buffer[:, :, :self.max_length if length is None else length]
 
     def to_dense(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(keys, values) of shape (batch, key heads, max_length (fixed: capacity), d) in the model dtype: the

@@ -197,22 +197,24 @@ def append_compressed(key_values: torch.Tensor, key_indices: torch.Tensor, value
     if projection is not None and head_dim > MAX_FUSED_PROJECTION_DIM:
         keys, projection = project_by_key_head(keys, projection), None
     block_r = 16  # tl.dot's smallest row count (the projection)
+    scales_arg, scale_strides = scale_args(value_scales, lengths)
     _APPEND((cdiv(length, block_r), batch * heads), (
         keys, values, keys if projection is None else projection, key_values, key_indices, value_cache,
-        lengths if value_scales is None else value_scales, lengths, lengths if counts is None else counts,
+        scales_arg, lengths, lengths if counts is None else counts,
         heads, length, head_dim, key_values.size(-1), value_cache.size(2), *keys.stride(), *values.stride(),
         *(projection.stride() if projection is not None else (0, 0, 0)),
         *key_values.stride()[:3], *key_indices.stride()[:3], *value_cache.stride()[:3],
-        *scale_strides(value_scales),
+        *scale_strides,
     ), _APPEND.config(dict(BLOCK_R=block_r, BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[keys.dtype],
                            RAGGED=counts is not None, HAS_R=projection is not None,
                            PRECISION="ieee" if keys.dtype == torch.float32 else "tf32",
                            FP8_V=value_cache.dtype == FP8_VALUE_DTYPE), 4, 3))
 
 
-def scale_strides(value_scales: Optional[torch.Tensor]) -> tuple[int, int, int]:
-    """The (sequence, key head, slot) strides of FP8 values' scales; zeros without them (the kernels skip them)."""
-    return (0, 0, 0) if value_scales is None else value_scales.stride()
+def scale_args(value_scales: Optional[torch.Tensor], placeholder: torch.Tensor) -> tuple:
+    """(pointer, (sequence, key head, slot) strides) of FP8 values' scales for a kernel; without them, a placeholder
+    pointer and zero strides (the kernels never read them)."""
+    return (placeholder, (0, 0, 0)) if value_scales is None else (value_scales, value_scales.stride())
 
 
 # A prompt's keys and values are views whose strides follow its length: keyed by rule, like the length.

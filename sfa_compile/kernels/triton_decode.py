@@ -18,7 +18,7 @@ import torch
 from .decode_launch import COMBINE, PROLOGUE, SPLIT, broadcast_strides, decode_plan
 from .limits import LOG2E, MAX_FUSED_PROJECTION_DIM
 from .topk import project_by_key_head
-from .triton_append import append_compressed, scale_strides
+from .triton_append import append_compressed, scale_args
 
 __all__ = ["append_compressed", "decode"]
 
@@ -47,7 +47,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     pending = new_keys.size(2) if step else 0
     new_keys, new_values = (new_keys, new_values) if step else (query, query)
     kv_strides, ki_strides, v_strides = key_values.stride()[:3], key_indices.stride()[:3], value.stride()[:3]
-    scales_arg, vs_strides = (lengths if value_scales is None else value_scales), scale_strides(value_scales)
+    scales_arg, vs_strides = scale_args(value_scales, lengths)
     mask_row = False
     if attn_mask is not None:
         mask_arg, mask_strides = attn_mask.view(torch.uint8), broadcast_strides(attn_mask)
