@@ -1,9 +1,9 @@
-"""The README's tables of what the "sfa" backend rewrites and what it refuses, generated from the tests' own
-data so they cannot drift: the model zoo (hf_models.CASES, each case checked by tests/passes/test_hf_models.py),
-PyTorch's attention modules (tests/passes/test_multi_head_attention.py), and the refusal reasons the look-alike
-suite checks, as ``explain`` words them now.
+"""The tables of what the "sfa" backend rewrites (README.md) and what it refuses (docs/guide.md), generated from
+the tests' own data so they cannot drift: the model zoo (hf_models.CASES, each case checked by
+tests/passes/test_hf_models.py), PyTorch's attention modules (tests/passes/test_multi_head_attention.py), and the
+refusal reasons the look-alike suite checks, as ``explain`` words them now.
 
-    python tests/support_table.py      # rewrites the tables in README.md (tests/test_support_table.py checks them)
+    python tests/support_table.py      # rewrites both tables (tests/test_support_table.py checks them)
 """
 
 import pathlib
@@ -17,8 +17,10 @@ from lookalikes import REFUSAL_REASONS, REFUSED, qkv  # noqa: E402
 
 import sfa_compile  # noqa: E402
 
-README = pathlib.Path(__file__).parent.parent / "README.md"
-START, END = "<!-- support-table:start -->", "<!-- support-table:end -->"
+ROOT = pathlib.Path(__file__).parent.parent
+# (file, start marker, end marker) of each generated table.
+SUPPORT = (ROOT / "README.md", "<!-- support-table:start -->", "<!-- support-table:end -->")
+LOOKALIKES = (ROOT / "docs" / "guide.md", "<!-- lookalike-table:start -->", "<!-- lookalike-table:end -->")
 NOT_OFFERED = "not offered by transformers"
 
 # Checked by their own tests (tests/passes/test_hf_models.py, tests/passes/test_multi_head_attention.py).
@@ -55,21 +57,28 @@ def refusals() -> list:
     return rows
 
 
-def render() -> str:
-    lines = [START, "", "| Hugging Face model | `attn_implementation=\"eager\"` | `\"sdpa\"` |", "|---|---|---|"]
+def render_support() -> str:
+    start, end = SUPPORT[1:]
+    lines = [start, "", "| Hugging Face model | `attn_implementation=\"eager\"` | `\"sdpa\"` |", "|---|---|---|"]
     lines += [f"| {name} | {eager} | {sdpa} |" for name, eager, sdpa in architectures()]
     lines += ["", "| PyTorch module | result |", "|---|---|"]
     lines += [f"| {name} | {result} |" for name, result in MODULES]
-    lines += ["", "| look-alike (tests/lookalikes.py) | left dense because |", "|---|---|"]
+    return "\n".join(lines + ["", end])
+
+
+def render_lookalikes() -> str:
+    start, end = LOOKALIKES[1:]
+    lines = [start, "", "| look-alike (tests/lookalikes.py) | left dense because |", "|---|---|"]
     lines += [f"| {name} | {reason} |" for name, reason in refusals()]
-    return "\n".join(lines + ["", END])
+    return "\n".join(lines + ["", end])
 
 
-def current() -> str:
-    text = README.read_text()
-    return text[text.index(START):text.index(END) + len(END)]
+def current(table) -> str:
+    path, start, end = table
+    text = path.read_text()
+    return text[text.index(start):text.index(end) + len(end)]
 
 
 if __name__ == "__main__":
-    text = README.read_text()
-    README.write_text(text.replace(current(), render()))
+    for table, render in ((SUPPORT, render_support), (LOOKALIKES, render_lookalikes)):
+        table[0].write_text(table[0].read_text().replace(current(table), render()))
