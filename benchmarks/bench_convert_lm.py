@@ -143,7 +143,7 @@ def main():
     train_data, held_out, sizes = english_corpus(device, args.docstring_bytes)
     config = transformers.GPT2Config(vocab_size=256, n_positions=args.length, n_embd=args.width, n_layer=args.layers,
                                      n_head=args.heads, attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0)
+                                     attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)  # bytes: no 50256
     torch.manual_seed(0)
     initial = transformers.GPT2LMHeadModel(config).to(device)
     report = Report("bench_convert_lm", "Converting a pretrained causal LM (benchmarks/bench_convert_lm.py)", args)

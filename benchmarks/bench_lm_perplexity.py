@@ -123,7 +123,8 @@ def main():
     head_dim = args.width // args.heads
     config = transformers.GPT2Config(vocab_size=256, n_positions=args.length, n_embd=args.width,
                                      n_layer=args.layers, n_head=args.heads, attn_implementation="sdpa",
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                     eos_token_id=None)  # bytes: GPT-2's token 50256 is outside the vocabulary
     torch.manual_seed(0)
     dense = transformers.GPT2LMHeadModel(config).to(device)
     sfa = sfa_compile.convert(copy.deepcopy(dense), sfa_compile.SFAConfig(topk=head_dim // 8), progress=False)

@@ -67,7 +67,7 @@ def _round_to_e4m3(y):
     conversion to FP8 after it is exact: Triton's interpreter rounds that conversion without carrying into the
     exponent (127.25 becomes 64). Integer steps only, which no floating-point contraction can change: the normal
     range rounds the mantissa to 3 bits on the bit pattern; below 2^-6 the subnormals' fixed step 2^-9 rounds
-    |y| * 2^9 (exact, < 8) to an integer, then the sign is put back."""
+    |y| * 2^9 (exact, < 8) to an integer, then the sign bit is put back."""
     bits = y.to(tl.int32, bitcast=True)
     normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -0x100000).to(tl.float32, bitcast=True)
     steps = tl.abs(y) * 512.0
@@ -75,7 +75,9 @@ def _round_to_e4m3(y):
     rest = steps - whole.to(tl.float32)
     up = (rest > 0.5) | ((rest == 0.5) & ((whole & 1) == 1))
     subnormal = (whole + up.to(tl.int32)).to(tl.float32) * 0.001953125
-    return tl.where(tl.abs(y) >= 0.015625, normal, tl.where(bits < 0, -subnormal, subnormal))  # keeps -0.0
+    # y's sign bit put on |result|: a negation may compile to 0 - x, which loses -0.0 (what torch gives).
+    signed = (subnormal.to(tl.int32, bitcast=True) | ((bits >> 31) << 31)).to(tl.float32, bitcast=True)
+    return tl.where(tl.abs(y) >= 0.015625, normal, signed)
 
 
 @triton.jit
