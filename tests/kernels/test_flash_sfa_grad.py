@@ -118,3 +118,26 @@ class TestDropout:
         inputs = [t.clone().requires_grad_() for t in (self.q, self.k, self.v)]
         fn = lambda q, k, v: ops.flash_sfa_op(q, k, v, 3, None, 0.3, False, None, False, seed)[0]  # noqa: E731
         assert torch.autograd.gradcheck(fn, inputs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_with_fewer_non_zeros_than_topk_keep_the_gradient_of_their_kept_zeros(dtype):
+    """The backward reads the keep masks from the forward's q~, k~; in a row with fewer non-zeros than topk the
+    selection also kept its lowest-index zeros, and their features still get gradient (the fast CPU engine for
+    float32, the reference for float64)."""
+    g = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 2, 9, 16, generator=g, dtype=dtype) for _ in range(3))
+    q[0, 0, 3] = 0.0
+    q[0, 1, 4, 5:] = 0.0  # 5 non-zeros: columns 5, 6, 7 are kept zeros at topk 8
+    k[0, 1, 2] = 0.0
+    k[0, 0, 6, 2:] = 0.0
+    grad_out = torch.randn(1, 2, 9, 16, generator=g, dtype=dtype)
+    inputs = [t.clone().requires_grad_() for t in (q, k, v)]
+    got = torch.autograd.grad(flash_sfa(*inputs, topk=8, is_causal=True), inputs, grad_out)
+    exact = [t.double().requires_grad_() for t in (q, k, v)]
+    want = torch.autograd.grad(oracle_sfa(*exact, 8, is_causal=True), exact, grad_out.double())
+    for x, g_got, g_want in zip((q, k), got, want):
+        assert not g_got[~oracle_keep(x, 8)].any()  # dropped features: exactly zero
+        torch.testing.assert_close(g_got.double(), g_want, rtol=1e-4, atol=1e-5)
+    # The case can tell: kept zeros with non-zero gradient exist (dropping them would fail the comparison above).
+    assert want[0][0, 1, 4, 5:8].ne(0).sum() >= 2 and not want[0][0, 1, 4, 8:].any()
