@@ -157,9 +157,10 @@ class SFACacheLayer(CacheLayerMixin):
     def crop(self, tokens_to_remove: int) -> None:
         """Forget the last ``-tokens_to_remove`` tokens (transformers' convention: rejected speculative drafts); a
         positive value is the length to keep, the convention transformers 5.17 still accepts (deprecated)."""
-        if self.is_initialized:
-            self._check_previous_step()
-        if self.is_initialized and tokens_to_remove:
+        if not self.is_initialized:
+            return
+        self._check_previous_step()
+        if tokens_to_remove:
             length = self.store.max_length
             keep = max(length + tokens_to_remove, 0) if tokens_to_remove < 0 else min(tokens_to_remove, length)
             self.store.crop(keep)
