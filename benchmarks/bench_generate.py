@@ -299,6 +299,7 @@ def main():
                           args.new_tokens, compiled_dense, forward=torch.compile(sfa.forward, fullgraph=True))
             agreement = fp8_agreement(sfa, prompt, tokens, fp8_tokens)
             torch.cuda.empty_cache()
+        if args.compile:  # the run-time cost of a calibrated conversion's projection
             random_rotations(sfa)
             generate(sfa, SFACache(sfa), prompt[:, :1024], 4)  # the kernels' projection variants
             graph_row(report, f"SFA topk {topk} + R", "SFACache static + torch.compile + CUDA graph", sfa,
