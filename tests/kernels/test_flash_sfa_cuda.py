@@ -77,3 +77,58 @@ def test_engine_rules_on_cuda():
     assert prefill.engine_for(*qkv(torch.float32), is_causal=True) == prefill.TRITON
     assert prefill.engine_for(*qkv(length=16), is_causal=True) == prefill.TRITON  # L != S causal
     assert prefill.engine_for(*qkv(torch.float64)) == prefill.REFERENCE
+
+
+def _attention_inputs(length, seed):
+    """q, k contiguous; v a view of one fused projection's output, as GPT-2's attention makes it (cuDNN keys its
+    graphs on these layouts)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    q, k = (torch.randn(2, 4, length, 64, device="cuda", dtype=torch.bfloat16, generator=g) for _ in range(2))
+    fused = torch.randn(2, length, 3 * 4 * 64, device="cuda", dtype=torch.bfloat16, generator=g)
+    v = fused[..., 2 * 256:].view(2, length, 4, 64).transpose(1, 2)
+    return q, k, v
+
+
+def _grad_in_layout(shape, transposed, seed):
+    """A random output gradient, contiguous or as the transpose of a (batch, length, heads, d) tensor (what reaches
+    attention when the model transposes its output)."""
+    g = torch.Generator(device="cuda").manual_seed(seed)
+    if transposed:
+        return torch.randn(shape[0], shape[2], shape[1], shape[3], device="cuda", dtype=torch.bfloat16,
+                           generator=g).transpose(1, 2)
+    return torch.randn(shape, device="cuda", dtype=torch.bfloat16, generator=g)
+
+
+@pytest.mark.parametrize("sdpa_first", [True, False])
+@pytest.mark.parametrize("sdpa_transposed,ours_transposed", [(True, False), (False, True), (True, True)])
+def test_gradients_stay_right_beside_sdpa_cudnn_on_the_same_layouts(sdpa_first, sdpa_transposed, ours_transposed):
+    """SDPA's own cuDNN backward and the op's, on equal q~, k~, v layouts with output gradients of different
+    layouts, in either order: each keeps its own gradients (cuDNN graphs cached per layout must not be shared)."""
+    length = 192 + 16 * (4 * sdpa_first + 2 * sdpa_transposed + ours_transposed)  # one graph key per case
+    q, k, v = _attention_inputs(length, seed=length)
+    if prefill.engine_for(q, k, v, is_causal=True) != prefill.CUDNN:
+        pytest.skip("SDPA's cuDNN backend does not take these arguments here")
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    def sdpa_grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        d_out = _grad_in_layout(q.shape, sdpa_transposed, seed=1)
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            out = F.scaled_dot_product_attention(*leaves, is_causal=True)
+        got = torch.autograd.grad(out, leaves, d_out)
+        exact = [t.detach().double().requires_grad_() for t in leaves]
+        want = torch.autograd.grad(F.scaled_dot_product_attention(*exact, is_causal=True), exact, d_out.double())
+        for a, b in zip(got, want):
+            assert (a.double() - b).norm() / b.norm() < 2e-2
+
+    def op_grads():
+        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        d_out = _grad_in_layout(q.shape, ours_transposed, seed=2)
+        got = torch.autograd.grad(flash_sfa(*leaves, topk=8, is_causal=True), leaves, d_out)
+        want = torch.autograd.grad(oracle_sfa(*leaves, 8, is_causal=True), leaves, d_out.double())
+        for a, b in zip(got, want):
+            assert (a.double() - b).norm() / b.norm() < 2e-2
+
+    first, second = (sdpa_grads, op_grads) if sdpa_first else (op_grads, sdpa_grads)
+    first()
+    second()
