@@ -111,7 +111,7 @@ def test_gradients_stay_right_beside_sdpa_cudnn_on_the_same_layouts(sdpa_first, 
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     def sdpa_grads():
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # layouts kept
         d_out = _grad_in_layout(q.shape, sdpa_transposed, seed=1)
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             out = F.scaled_dot_product_attention(*leaves, is_causal=True)
@@ -122,7 +122,7 @@ def test_gradients_stay_right_beside_sdpa_cudnn_on_the_same_layouts(sdpa_first, 
             assert (a.double() - b).norm() / b.norm() < 2e-2
 
     def op_grads():
-        leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]  # layouts kept
         d_out = _grad_in_layout(q.shape, ours_transposed, seed=2)
         got = torch.autograd.grad(flash_sfa(*leaves, topk=8, is_causal=True), leaves, d_out)
         want = torch.autograd.grad(oracle_sfa(*leaves, 8, is_causal=True), leaves, d_out.double())
