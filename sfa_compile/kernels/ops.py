@@ -93,14 +93,20 @@ def flash_sfa_backward_op(
     """(dq, dk, dv, d attn_mask) of q and k shaped ``query_shape``, ``key_shape``; the last is an empty tensor
     unless mask_grad. ``query``, ``key``: the forward's q~, k~ (q, k when topk >= d). The engine is the forward's
     (the reference recomputes the probabilities and ignores ``out`` and ``lse``)."""
-    grads = prefill.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
-                             enable_gqa, dropout_seed, mask_grad, query_shape, key_shape)
-    return _contiguous_grads(query, *grads)
+    grads = list(prefill.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal,
+                                  scale, enable_gqa, dropout_seed, mask_grad, query_shape, key_shape))
+    return _contiguous_grads(query, grads)
 
 
-def _contiguous_grads(query, dq, dk, dv, d_mask):
-    d_mask = d_mask.contiguous() if d_mask is not None else query.new_empty(0)
-    return dq.contiguous(), dk.contiguous(), dv.contiguous(), d_mask
+def _contiguous_grads(query, grads: list) -> tuple:
+    """(dq, dk, dv, d_mask) contiguous, as the fake promises (d_mask empty when None). ``grads`` is emptied as the
+    copies are made, so a strided original is released as soon as its copy exists, one at a time."""
+    made = []
+    while grads:
+        grad = grads.pop(0)
+        made.append(query.new_empty(0) if grad is None else grad.contiguous())
+        del grad
+    return tuple(made)
 
 
 @flash_sfa_backward_op.register_fake
@@ -120,9 +126,12 @@ def _setup_context(ctx, inputs, output) -> None:
     ctx.settings = (topk, dropout_p, is_causal, scale, enable_gqa, list(query.shape), list(key.shape))
     ctx.mask_grad = attn_mask is not None and attn_mask.requires_grad
     ctx.mark_non_differentiable(lse, q_sparse, k_sparse)
+    ctx.set_materialize_grads(False)  # else autograd hands the backward zero tensors for lse, q~ and k~
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_q_sparse, _grad_k_sparse):
+    if grad_out is None:
+        return (None,) * 10
     query, key, value, out, lse, attn_mask, dropout_seed = ctx.saved_tensors
     topk, dropout_p, is_causal, scale, enable_gqa, query_shape, key_shape = ctx.settings
     dq, dk, dv, d_mask = flash_sfa_backward_op(

@@ -122,12 +122,13 @@ def _sparsify(x: torch.Tensor, topk: int, triton: bool) -> torch.Tensor:
 
 
 def _zero_dropped(grad: torch.Tensor, x_sparse: torch.Tensor, topk: int, triton: bool) -> torch.Tensor:
-    """The gradient of x~ as the gradient of x: zero at the features x~'s top-k dropped (read from x~ itself)."""
+    """The gradient of x~ as the gradient of x: zero at the features x~'s top-k dropped (read from x~ itself), in
+    place on ``grad`` (the engine's own dq~ or dk~)."""
     if triton and x_sparse.dtype in KERNEL_DTYPES:
         from .triton_topk import zero_dropped_triton
 
         return zero_dropped_triton(grad, x_sparse, topk)
-    return grad.masked_fill(~kept_features(x_sparse, topk), 0)
+    return grad.masked_fill_(kept_features(x_sparse, topk).logical_not_(), 0)
 
 
 def additive_mask(mask: Optional[torch.Tensor], dtype: torch.dtype) -> Optional[torch.Tensor]:

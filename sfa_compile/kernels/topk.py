@@ -7,7 +7,6 @@ NaN feature is always kept and propagates as it would in dense attention).
 
 from __future__ import annotations
 
-import numpy
 import torch
 
 
@@ -38,17 +37,27 @@ def sparsify_dense(x: torch.Tensor, topk: int) -> tuple[torch.Tensor, torch.Tens
     return torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)), keep
 
 
+def row_counts(mask: torch.Tensor) -> torch.Tensor:
+    """The True entries of each row of a boolean mask, keepdim, as int32. Summed as bytes: a boolean sum first
+    widens the whole mask to int64 (8x its bytes, and several times slower)."""
+    wide_enough = torch.uint8 if mask.size(-1) < 256 else torch.int16
+    return mask.view(torch.uint8).sum(dim=-1, keepdim=True, dtype=wide_enough).to(torch.int32)
+
+
 _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16: torch.int16,
          torch.float16: torch.int16}
 
 
 def _kth_largest(bits: torch.Tensor, topk: int) -> torch.Tensor:
     """The ``topk``-th largest of each row of the integer tensor ``bits``, keepdim. On the CPU through numpy's
-    introselect (several times faster than ``torch.topk`` on rows this short)."""
+    introselect (several times faster than ``torch.topk`` on rows this short), in place: the rows of ``bits`` come
+    back reordered (no copy of the whole tensor)."""
     if bits.device.type != "cpu":
         return bits.topk(topk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
     pivot = bits.size(-1) - topk
-    return torch.from_numpy(numpy.partition(bits.numpy(), pivot, axis=-1)[..., pivot:pivot + 1].copy())
+    rows = bits.numpy()
+    rows.partition(pivot, axis=-1)
+    return torch.from_numpy(rows[..., pivot:pivot + 1].copy())
 
 
 def sparsify_fast(x: torch.Tensor, topk: int) -> torch.Tensor:
@@ -59,13 +68,13 @@ def sparsify_fast(x: torch.Tensor, topk: int) -> torch.Tensor:
     index order, so the result equals ``sparsify_dense`` exactly, ties included. Rows without a tie at the
     threshold (almost all, for real activations) skip the tie-break pass; checking that reads a flag back, so
     this is the CPU path (the Triton top-k serves CUDA)."""
+    threshold = _kth_largest(x.abs().view(_BITS[x.dtype]), topk)  # a scratch copy, reordered by the selection
     bits = x.abs().view(_BITS[x.dtype])
-    threshold = _kth_largest(bits, topk)
     keep = bits >= threshold
     if torch.count_nonzero(keep) > keep.numel() // x.size(-1) * topk:  # ties at the threshold: lowest indices win
         above = bits > threshold
         at = bits == threshold
-        room = topk - above.sum(dim=-1, keepdim=True)
+        room = topk - row_counts(above)
         keep = above | (at & (at.cumsum(dim=-1) <= room))
     # where(keep, x, 0) on the bit patterns: the same values (NaN and inf included), several times faster.
     return (x.view(_BITS[x.dtype]) * keep).view(x.dtype)
@@ -77,7 +86,7 @@ def kept_features(x_sparse: torch.Tensor, topk: int) -> torch.Tensor:
     fewer non-zeros, so every feature outside the kept set was zero) the lowest-index zeros up to ``topk``, as the
     selection's tie rule kept them. NaN counts as non-zero, as it is always kept."""
     nonzero = x_sparse != 0
-    missing = topk - nonzero.sum(dim=-1, keepdim=True)
+    missing = topk - row_counts(nonzero)
     if x_sparse.device.type == "cpu" and not bool((missing > 0).any()):  # the common case, without the scan
         return nonzero
     zero = ~nonzero
