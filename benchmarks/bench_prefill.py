@@ -94,13 +94,14 @@ def peak_mib(run) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def cpu_times(fns, reps: int = 15) -> list:
+def cpu_times(fns, min_reps: int = 15, min_seconds: float = 2.0) -> list:
     """Median ms of each function, run in turn within every repetition (a slow spell of the machine hits all of
-    them alike), and the median of each one's per-repetition ratio to the first."""
+    them alike), and the median of each one's per-repetition ratio to the first. Repetitions continue until the
+    first function has run ``min_seconds`` (short cases get hundreds: single slow spells then move no median)."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
-    for _ in range(reps):
+    while len(times[0]) < min_reps or sum(times[0]) < min_seconds * 1e3:
         for fn, out in zip(fns, times):
             start = time.perf_counter()
             fn()
