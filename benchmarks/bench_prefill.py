@@ -15,11 +15,13 @@ Batch = tokens // length, so every length fills the GPU with the same number of 
 """
 
 import argparse
+import multiprocessing
 import os
 import platform
 import statistics
 import time
 import warnings
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -126,6 +128,40 @@ def cpu_case(head_dim: int, topk: int, length: int, heads: int) -> dict:
     return r
 
 
+def _resident_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith(field))
+
+
+def _peak_above_inputs(engine: str, head_dim: int, topk: int, length: int, heads: int, threads: int) -> float:
+    """MiB of resident memory one forward+backward adds above its inputs at its peak (Linux: the process's
+    high-water mark, reset after a warm-up run). Run in a fresh process per engine (``cpu_peak_mib``)."""
+    torch.set_num_threads(threads)
+    if engine == "sfa":
+        attend = lambda q, k, v: flash_sfa(q, k, v, topk=topk, is_causal=True)  # noqa: E731
+    else:
+        attend = lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    inputs = [torch.randn(1, heads, length, head_dim, requires_grad=True) for _ in range(3)]
+    d_out = torch.randn(1, heads, length, head_dim)
+    torch.autograd.grad(attend(*inputs), inputs, d_out)
+    base = _resident_kib("VmRSS")
+    with open("/proc/self/clear_refs", "w") as refs:
+        refs.write("5")  # resets VmHWM to the current resident size
+    torch.autograd.grad(attend(*inputs), inputs, d_out)
+    return (_resident_kib("VmHWM") - base) / 1024
+
+
+def cpu_peak_mib(head_dim: int, topk: int, length: int, heads: int, threads: int) -> Optional[tuple]:
+    """(SDPA, flash_sfa) peak MiB above the inputs of one forward+backward, each in a fresh process; None where
+    /proc does not give a resettable high-water mark (not Linux)."""
+    if not os.path.exists("/proc/self/clear_refs"):
+        return None
+    context = multiprocessing.get_context("spawn")
+    with context.Pool(1) as pool:
+        return tuple(pool.apply(_peak_above_inputs, (engine, head_dim, topk, length, heads, threads))
+                     for engine in ("sdpa", "sfa"))
+
+
 def cpu_main(args) -> None:
     """SDPA vs flash_sfa on the CPU (float32, causal), forward and forward+backward, same shapes and threads."""
     torch.set_num_threads(args.threads)
@@ -144,6 +180,14 @@ def cpu_main(args) -> None:
                 report.row(r, f"| {head_dim} | {topk} | {length} | {r['engine']} | {r['sdpa_fwd']:.2f} "
                               f"| {r['sfa_fwd']:.2f} | {r['fwd_ratio']:.2f}x | {r['sdpa_fwdbwd']:.2f} "
                               f"| {r['sfa_fwdbwd']:.2f} | {r['fwdbwd_ratio']:.2f}x |")
+    peaks = cpu_peak_mib(args.cpu_dims[0], args.topks[0], args.memory_length, args.cpu_heads, args.threads)
+    if peaks is not None:
+        tensor_mib = args.cpu_heads * args.memory_length * args.cpu_dims[0] * 4 / 2**20
+        report.line()
+        report.line(f"Peak memory above the inputs, one forward+backward at N = {args.memory_length} (d "
+                    f"{args.cpu_dims[0]}, topk {args.topks[0]}; each engine in a fresh process; one q is "
+                    f"{tensor_mib:.0f} MiB): SDPA {peaks[0]:.0f} MiB, flash_sfa {peaks[1]:.0f} MiB (SDPA's plus the "
+                    f"two sparsified copies: {peaks[0] + 2 * tensor_mib:.0f} MiB).")
     report.finish(plot=lambda figure, rows: plot_times(figure, rows, {"SDPA": "sdpa", "flash_sfa": "sfa"}))
 
 
@@ -181,6 +225,7 @@ def main():
     parser.add_argument("--cpu-dims", type=int, nargs="+", default=[64])
     parser.add_argument("--cpu-lengths", type=int, nargs="+", default=[512, 2048])
     parser.add_argument("--cpu-heads", type=int, default=8)
+    parser.add_argument("--memory-length", type=int, default=16384, help="N of the CPU peak-memory measurement")
     args = parser.parse_args()
     if args.cpu:
         return cpu_main(args)
