@@ -99,14 +99,11 @@ def flash_sfa_backward_op(
 
 
 def _contiguous_grads(query, grads: list) -> tuple:
-    """(dq, dk, dv, d_mask) contiguous, as the fake promises (d_mask empty when None). ``grads`` is emptied as the
-    copies are made, so a strided original is released as soon as its copy exists, one at a time."""
-    made = []
-    while grads:
-        grad = grads.pop(0)
-        made.append(query.new_empty(0) if grad is None else grad.contiguous())
-        del grad
-    return tuple(made)
+    """(dq, dk, dv, d_mask) contiguous, as the fake promises (d_mask empty when None). Each entry of ``grads`` is
+    replaced by its copy, so one strided original at a time is alive beside its copy."""
+    for i in range(len(grads)):
+        grads[i] = query.new_empty(0) if grads[i] is None else grads[i].contiguous()
+    return tuple(grads)
 
 
 @flash_sfa_backward_op.register_fake
@@ -130,7 +127,7 @@ def _setup_context(ctx, inputs, output) -> None:
 
 
 def _backward(ctx, grad_out, _grad_lse, _grad_q_sparse, _grad_k_sparse):
-    if grad_out is None:
+    if grad_out is None:  # an undefined output gradient (gradcheck checks that case): no contribution
         return (None,) * 10
     query, key, value, out, lse, attn_mask, dropout_seed = ctx.saved_tensors
     topk, dropout_p, is_causal, scale, enable_gqa, query_shape, key_shape = ctx.settings
