@@ -157,7 +157,7 @@ def cpu_peak_mib(head_dim: int, topk: int, length: int, heads: int, threads: int
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     context = multiprocessing.get_context("spawn")
-    with context.Pool(1) as pool:
+    with context.Pool(1, maxtasksperchild=1) as pool:  # a new worker process for each engine
         return tuple(pool.apply(_peak_above_inputs, (engine, head_dim, topk, length, heads, threads))
                      for engine in ("sdpa", "sfa"))
 
