@@ -95,23 +95,48 @@ def flash_sfa_backward_op(
     (the reference recomputes the probabilities and ignores ``out`` and ``lse``)."""
     grads = list(prefill.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal,
                                   scale, enable_gqa, dropout_seed, mask_grad, query_shape, key_shape))
-    return _contiguous_grads(query, grads)
-
-
-def _contiguous_grads(query, grads: list) -> tuple:
-    """(dq, dk, dv, d_mask) contiguous, as the fake promises (d_mask empty when None). Each entry of ``grads`` is
-    replaced by its copy, so one strided original at a time is alive beside its copy."""
-    for i in range(len(grads)):
-        grads[i] = query.new_empty(0) if grads[i] is None else grads[i].contiguous()
+    engine = _backward_engine(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad)
+    for i in range(3):  # one strided original at a time is alive beside its copy
+        grads[i] = _in_layout(grads[i], prefill.gradient_strides(grads[i].shape, engine))
+    grads[3] = query.new_empty(0) if grads[3] is None else grads[3].contiguous()
     return tuple(grads)
+
+
+def _backward_engine(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad) -> Optional[str]:
+    """The engine of a CPU backward (it decides the gradients' layout: ``prefill.gradient_strides``); None on other
+    devices, whose gradients are contiguous."""
+    if query.device.type != "cpu":
+        return None
+    return prefill.engine_for(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad)
+
+
+def _in_layout(grad: torch.Tensor, strides: Optional[tuple]) -> torch.Tensor:
+    """``grad`` with exactly ``strides`` (None: contiguous), as the fake declares: a view when only the strides of
+    size-1 dims differ, else a copy."""
+    if strides is None:
+        return grad.contiguous()
+    if all(n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), strides)):
+        return grad if grad.stride() == strides else grad.as_strided(grad.shape, strides)
+    return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 @flash_sfa_backward_op.register_fake
 def _flash_sfa_backward_fake(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
                              enable_gqa, dropout_seed, mask_grad, query_shape, key_shape):
-    # Gradients are contiguous whatever the inputs' strides (transposed views are common here).
+    engine = _backward_engine(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad)
+    grads = [torch.empty_strided(shape, prefill.gradient_strides(shape, engine) or _contiguous(shape),
+                                 dtype=like.dtype, device=like.device)
+             for shape, like in ((query_shape, query), (key_shape, key), (list(value.shape), value))]
     d_mask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty(0)
-    return query.new_empty(query_shape), key.new_empty(key_shape), value.new_empty(value.shape), d_mask
+    return (*grads, d_mask)
+
+
+def _contiguous(shape) -> tuple:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 def _setup_context(ctx, inputs, output) -> None:

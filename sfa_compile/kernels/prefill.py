@@ -208,6 +208,16 @@ def engine_for(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False
     return _engine(q, k, v, mask, is_causal)
 
 
+def gradient_strides(shape, engine: str) -> Optional[tuple]:
+    """The strides of the op's gradient of ``shape`` (the backward's fake declares the same), or None for
+    contiguous. SDPA's CPU flash backward writes 4-D gradients heads innermost ((B, N, H, E) in memory, as SDPA's
+    own autograd returns them): they are returned as they are, not copied."""
+    if engine != CPU_FLASH or len(shape) != 4:
+        return None
+    _, heads, length, dim = shape
+    return (length * heads * dim, dim, heads * dim, 1)
+
+
 def sparse_shapes(query, key, value, topk, enable_gqa) -> tuple[list, list]:
     """Shapes of the op's q~ and k~ outputs: the scores' batch dims (K's own head count under GQA) + (length, d),
     or (0,) when topk >= d (nothing is dropped: the backward reads q and k themselves)."""

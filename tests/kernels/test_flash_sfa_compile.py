@@ -66,3 +66,28 @@ def test_torch_export():
 def test_registered_once_under_the_sfa_namespace():
     assert sfa_compile.kernels.ops.flash_sfa_op._qualname == "sfa::flash_sfa"
     assert hasattr(torch.ops.sfa, "flash_sfa") and hasattr(torch.ops.sfa, "flash_sfa_backward")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])  # SDPA's CPU flash engine; the reference
+@pytest.mark.parametrize("shapes", [((2, 4, 9, 16), (2, 2, 11, 16)), ((1, 1, 9, 16), (1, 1, 9, 16)), ((3, 9, 16),) * 2])
+def test_backward_fake_declares_the_real_gradient_layout(dtype, shapes):
+    """The backward op's fake gives its outputs the real strides on each CPU engine (Inductor relies on them);
+    4-D gradients of SDPA's CPU flash engine keep that engine's layout, SDPA's own (no copy)."""
+    (q_shape, k_shape), g = shapes, torch.Generator().manual_seed(0)
+    q = torch.randn(q_shape, generator=g, dtype=dtype)
+    k, v = (torch.randn(k_shape, generator=g, dtype=dtype) for _ in range(2))
+    gqa = q.size(-3) != k.size(-3)
+    out, lse, q_sparse, k_sparse = torch.ops.sfa.flash_sfa(q, k, v, 5, enable_gqa=gqa)
+    args = (torch.randn(out.shape, generator=g, dtype=dtype), q_sparse, k_sparse, v, out, lse, 5, None, 0.0, False,
+            None, gqa, None, False, list(q_shape), list(k_shape))
+    torch.library.opcheck(torch.ops.sfa.flash_sfa_backward.default, args)
+    real = torch.ops.sfa.flash_sfa_backward(*args)[:3]
+    with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
+        fake = torch.ops.sfa.flash_sfa_backward(*(mode.from_tensor(a) if isinstance(a, torch.Tensor) else a
+                                                  for a in args))[:3]
+    assert [t.stride() for t in real] == [t.stride() for t in fake]
+    if dtype == torch.float32 and len(q_shape) == 4:
+        leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+        sdpa = torch.autograd.grad(torch.nn.functional.scaled_dot_product_attention(*leaves, enable_gqa=gqa),
+                                   leaves, args[0])
+        assert [t.stride() for t in real] == [t.stride() for t in sdpa]
