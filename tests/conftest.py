@@ -1,7 +1,15 @@
+import atexit
 import os
+import shutil
+import tempfile
 
 import pytest
 import torch
+
+# Inductor's on-disk caches key custom ops by name only (pytorch/pytorch#144344): a graph compiled against another
+# checkout's sfa::flash_sfa would be reused. Each test session compiles into a cache of its own.
+os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="sfa-tests-inductor-")
+atexit.register(shutil.rmtree, os.environ["TORCHINDUCTOR_CACHE_DIR"], True)
 
 if not torch.cuda.is_available():
     # Triton kernels under test run on the CPU through Triton's interpreter (DESIGN.md section 5). Set before
