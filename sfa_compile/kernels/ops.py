@@ -124,19 +124,11 @@ def _in_layout(grad: torch.Tensor, strides: Optional[tuple]) -> torch.Tensor:
 def _flash_sfa_backward_fake(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale,
                              enable_gqa, dropout_seed, mask_grad, query_shape, key_shape):
     engine = _backward_engine(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad)
-    grads = [torch.empty_strided(shape, prefill.gradient_strides(shape, engine) or _contiguous(shape),
-                                 dtype=like.dtype, device=like.device)
+    grads = [like.new_empty(shape) if (strides := prefill.gradient_strides(shape, engine)) is None
+             else like.new_empty_strided(shape, strides)
              for shape, like in ((query_shape, query), (key_shape, key), (list(value.shape), value))]
     d_mask = attn_mask.new_empty(attn_mask.shape) if mask_grad else query.new_empty(0)
     return (*grads, d_mask)
-
-
-def _contiguous(shape) -> tuple:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 def _setup_context(ctx, inputs, output) -> None:
