@@ -35,7 +35,7 @@ def score_shape(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, ena
         value_batch[-1] = value_batch[-1] * group
     shapes = (tuple(query.shape[:-2]), tuple(key_batch), tuple(value_batch))
     if all(type(n) is int for shape in shapes for n in shape) and shapes[0] == shapes[1] == shapes[2]:
-        batch = shapes[0]  # the common case, without torch.broadcast_shapes' ~30 us (no symbolic sizes to guard)
+        batch = shapes[0]  # the common case, without torch.broadcast_shapes' Python cost (no symbolic sizes here)
     else:
         batch = torch.broadcast_shapes(*shapes)
     return [*batch, query.size(-2), key.size(-2)]
