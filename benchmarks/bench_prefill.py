@@ -22,6 +22,7 @@ import statistics
 import time
 import warnings
 from typing import Optional
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -162,17 +163,10 @@ def cpu_peak_mib(head_dim: int, topk: int, length: int, heads: int, threads: int
     if not os.path.exists("/proc/self/clear_refs"):
         return None
     context = multiprocessing.get_context("spawn")
-    saved = os.environ.get(_MMAP_THRESHOLD)
-    os.environ[_MMAP_THRESHOLD] = "65536"  # read by each worker's glibc at start
-    try:
-        with context.Pool(1, maxtasksperchild=1) as pool:  # a new worker process for each engine
-            return tuple(pool.apply(_peak_above_inputs, (engine, head_dim, topk, length, heads, threads))
-                         for engine in ("sdpa", "sfa"))
-    finally:
-        if saved is None:
-            del os.environ[_MMAP_THRESHOLD]
-        else:
-            os.environ[_MMAP_THRESHOLD] = saved
+    # Read by each worker's glibc at start; the environment is restored afterwards.
+    with mock.patch.dict(os.environ, {_MMAP_THRESHOLD: "65536"}), context.Pool(1, maxtasksperchild=1) as pool:
+        return tuple(pool.apply(_peak_above_inputs, (engine, head_dim, topk, length, heads, threads))
+                     for engine in ("sdpa", "sfa"))  # a new worker process for each engine
 
 
 def cpu_main(args) -> None:

@@ -93,31 +93,18 @@ def flash_sfa_backward_op(
     """(dq, dk, dv, d attn_mask) of q and k shaped ``query_shape``, ``key_shape``; the last is an empty tensor
     unless mask_grad. ``query``, ``key``: the forward's q~, k~ (q, k when topk >= d). The engine is the forward's
     (the reference recomputes the probabilities and ignores ``out`` and ``lse``)."""
-    grads = list(prefill.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal,
-                                  scale, enable_gqa, dropout_seed, mask_grad, query_shape, key_shape))
-    engine = _backward_engine(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad)
-    for i in range(3):  # one strided original at a time is alive beside its copy
-        grads[i] = _in_layout(grads[i], prefill.gradient_strides(grads[i].shape, engine))
-    grads[3] = query.new_empty(0) if grads[3] is None else grads[3].contiguous()
-    return tuple(grads)
+    dq, dk, dv, d_mask = prefill.backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p,
+                                          is_causal, scale, enable_gqa, dropout_seed, mask_grad, query_shape,
+                                          key_shape)
+    return dq, dk, dv, query.new_empty(0) if d_mask is None else d_mask.contiguous()
 
 
 def _backward_engine(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad) -> Optional[str]:
-    """The engine of a CPU backward (it decides the gradients' layout: ``prefill.gradient_strides``); None on other
-    devices, whose gradients are contiguous."""
+    """The engine of a CPU backward, for the fake (it decides the gradients' layout: ``prefill.gradient_strides``);
+    None on other devices, whose gradients are contiguous."""
     if query.device.type != "cpu":
         return None
     return prefill.engine_for(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa, mask_grad)
-
-
-def _in_layout(grad: torch.Tensor, strides: Optional[tuple]) -> torch.Tensor:
-    """``grad`` with exactly ``strides`` (None: contiguous), as the fake declares: a view when only the strides of
-    size-1 dims differ, else a copy."""
-    if strides is None:
-        return grad.contiguous()
-    if all(n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), strides)):
-        return grad if grad.stride() == strides else grad.as_strided(grad.shape, strides)
-    return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device).copy_(grad)
 
 
 @flash_sfa_backward_op.register_fake

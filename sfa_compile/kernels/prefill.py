@@ -218,6 +218,17 @@ def gradient_strides(shape, engine: str) -> Optional[tuple]:
     return (length * heads * dim, dim, heads * dim, 1)
 
 
+def _in_layout(grad: torch.Tensor, engine: str) -> torch.Tensor:
+    """``grad`` with exactly the strides ``gradient_strides`` declares for it: a view when only the strides of size-1
+    dims differ, else a copy."""
+    strides = gradient_strides(grad.shape, engine)
+    if strides is None:
+        return grad.contiguous()
+    if all(n == 1 or a == b for n, a, b in zip(grad.shape, grad.stride(), strides)):
+        return grad if grad.stride() == strides else grad.as_strided(grad.shape, strides)
+    return torch.empty_strided(grad.shape, strides, dtype=grad.dtype, device=grad.device).copy_(grad)
+
+
 def sparse_shapes(query, key, value, topk, enable_gqa) -> tuple[list, list]:
     """Shapes of the op's q~ and k~ outputs: the scores' batch dims (K's own head count under GQA) + (length, d),
     or (0,) when topk >= d (nothing is dropped: the backward reads q and k themselves)."""
@@ -255,7 +266,8 @@ def forward(query, key, value, topk, attn_mask, dropout_p, is_causal, scale, ena
 
 def backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, is_causal, scale, enable_gqa,
              dropout_seed, mask_grad, query_shape, key_shape, engine: Optional[str] = None):
-    """(dq, dk, dv, d_mask or None) of ``sfa::flash_sfa``, gradients only through kept features. ``query`` and
+    """(dq, dk, dv, d_mask or None) of ``sfa::flash_sfa``, gradients only through kept features and in the layout
+    ``gradient_strides`` declares for the engine. ``query`` and
     ``key`` are the forward's q~ and k~ (q and k when topk >= d); ``query_shape``, ``key_shape`` the shapes of q
     and k; ``engine`` as in ``forward`` (it must be the forward's). The keep masks are read from q~ and k~
     (``topk.kept_features``); the reference sparsifies them again, which keeps the same features."""
@@ -270,7 +282,8 @@ def backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, 
             _warn_once(reason)
         dq, dk, dv, d_mask = flash_sfa_backward_reference(grad_out, query, key, value, topk, attn_mask, dropout_p,
                                                           is_causal, scale, enable_gqa, dropout_seed, mask_grad)
-        return dq.sum_to_size(query_shape), dk.sum_to_size(key_shape), dv, d_mask
+        return (_in_layout(dq.sum_to_size(query_shape), engine), _in_layout(dk.sum_to_size(key_shape), engine),
+                _in_layout(dv, engine), d_mask)
     lse4 = _four_d(lse.unsqueeze(-1), batch).squeeze(-1).contiguous()
     out4 = _four_d(out, batch).contiguous()
     d_out4 = _four_d(grad_out, batch).contiguous()
@@ -278,7 +291,8 @@ def backward(grad_out, query, key, value, out, lse, topk, attn_mask, dropout_p, 
     if topk < query.size(-1):
         dq, dk = _zero_dropped(dq, q, topk, triton), _zero_dropped(dk, k, topk, triton)
     length, keys = query.size(-2), key.size(-2)
-    dq = dq.reshape(*batch, length, query.size(-1)).sum_to_size(query_shape)
-    dk = dk.reshape(*kv_batch, keys, key.size(-1)).sum_to_size(key_shape)
-    dv = dv.reshape(*kv_batch, keys, value.size(-1)).sum_to_size(value.shape)
+    # One at a time: a strided original is freed as soon as its copy exists.
+    dq = _in_layout(dq.reshape(*batch, length, query.size(-1)).sum_to_size(query_shape), engine)
+    dk = _in_layout(dk.reshape(*kv_batch, keys, key.size(-1)).sum_to_size(key_shape), engine)
+    dv = _in_layout(dv.reshape(*kv_batch, keys, value.size(-1)).sum_to_size(value.shape), engine)
     return dq, dk, dv, None
