@@ -132,3 +132,21 @@ def test_gradients_stay_right_beside_sdpa_cudnn_on_the_same_layouts(sdpa_first, 
     first, second = (sdpa_grads, op_grads) if sdpa_first else (op_grads, sdpa_grads)
     first()
     second()
+
+
+@pytest.mark.parametrize("forward_backends", ["flash", "math"])
+def test_backend_flags_changed_between_forward_and_backward(forward_backends):
+    """A forward under ``sdpa_kernel`` (which the engine rules honour) and its backward outside it, as a training
+    loop that wraps only the model call does: the gradients are still right, whichever engines the two picked."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backends = {"flash": SDPBackend.FLASH_ATTENTION, "math": SDPBackend.MATH}[forward_backends]
+    q, k, v = _attention_inputs(320, seed=5)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    d_out = _grad_in_layout(q.shape, False, seed=6)
+    with sdpa_kernel(backends):
+        out = flash_sfa(*leaves, topk=8, is_causal=True)
+    got = torch.autograd.grad(out, leaves, d_out)
+    want = torch.autograd.grad(oracle_sfa(*leaves, 8, is_causal=True), leaves, d_out.double())
+    for a, b in zip(got, want):
+        assert (a.double() - b).norm() / b.norm() < 2e-2
