@@ -17,21 +17,22 @@ from sfa_compile.training.observers import observe
 from sfa_compile.training.straight_through import sfa_attention, straight_through_topk
 
 
-def _qkv(seed=0, heads=4, key_heads=2, length=9, dim=16):
+def _qkv(seed=0, heads=4, key_heads=2, length=9, dim=16, dtype=torch.float64):
     g = torch.Generator().manual_seed(seed)
-    q = torch.randn(2, heads, length, dim, generator=g, dtype=torch.float64, requires_grad=True)
-    k = torch.randn(2, key_heads, length, dim, generator=g, dtype=torch.float64, requires_grad=True)
-    v = torch.randn(2, key_heads, length, dim, generator=g, dtype=torch.float64)
+    q = torch.randn(2, heads, length, dim, generator=g, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, key_heads, length, dim, generator=g, dtype=dtype, requires_grad=True)
+    v = torch.randn(2, key_heads, length, dim, generator=g, dtype=dtype)
     return q, k, v
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])  # the reference; SDPA's CPU flash engine
 @pytest.mark.parametrize("masking", ["causal", "bool_mask"])
-def test_straight_through_keeps_the_forward_and_passes_gradients_to_dropped_features(masking):
-    q, k, v = _qkv()
+def test_straight_through_keeps_the_forward_and_passes_gradients_to_dropped_features(masking, dtype):
+    q, k, v = _qkv(dtype=dtype)
     mask = torch.rand(2, 1, 9, 9, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[..., 0] = True  # no fully masked rows
     kwargs = dict(is_causal=True) if masking == "causal" else dict(attn_mask=mask)
-    grad_out = torch.randn(2, 4, 9, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    grad_out = torch.randn(2, 4, 9, 16, generator=torch.Generator().manual_seed(2), dtype=dtype)
 
     exact = sfa_attention(q, k, v, topk=4, enable_gqa=True, **kwargs)
     dq_exact, = torch.autograd.grad(exact, q, grad_out)

@@ -11,7 +11,6 @@ feature receives the gradient it would get if it were kept, so features can ente
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from ..functional import flash_sfa
 from ..kernels.topk import topk_mask
@@ -37,9 +36,11 @@ def _straight_through(x: torch.Tensor, topk: int) -> torch.Tensor:
 
 
 def sfa_attention(query, key, value, *, topk: int, straight_through: bool = False, **sdpa_kwargs) -> torch.Tensor:
-    """``flash_sfa`` of projected q and k, or with ``straight_through`` the same forward values through SDPA on
-    straight-through sparsified q and k (its backward then gives every feature a gradient)."""
+    """``flash_sfa`` of projected q and k, or with ``straight_through`` the same forward values as dense attention
+    (``flash_sfa`` at topk = d) on straight-through sparsified q and k: its backward then gives every feature a
+    gradient. Not SDPA's own autograd: it hands cuDNN output gradients in another layout than the output's, which
+    gave wrong gradients on an H100 (benchmarks/LOG.md); the op's backward passes both contiguous."""
     if not straight_through or not torch.is_grad_enabled():
         return flash_sfa(query, key, value, topk=topk, **sdpa_kwargs)
-    return F.scaled_dot_product_attention(_straight_through(query, topk), _straight_through(key, topk), value,
-                                          **sdpa_kwargs)
+    return flash_sfa(_straight_through(query, topk), _straight_through(key, topk), value, topk=query.size(-1),
+                     **sdpa_kwargs)

@@ -150,3 +150,26 @@ def test_backend_flags_changed_between_forward_and_backward(forward_backends):
     want = torch.autograd.grad(oracle_sfa(*leaves, 8, is_causal=True), leaves, d_out.double())
     for a, b in zip(got, want):
         assert (a.double() - b).norm() / b.norm() < 2e-2
+
+
+def test_straight_through_gradients_with_a_transposed_output_gradient():
+    """Fine-tuning's straight-through attention with the output gradient a Hugging Face model hands back (the
+    transpose of (batch, length, heads, d)), after SDPA's own cuDNN backward ran on the same layouts: every
+    feature's gradient equals float64 dense attention's on the sparsified q and k."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from sfa_compile.kernels.topk import sparsify_dense
+    from sfa_compile.training.straight_through import sfa_attention
+
+    q, k, v = _attention_inputs(336, seed=7)
+    leaves = [t.detach().requires_grad_() for t in (q, k, v)]
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):  # a cuDNN graph of SDPA's own for these layouts, contiguous dO
+        torch.autograd.grad(F.scaled_dot_product_attention(*leaves, is_causal=True), leaves,
+                            _grad_in_layout(q.shape, False, seed=8))
+    d_out = _grad_in_layout(q.shape, True, seed=9)
+    got = torch.autograd.grad(sfa_attention(*leaves, topk=8, straight_through=True, is_causal=True), leaves, d_out)
+    exact = [sparsify_dense(t.detach().double(), 8)[0].requires_grad_() for t in (q, k)]
+    exact.append(v.detach().double().requires_grad_())
+    want = torch.autograd.grad(F.scaled_dot_product_attention(*exact, is_causal=True), exact, d_out.double())
+    for a, b in zip(got, want):
+        assert (a.double() - b).norm() / b.norm() < 2e-2
