@@ -173,10 +173,9 @@ def _engine_backward(engine, d_out, q, k, v, out, lse, mask, is_causal, scale):
         return aten._scaled_dot_product_flash_attention_for_cpu_backward(
             d_out, q, k, v, out, lse, 0.0, is_causal, attn_mask=additive_mask(mask, q.dtype), scale=scale)
     if engine == CUDNN:
-        # PyTorch caches cuDNN backward graphs by the q, k, v layouts while each graph bakes in the layouts of out
-        # and d_out: SDPA's own autograd on equal q, k, v layouts with another d_out layout would share a graph
-        # with these calls. Heads folded into the batch, (batch x heads, 1, length, d), give the op keys of its own;
-        # each head's attention is unchanged.
+        # Heads folded into the batch, (batch x heads, 1, length, d): PyTorch caches cuDNN graphs per shape and
+        # q, k, v layout, and sharing them with SDPA's own autograd (other output-gradient layouts) corrupted
+        # gradients (benchmarks/LOG.md); each head's attention is unchanged.
         rng = _no_rng(q.device)
         d_out, q1, k1, v1, out = (t.reshape(-1, 1, *t.shape[-2:]) for t in (d_out, q, k, v, out))
         dq, dk, dv = aten._scaled_dot_product_cudnn_attention_backward(
