@@ -149,3 +149,18 @@ def test_finetune_inside_autocast_trains_and_leaves_r_orthogonal_float32():
     assert len(losses) == 3 and all(torch.isfinite(torch.tensor(losses)))
     assert r.dtype == torch.float32 and not torch.equal(r, before)  # trained
     assert (r.transpose(-1, -2) @ r - torch.eye(r.size(-1))).abs().max() < 1e-5  # still orthogonal
+
+
+def test_each_step_inside_autocast_sees_the_updated_weights():
+    # An enclosing autocast caches its casts of the weights until the block ends; a step must not run on stale ones.
+    model, inputs = _converted_llama()
+    updated = copy.deepcopy(model)
+    kwargs = dict(train_model=True, model_lr=1e-2, train_mode=False, progress=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        losses = sfa_compile.finetune(model, [inputs], 2, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        sfa_compile.finetune(updated, [inputs], 1, **kwargs)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # a fresh block: the loss at the once-updated weights
+        expected = sfa_compile.finetune(updated, [inputs], 1, **kwargs)[0]
+    assert losses[1] != pytest.approx(losses[0], rel=0.2)
+    assert losses[1] == pytest.approx(expected, rel=0.02)  # bf16 rounding; stale weights gave a 4x lower loss

@@ -141,6 +141,7 @@ def refine(model, examples: list, steps: int, lr: float = REFINE_LR, progress: b
                     optimizer.zero_grad()
                     loss.backward()
                     optimizer.step()
+                    torch.clear_autocast_cache()  # a caller's autocast would keep casts of the old R otherwise
                     next(ticks, None)
     if hasattr(bar, "close"):
         bar.close()

@@ -164,6 +164,8 @@ def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: f
                 if distributed and sharded:
                     _average_gradients(proj_params)
                 opt.step()
+                # An enclosing autocast keeps its casts of the weights until its block ends: drop the stale ones.
+                torch.clear_autocast_cache()
                 schedule.step()
                 losses.append(loss.item())
     finally:
