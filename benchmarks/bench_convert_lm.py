@@ -9,8 +9,9 @@ Then, per topk (d/4 and d/8 by default), on copies of the same pretrained model:
   plain       ``convert(model, SFAConfig(topk))``: R = identity, the paper's method without training;
   calibrated  ``convert(model, SFAConfig(topk), calibration=batches)``: the conversion defaults (principal axes and
               the layer-local Eq. 8 refinement), R kept as a run-time projection so the fine-tune can train it;
-  + fine-tune the calibrated model trained on the LM loss + Eq. 8 (``sfa_compile.finetune``, model weights and R,
-              straight-through top-k) for ``--finetune-steps`` (default 10% of the pretraining steps);
+  + fine-tune the calibrated model trained on the LM loss + Eq. 8 at finetune's default weight beside a task loss
+              (``sfa_compile.finetune``, model weights and R, straight-through top-k) for ``--finetune-steps``
+              (default 10% of the pretraining steps);
   scratch     an SFA model of the same initialization trained for pretraining + fine-tuning steps.
 Reported: held-out perplexity per byte, its ratio to dense, the share of plain top-k's gap to dense that the
 variant recovers, and pass-key accuracy (all five digits right, teacher-forced) at each filler distance.
@@ -131,7 +132,8 @@ def main():
     parser.add_argument("--finetune-steps", type=int, default=None, help="default: 10%% of --steps")
     parser.add_argument("--topks", type=int, nargs="+", default=None, help="default: d/4 and d/8")
     add_model_arguments(parser)
-    parser.add_argument("--model-lr", type=float, default=1e-4, help="fine-tuning learning rate of the weights")
+    parser.add_argument("--model-lr", type=float, default=3e-4, help="fine-tuning learning rate of the weights")
+    parser.add_argument("--lam", type=float, default=None, help="Eq. 8 weight (default: finetune's beside a task loss)")
     parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the docstring text (default: all)")
     parser.add_argument("--distances", type=int, nargs="+", default=[16, 96, 192], help="pass-key filler bytes")
     add_arguments(parser)
@@ -189,7 +191,7 @@ def main():
             start = time.time()
             with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
                 finetune(calibrated, tuning, finetune_steps, task_loss=lambda out, example: out.loss,
-                         train_model=True, model_lr=args.model_lr, lr=1e-2, lam=1.0, straight_through=True,
+                         train_model=True, model_lr=args.model_lr, lr=1e-2, lam=args.lam, straight_through=True,
                          final_lr_factor=0.25, progress=False)
             measure(topk, "calibrated + fine-tune", calibrated, time.time() - start, plain_ppl, dense_ppl)
         start = time.time()

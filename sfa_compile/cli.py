@@ -306,7 +306,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--lr", type=float, default=tuning["lr"].default, help="learning rate of the projections")
     tune.add_argument("--model-lr", type=float, default=tuning["model_lr"].default,
                       help="learning rate of the model's weights")
-    tune.add_argument("--lam", type=float, default=tuning["lam"].default, help="weight of the Eq. 8 distillation term")
+    tune.add_argument("--lam", type=float, default=tuning["lam"].default,
+                      help="weight of the Eq. 8 distillation term (default: 0.01 beside a causal LM's loss, 1.0 alone)")
     tune.add_argument("--train-model", action="store_true", help="also train the model's own weights")
     tune.add_argument("--straight-through", action="store_true",
                       help="straight-through top-k gradients: dropped features learn whether to enter the kept set")

@@ -164,3 +164,17 @@ def test_each_step_inside_autocast_sees_the_updated_weights():
         expected = sfa_compile.finetune(updated, [inputs], 1, **kwargs)[0]
     assert losses[1] != pytest.approx(losses[0], rel=0.2)
     assert losses[1] == pytest.approx(expected, rel=0.02)  # bf16 rounding; stale weights gave a 4x lower loss
+
+
+def test_eq8_weight_defaults_to_a_regularizer_beside_a_task_loss():
+    model, inputs = _converted_llama()
+    task = lambda out, example: out.logits.square().mean()  # noqa: E731
+    with torch.no_grad(), sfa_compile.attention_distillation(model, sparsity=False) as distill:
+        out = model(**inputs)
+        task_value, eq8 = task(out, inputs).item(), distill.loss().item()
+    assert eq8 > 0.0
+    alone = sfa_compile.finetune(copy.deepcopy(model), [inputs], 1, train_mode=False, progress=False)[0]
+    beside = sfa_compile.finetune(copy.deepcopy(model), [inputs], 1, task_loss=task, train_mode=False,
+                                  progress=False)[0]
+    assert alone == pytest.approx(eq8, rel=1e-4)
+    assert beside == pytest.approx(task_value + 0.01 * eq8, rel=1e-4)

@@ -102,20 +102,28 @@ def _topk_stages(layers: list, warmup_topks: Sequence[int], steps: int) -> list[
     return [k for k in warmup_topks for _ in range(share)]
 
 
-def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: float = 2e-5, lam: float = 1.0,
-             task_loss: Optional[Callable] = None, train_model: bool = False, progress: bool = True,
-             train_mode: bool = True, straight_through: bool = False, sparsity_weight: float = 0.0,
-             warmup_topks: Sequence[int] = (), final_lr_factor: float = 1.0) -> list[float]:
+# Eq. 8's weight beside a task loss: the task leads, Eq. 8 only regularizes (bench_convert_lm, benchmarks/LOG.md).
+DISTILL_WEIGHT_WITH_TASK = 0.01
+
+
+def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: float = 2e-5,
+             lam: Optional[float] = None, task_loss: Optional[Callable] = None, train_model: bool = False,
+             progress: bool = True, train_mode: bool = True, straight_through: bool = False,
+             sparsity_weight: float = 0.0, warmup_topks: Sequence[int] = (),
+             final_lr_factor: float = 1.0) -> list[float]:
     """Train ``model`` (converted) for ``steps`` steps cycling over ``data`` (examples as for ``convert``).
 
-    ``task_loss(output, example) -> tensor`` adds the task term; without it only the Eq. 8 term (weight
-    ``lam``) trains. ``train_mode=False`` runs the steps in eval mode (no dropout; calibration uses it).
+    ``task_loss(output, example) -> tensor`` adds the task term; without it only the Eq. 8 term trains. ``lam``
+    weighs the Eq. 8 term: by default 0.01 beside a task loss (``DISTILL_WEIGHT_WITH_TASK``), 1.0 alone.
+    ``train_mode=False`` runs the steps in eval mode (no dropout; calibration uses it).
     ``straight_through``: dropped features get the gradient they would get if kept (forward unchanged).
     ``sparsity_weight``: weight of the dropped-energy penalty. ``warmup_topks`` (e.g. (16, 12) for topk 8):
     the first steps run at these larger top-k values, each for steps // (len + 2) steps, the rest at the
     model's own. ``final_lr_factor``: both learning rates are multiplied by it for the last quarter of the
     steps. Returns the loss of every step; the model is left in eval mode with its own top-k.
     """
+    if lam is None:
+        lam = DISTILL_WEIGHT_WITH_TASK if task_loss is not None else 1.0
     examples = list(data)
     if not examples:
         raise ValueError("finetune: no training examples")
