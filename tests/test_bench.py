@@ -41,3 +41,20 @@ def test_publish_replaces_only_its_own_section(tmp_path):
     replace_section(results, "b", "second b")
     assert results.read_text() == ("# Results\n\nintro\n\n<!-- begin a -->\nnew a\n<!-- end a -->\n\nnote on a\n\n"
                                    "<!-- begin b -->\nsecond b\n<!-- end b -->\n")
+
+
+@pytest.mark.parametrize("distance", [0, 37, "longest"])
+def test_recall_rows_ask_for_the_digit_each_letter_had_in_the_key_list(distance):
+    from bench_convert_lm import RECALL_BYTES, recall_row
+
+    distance = 256 - RECALL_BYTES if distance == "longest" else distance
+    data = torch.randint(32, 127, (4096,), generator=torch.Generator().manual_seed(0))
+    row, targets = recall_row(data, 256, distance, torch.Generator().manual_seed(distance))
+    text = bytes(row).decode()
+    assert len(row) == 257 and text.startswith("Keys: ") and max(targets) <= 256
+    pairs = text[len("Keys: "):len("Keys: ") + 24].split()
+    given = {pair[0]: pair[1] for pair in pairs}
+    assert len(given) == 8  # distinct letters
+    assert text[30 + distance:39 + distance] == " Recall: "  # after the 8 pairs and the filler
+    recalled = {chr(row[t - 1]): chr(row[t]) for t in targets}
+    assert recalled == given
