@@ -1,10 +1,10 @@
 """``sfa-compile bench``: run the benchmark scripts that fit this machine and collect their tables and plots.
 
 The scripts live in the source checkout's ``benchmarks/`` folder (one script per measured claim; each writes its
-table, CSV and plot with ``--out``, see benchmarks/publish.py). With CUDA the GPU scripts run (prefill, decode with
-model-dtype and FP8 values, the cache that fits, end-to-end generation, compile time, the causal LM from scratch);
-without it the CPU ones (prefill on the CPU, ONNX Runtime, compile time, MiniLM conversion quality). ``quick`` runs
-each at reduced size.
+table, CSV and plot with ``--out``, see benchmarks/publish.py). With CUDA the GPU scripts run (prefill, the top-k,
+decode with model-dtype and FP8 values, the cache that fits, end-to-end generation, compile time, the causal LM from
+scratch); without it the CPU ones (prefill on the CPU, ONNX Runtime, compile time, MiniLM conversion quality).
+``quick`` runs each at reduced size.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ class Benchmark:
 
 GPU_SUITE = (
     Benchmark("bench_prefill", "bench_prefill.py", (), ("--dims", "128", "--topks", "8", "--lengths", "4096", "16384")),
+    Benchmark("bench_topk", "bench_topk.py", (), ("--dims", "128", "--topks", "8", "16")),
     Benchmark("bench_decode", "bench_decode.py", (), ("--topks", "8", "--cases", "16x32768", "1x8192")),
     Benchmark("bench_decode_fp8", "bench_decode.py", ("--fp8-values",),
               ("--fp8-values", "--topks", "8", "--cases", "16x32768", "1x8192")),

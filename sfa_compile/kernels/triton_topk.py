@@ -12,12 +12,15 @@ rest. No sort. Two searches, picked by dtype and topk (measured on the H100: ben
   one of them).
 - rank search (``topk_keep_by_rank``, float16 / bfloat16 with topk <= RANK_SEARCH_MAX_TOPK): ``topk`` rounds over
   unique per-feature keys, exact with ties and NaN as the sort orders them.
+- bitonic search (``topk_keep_by_bitonic``, float16 / bfloat16): the same unique keys through ``tl.topk``'s bitonic
+  network; offered to benchmarks/bench_topk.py until measurements place it in the rule.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -89,11 +92,22 @@ def topk_keep_by_rank(x, ok, cols, topk, INF_BITS: tl.constexpr):
 
 
 @triton.jit
+def topk_keep_by_bitonic(x, ok, cols, topk, INF_BITS: tl.constexpr, TOPK_POW2: tl.constexpr):
+    """``topk_keep_by_rank``'s keys, the k-th found by ``tl.topk`` (sorted, largest first) of the next power of two."""
+    bits = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_BITS + 1)
+    key = tl.where(ok, (bits * 256 + (255 - cols[None, :])).to(tl.float32), -1.0)
+    top = tl.topk(key, TOPK_POW2)
+    kth = tl.sum(tl.where(tl.arange(0, TOPK_POW2)[None, :] == topk - 1, top, 0.0), axis=1)
+    return key >= kth[:, None]
+
+
+@triton.jit
 def _topk_sparsify_kernel(
     X, Y,
     n_rows, n_heads, length, head_dim, topk,
     stride_b, stride_h, stride_n, stride_d,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, INF_BITS: tl.constexpr,
+    SEARCH: tl.constexpr, TOPK_POW2: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -103,7 +117,9 @@ def _topk_sparsify_kernel(
     ok = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
     x = tl.load(X + (b * stride_b + h * stride_h + n * stride_n)[:, None] + cols[None, :] * stride_d,
                 mask=ok, other=0.0)
-    if INF_BITS:
+    if SEARCH == 2:
+        keep = topk_keep_by_bitonic(x, ok, cols, topk, INF_BITS, TOPK_POW2)
+    elif SEARCH == 1:
         keep = topk_keep_by_rank(x, ok, cols, topk, INF_BITS)
     else:
         keep = topk_keep(x, ok, topk, LOW_BIT)
@@ -111,20 +127,32 @@ def _topk_sparsify_kernel(
     tl.store(Y + out, tl.where(keep, x, 0.0), mask=ok)
 
 
-def sparsify_triton(x: torch.Tensor, topk: int) -> torch.Tensor:
+SEARCHES = ("bit", "rank", "bitonic")
+
+
+def default_search(dtype: torch.dtype, topk: int) -> str:
+    """The search the rule picks (module docstring)."""
+    return "rank" if topk <= RANK_SEARCH_MAX_TOPK and dtype in INF_PATTERN else "bit"
+
+
+def sparsify_triton(x: torch.Tensor, topk: int, search: Optional[str] = None) -> torch.Tensor:
     """Contiguous copy of the 4-D ``x`` with all but the top-k features of each row zeroed.
 
-    ``x`` is (batch, heads, length, features) with any strides, in float16, bfloat16 or float32.
+    ``x`` is (batch, heads, length, features) with any strides, in float16, bfloat16 or float32. ``search`` (one of
+    ``SEARCHES``; default ``default_search``) picks the selection; all give the same result.
     """
+    search = search or default_search(x.dtype, topk)
+    if search not in SEARCHES or (search != "bit" and x.dtype not in INF_PATTERN):
+        raise ValueError(f"sparsify_triton: search must be one of {SEARCHES} ('rank' and 'bitonic' take float16 and "
+                         f"bfloat16), got {search!r} for {x.dtype}")
     batch, heads, length, head_dim = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = batch * heads * length
     if n_rows == 0:
         return y
     args = (x, y, n_rows, heads, length, head_dim, topk, *x.stride())
-    rank_search = topk <= RANK_SEARCH_MAX_TOPK and x.dtype in INF_PATTERN
-    meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype],
-                INF_BITS=INF_PATTERN[x.dtype] if rank_search else 0)
+    meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype], INF_BITS=INF_PATTERN.get(x.dtype, 0),
+                SEARCH=SEARCHES.index(search), TOPK_POW2=next_power_of_2(topk) if search == "bitonic" else 1)
     if interpreting() or not autotuning():
         _topk_sparsify_kernel[(cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:
@@ -132,7 +160,7 @@ def sparsify_triton(x: torch.Tensor, topk: int) -> torch.Tensor:
     return y
 
 
-_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "INF_BITS"])(_topk_sparsify_kernel)
+_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "SEARCH", "TOPK_POW2"])(_topk_sparsify_kernel)
 
 
 @triton.jit

@@ -17,7 +17,7 @@ from sfa_oracle import oracle_keep, oracle_sfa  # noqa: E402
 
 from sfa_compile.kernels import prefill, reference  # noqa: E402
 from sfa_compile.kernels.topk import kept_features, sparsify_dense  # noqa: E402
-from sfa_compile.kernels.triton_topk import sparsify_triton, zero_dropped_triton  # noqa: E402
+from sfa_compile.kernels.triton_topk import default_search, sparsify_triton, zero_dropped_triton  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 def naive(q, k, v, topk, attn_mask=None, is_causal=False, scale=None, enable_gqa=False):
@@ -128,17 +128,21 @@ def test_backward_matches_oracle(name, dtype, engine, poisoned):
     assert not dq[~oracle_keep(q, topk)].any() and not dk[~oracle_keep(k, topk)].any()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("search,dtype", [(None, torch.float32), (None, torch.float16), (None, torch.bfloat16),
+                                          ("bit", torch.bfloat16), ("rank", torch.float16), ("bitonic", torch.float16),
+                                          ("rank", torch.bfloat16), ("bitonic", torch.bfloat16)])
 @pytest.mark.parametrize("head_dim,topk", [(64, 8), (128, 16), (32, 1), (80, 80), (256, 7)])
-def test_topk_kernel_matches_sort(head_dim, topk, dtype, poisoned):
+def test_topk_kernel_matches_sort(head_dim, topk, dtype, search, poisoned):
     x = randn(2, 3, 37, head_dim, dtype=dtype, seed=head_dim + topk)
     x[0, 0, 0, :5] = 1.0  # ties: lower index wins
     x[0, 0, 1, 3] = float("nan")  # NaN ranks above everything, as in torch.sort
-    if dtype != torch.float32:  # a second NaN with another payload ranks equal to the first: index order decides
+    # A second NaN with another payload ranks equal to the first: index order decides (the bit search only where
+    # the row holds at most topk NaN: module docstring).
+    if dtype != torch.float32 and (topk >= 2 or (search or default_search(dtype, topk)) != "bit"):
         x[0, 0, 1, 6] = torch.tensor(0x7E01 if dtype == torch.float16 else 0x7FC1, dtype=torch.int16).view(dtype)
     x[0, 1, 2] = 0.0  # fewer non-zeros than topk still keeps exactly topk
     strided = x.transpose(1, 2).contiguous().transpose(1, 2)
-    y = sparsify_triton(strided, topk)
+    y = sparsify_triton(strided, topk, search)
     ref_y, ref_keep = sparsify_dense(x, topk)
     assert torch.equal(y.nan_to_num(), ref_y.nan_to_num()) and y.is_contiguous()
     # The backward's keep mask, read from x~ alone (a row of zeros included), is the selection's.
