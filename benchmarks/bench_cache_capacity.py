@@ -5,7 +5,7 @@ Per cache kind: the bytes one cached token takes in all layers (allocated by a 1
 torch.cuda.memory_allocated), the capacity the free memory holds after a 2 GiB headroom, then that capacity
 allocated for real (batch 1) with a 16-token prompt and one decode step run through it; on an out-of-memory error
 the capacity shrinks by 5% and it tries again. Reported: the longest context at batch 1, and the largest batch of
-32k-token sequences the same bytes hold (bytes scale with batch x tokens).
+32k-token sequences the same bytes hold (bytes scale with batch x tokens); the plot: cache GiB vs context per kind.
 
     python benchmarks/bench_cache_capacity.py [--topk 8] [--out DIR] [--publish]
 """
@@ -14,7 +14,7 @@ import argparse
 
 import torch
 from bench_generate import cache_kwarg, qwen3_06b
-from publish import Report, add_arguments, provenance
+from publish import Report, add_arguments, log_log_axes, provenance
 from transformers import StaticCache
 
 import sfa_compile
@@ -67,6 +67,16 @@ def largest_capacity(model, make_cache, per_token: float) -> int:
     raise SystemExit("no capacity fits after 8 tries")
 
 
+def plot_capacity(figure, rows) -> None:
+    """Cache GiB vs context length (batch 1) per cache kind, each line ending at the capacity it reached."""
+    axes = figure.add_subplot(1, 1, 1)
+    for row in rows:
+        contexts = [2 ** p for p in range(10, 24) if 2 ** p < row["capacity"]] + [row["capacity"]]
+        axes.plot(contexts, [row["bytes_per_token"] * n / 2**30 for n in contexts], marker=".", label=row["cache"])
+    log_log_axes(axes, "KV cache bytes vs context, batch 1 (each line ends where the GPU is full)", "context (tokens)",
+                 "cache GiB")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--topk", type=int, default=8)
@@ -97,7 +107,7 @@ def main():
                         batch_at_32k=capacity // SEQUENCE),
                    f"| {name} | {per_token:,.0f} | {per_token / dense_per_token:.3f} | {capacity:,} "
                    f"| {capacity // SEQUENCE} |")
-    report.finish()
+    report.finish(plot=plot_capacity)
 
 
 if __name__ == "__main__":

@@ -132,6 +132,23 @@ def examples(data, count, size, length, seed, recall_share):
     return made
 
 
+def plot_conversion(figure, rows) -> None:
+    """Held-out perplexity of each variant per topk, the dense model's as a dashed line (log scale: plain top-k is
+    several times dense)."""
+    axes = figure.add_subplot(1, 1, 1)
+    dense = next(r["ppl"] for r in rows if not r["topk"])
+    variants = list(dict.fromkeys(r["model"] for r in rows if r["topk"]))
+    for topk in dict.fromkeys(r["topk"] for r in rows if r["topk"]):
+        ppl = {r["model"]: r["ppl"] for r in rows if r["topk"] == topk}
+        axes.plot(variants, [ppl.get(v) for v in variants], marker="o", label=f"SFA topk {topk}")
+    axes.axhline(dense, linestyle="--", color="gray", label="dense")
+    axes.set_yscale("log")
+    axes.set_ylabel("held-out perplexity per byte")
+    axes.set_title("Converting a pretrained causal LM: perplexity by method", fontsize=10)
+    axes.legend(fontsize=7)
+    axes.grid(True, which="both", alpha=0.3)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=2000, help="dense pretraining steps")
@@ -211,7 +228,7 @@ def main():
               make_batch=mixture)
         measure(topk, "SFA from scratch", scratch, time.time() - start, plain_ppl, dense_ppl)
         del plain, calibrated, scratch
-    report.finish()
+    report.finish(plot=plot_conversion)
 
 
 if __name__ == "__main__":
