@@ -1,7 +1,8 @@
 """Triton top-k sparsification of query/key features: one pass, the Triton twin of ``topk.sparsify_dense``.
 
 Per row (token and head) of d features, keep the ``topk`` largest |x| (ties: lower index wins) and zero the
-rest. No sort. Two searches, picked by dtype and topk (measured on the H100: benchmarks/LOG.md):
+rest. No full sort. Three searches; ``default_search`` picks between the first two by dtype and topk (measured on the
+H100: benchmarks/LOG.md):
 - bit search (``topk_keep``, any dtype, cost independent of topk): the k-th largest magnitude by a bitwise binary
   search on the float bits of |x| (non-negative floats order like their bit patterns as integers), one
   compare-and-count over the row per bit: 31 steps for float32, 15 for bfloat16 and 18 for float16, whose low bits

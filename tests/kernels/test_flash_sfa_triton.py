@@ -151,6 +151,12 @@ def test_topk_kernel_matches_sort(head_dim, topk, dtype, search, poisoned):
     assert torch.equal(zero_dropped_triton(grad.clone(), y, topk), torch.where(ref_keep, grad, 0))
 
 
+@pytest.mark.parametrize("search,dtype", [("rank", torch.float32), ("bitonic", torch.float32), ("sort", torch.float16)])
+def test_topk_search_outside_its_domain_is_refused(search, dtype):
+    with pytest.raises(ValueError, match="search must be one of"):
+        sparsify_triton(randn(1, 1, 4, 16, dtype=dtype, seed=0), 4, search)
+
+
 class TestFallback:
     """What the kernels do not cover runs on the reference, with one warning per reason."""
 
