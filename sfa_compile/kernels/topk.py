@@ -49,25 +49,23 @@ _BITS = {torch.float64: torch.int64, torch.float32: torch.int32, torch.bfloat16:
 
 
 def _kth_largest(bits: torch.Tensor, topk: int) -> torch.Tensor:
-    """The ``topk``-th largest of each row of the integer tensor ``bits``, keepdim. On the CPU through numpy's
-    introselect (several times faster than ``torch.topk`` on rows this short), in place: the rows of ``bits`` come
-    back reordered (no copy of the whole tensor)."""
-    if bits.device.type != "cpu":
-        return bits.topk(topk, dim=-1, sorted=False).values.amin(dim=-1, keepdim=True)
+    """The ``topk``-th largest of each row of the CPU integer tensor ``bits``, keepdim, through numpy's introselect
+    (several times faster than ``torch.topk`` on rows this short), in place: the rows of ``bits`` come back
+    reordered (no copy of the whole tensor)."""
     pivot = bits.size(-1) - topk
     rows = bits.numpy()
     rows.partition(pivot, axis=-1)
     return torch.from_numpy(rows[..., pivot:pivot + 1].copy())
 
 
-def sparsify_fast(x: torch.Tensor, topk: int) -> torch.Tensor:
-    """``sparsify_dense``'s x~ without the full sort, for the run-time path.
-
-    The k-th largest magnitude comes from a selection on the bit patterns of |x| (non-negative floats order like
-    their bits as integers, NaN above inf, as the stable sort orders them); magnitudes equal to it are kept in
-    index order, so the result equals ``sparsify_dense`` exactly, ties included. Rows without a tie at the
-    threshold (almost all, for real activations) skip the tie-break pass; checking that reads a flag back, so
-    this is the CPU path (the Triton top-k serves CUDA)."""
+def select_mask(x: torch.Tensor, topk: int) -> torch.Tensor:
+    """``topk_mask`` without the full sort: the k-th largest magnitude comes from a selection on the bit patterns of
+    |x| (non-negative floats order like their bits as integers, NaN above inf, as the stable sort orders them);
+    magnitudes equal to it are kept in index order, so the mask equals ``topk_mask`` exactly, ties included. Rows
+    without a tie at the threshold (almost all, for real activations) skip the tie-break pass; checking that reads
+    a flag back, so this serves the CPU; other devices get ``topk_mask`` (the Triton top-k serves CUDA)."""
+    if topk >= x.size(-1) or x.device.type != "cpu":
+        return topk_mask(x, topk)
     threshold = _kth_largest(x.abs().view(_BITS[x.dtype]), topk)  # a scratch copy, reordered by the selection
     bits = x.abs().view(_BITS[x.dtype])
     keep = bits >= threshold
@@ -76,8 +74,13 @@ def sparsify_fast(x: torch.Tensor, topk: int) -> torch.Tensor:
         at = bits == threshold
         room = topk - row_counts(above)
         keep = above | (at & (at.cumsum(dim=-1) <= room))
+    return keep
+
+
+def sparsify_fast(x: torch.Tensor, topk: int) -> torch.Tensor:
+    """``sparsify_dense``'s x~ through ``select_mask``, for the run-time path."""
     # where(keep, x, 0) on the bit patterns: the same values (NaN and inf included), several times faster.
-    return (x.view(_BITS[x.dtype]) * keep).view(x.dtype)
+    return (x.view(_BITS[x.dtype]) * select_mask(x, topk)).view(x.dtype)
 
 
 def kept_features(x_sparse: torch.Tensor, topk: int) -> torch.Tensor:

@@ -21,7 +21,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-from ..kernels.topk import topk_mask
+from ..kernels.topk import select_mask
 from .observers import observe
 
 
@@ -29,7 +29,7 @@ def dropped_energy(x: torch.Tensor, topk: int) -> torch.Tensor:
     """Mean over rows of ||x - topk(x)||^2 / ||x||^2 (0 when nothing is dropped; all-zero rows count 0)."""
     x = x.float()
     energy = x.square()
-    dropped = torch.where(topk_mask(x.detach(), topk), 0.0, energy).sum(-1)
+    dropped = torch.where(select_mask(x.detach(), topk), 0.0, energy).sum(-1)
     return (dropped / energy.sum(-1).clamp_min(torch.finfo(torch.float32).tiny)).mean()
 
 

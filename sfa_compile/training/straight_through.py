@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from ..functional import flash_sfa
-from ..kernels.topk import topk_mask
+from ..kernels.topk import select_mask
 from .observers import marked
 
 STRAIGHT_THROUGH = "_sfa_straight_through"  # attribute of a module inside straight_through_topk(model)
@@ -32,7 +32,7 @@ def straight_through_on(module: torch.nn.Module) -> bool:
 def _straight_through(x: torch.Tensor, topk: int) -> torch.Tensor:
     """x's top-k features (the others 0) in the forward pass; the identity's gradient in the backward pass.
     Dropped features are finite (inf and NaN always rank first), so ``x - x.detach()`` is exactly 0 there."""
-    return torch.where(topk_mask(x.detach(), topk), x, x - x.detach())
+    return torch.where(select_mask(x.detach(), topk), x, x - x.detach())
 
 
 def sfa_attention(query, key, value, *, topk: int, straight_through: bool = False, **sdpa_kwargs) -> torch.Tensor:

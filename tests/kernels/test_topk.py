@@ -1,10 +1,10 @@
-"""The run-time top-k (``sparsify_fast``, what the CPU path runs) against the stable-sort definition, and the
-prefill engine rules on the CPU."""
+"""The run-time top-k (``sparsify_fast`` and its ``select_mask``, what the CPU path runs) against the stable-sort
+definition, and the prefill engine rules on the CPU."""
 
 import pytest
 import torch
 
-from sfa_compile.kernels.topk import kept_features, sparsify_dense, sparsify_fast
+from sfa_compile.kernels.topk import kept_features, select_mask, sparsify_dense, sparsify_fast
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
@@ -21,6 +21,7 @@ def test_sparsify_fast_equals_the_sort(head_dim, topk, dtype):
     y = sparsify_fast(x.transpose(1, 2).contiguous().transpose(1, 2), topk)
     want_y, want_keep = sparsify_dense(x, topk)
     assert torch.equal(y.nan_to_num(), want_y.nan_to_num()) and torch.equal(y.isnan(), want_y.isnan())
+    assert torch.equal(select_mask(x, topk), want_keep)
     # What the backward reads instead of a second top-k: the keep mask from x~ alone, ties and zero rows included.
     keep = kept_features(y, topk)
     assert torch.equal(keep, want_keep) and bool((keep.sum(-1) == topk).all())
