@@ -29,7 +29,7 @@ def _onnx_table(result: DemoResult) -> list[str]:
     onnx = result.onnx
     lines = [f"FlashSFA plugin: {onnx['plugin']}.", "",
              "| ONNX Runtime (CPU) | max error vs torch (relative) | whole model, "
-             f"{onnx['long_length']} tokens, ms | vs dense |", "|---|---|---|---|"]
+             f"{onnx['long_length']} tokens, ms | time vs dense |", "|---|---|---|---|"]
     dense = onnx["seconds"]["dense"]
     for name, seconds in onnx["seconds"].items():
         error = onnx["parity"].get(name)
