@@ -131,6 +131,9 @@ def test_topk_restored_when_training_fails():
     (dict(warmup_topks=(8, 6, 5), steps=4), "need at least 5 steps"),
     (dict(sparsity_weight=-1.0), "sparsity_weight must be >= 0"),
     (dict(final_lr_factor=0.0), "final_lr_factor > 0"),
+    (dict(lam=-0.5), "lam must be a finite number >= 0"),
+    (dict(lr=float("nan")), "lr must be a finite number >= 0"),
+    (dict(model_lr=float("inf")), "model_lr must be a finite number >= 0"),
 ])
 def test_bad_schedules_are_refused(kwargs, message):
     model, inputs = _converted_llama()

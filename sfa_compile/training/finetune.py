@@ -130,6 +130,9 @@ def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: f
     if not sparsity_weight >= 0.0 or not final_lr_factor > 0.0:
         raise ValueError(f"finetune: sparsity_weight must be >= 0 and final_lr_factor > 0, got {sparsity_weight} "
                          f"and {final_lr_factor}")
+    for name, value in (("lam", lam), ("lr", lr), ("model_lr", model_lr)):
+        if not 0.0 <= value < float("inf"):  # NaN fails too
+            raise ValueError(f"finetune: {name} must be a finite number >= 0, got {value}")
     layers = [m for m in model.modules() if isinstance(m, SFAProjection)]
     stages = _topk_stages(layers, tuple(warmup_topks), steps)
     own_topk = [m.topk for m in layers]
