@@ -84,7 +84,7 @@ def main():
     if args.fsdp and world > 1:
         shard_with_fsdp2(model)
     losses = sfa_compile.finetune(model, data[rank::world], args.steps, task_loss=lambda out, batch: out.loss,
-                                  train_model=True, lam=1.0, model_lr=1e-3, progress=rank == 0)
+                                  train_model=True, model_lr=1e-3, progress=rank == 0)
     state = full_state(model) if world > 1 else None  # a collective: every process takes part
     if rank == 0:
         print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} over {args.steps} steps on {world} process(es), {device}")
