@@ -80,12 +80,18 @@ def topk_keep(x, ok, topk, LOW_BIT: tl.constexpr):
 
 
 @triton.jit
-def topk_keep_by_rank(x, ok, cols, topk, INF_BITS: tl.constexpr):
-    """``topk_keep`` for a 16-bit tile ``x``: each feature's key |x| bits * 256 + (255 - column) is unique and exact
-    in float32 (< 2^23; NaN payloads all rank just above inf, then by column), so ``topk`` rounds of "largest key
-    below the last one" find the k-th key, ties broken by column as the sort breaks them."""
+def rank_keys(x, ok, cols, INF_BITS: tl.constexpr):
+    """Each feature's key of a 16-bit tile ``x``: |x| bits * 256 + (255 - column), unique and exact in float32
+    (< 2^23; NaN payloads all rank just above inf, then by column); -1 where not ``ok``."""
     bits = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_BITS + 1)
-    key = tl.where(ok, (bits * 256 + (255 - cols[None, :])).to(tl.float32), -1.0)
+    return tl.where(ok, (bits * 256 + (255 - cols[None, :])).to(tl.float32), -1.0)
+
+
+@triton.jit
+def topk_keep_by_rank(x, ok, cols, topk, INF_BITS: tl.constexpr):
+    """``topk_keep`` for a 16-bit tile ``x``: ``topk`` rounds of "largest ``rank_keys`` key below the last one" find
+    the k-th key, ties broken by column as the sort breaks them."""
+    key = rank_keys(x, ok, cols, INF_BITS)
     kth = tl.full([x.shape[0]], float("inf"), tl.float32)
     for _ in range(topk):
         kth = tl.max(tl.where(key < kth[:, None], key, -1.0), axis=1)
@@ -94,9 +100,9 @@ def topk_keep_by_rank(x, ok, cols, topk, INF_BITS: tl.constexpr):
 
 @triton.jit
 def topk_keep_by_bitonic(x, ok, cols, topk, INF_BITS: tl.constexpr, TOPK_POW2: tl.constexpr):
-    """``topk_keep_by_rank``'s keys, the k-th found by ``tl.topk`` (sorted, largest first) of the next power of two."""
-    bits = tl.minimum(x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF, INF_BITS + 1)
-    key = tl.where(ok, (bits * 256 + (255 - cols[None, :])).to(tl.float32), -1.0)
+    """``topk_keep_by_rank`` with the k-th ``rank_keys`` key found by ``tl.topk`` (sorted, largest first) of the next
+    power of two."""
+    key = rank_keys(x, ok, cols, INF_BITS)
     top = tl.topk(key, TOPK_POW2)
     kth = tl.sum(tl.where(tl.arange(0, TOPK_POW2)[None, :] == topk - 1, top, 0.0), axis=1)
     return key >= kth[:, None]
