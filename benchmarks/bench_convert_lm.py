@@ -3,10 +3,10 @@
 A GPT-2-shaped byte-level model (vocabulary 256: no tokenizer download) is pretrained densely on the largest
 English text this machine has offline: CPython's ``pydoc_data.topics``, the docstrings of the standard library's
 modules, classes and functions, and the project's built-in sentences (sizes printed in the table's header; the
-last 5% of each source is held out). A quarter of the training rows (``--recall-share``) are recall rows
-(multi-query associative recall: "Keys: Q7 A3 Z1 ..." + filler text + " Recall: A3 Z1 Q7 ..."): each digit after
-a recalled letter can only be found by attending back to the key list, so the model learns a retrieval that needs
-attention across the row.
+last 5% of each source is held out). Half of the training rows (``--recall-share``) are recall rows
+(key-value recall: "Keys: " + 8 pair bytes + filler text + " Recall: A3 K1 C7 ..."): each pair byte (a value above
+127 that English text does not hold) stands for one letter and its digit, so each digit after a recalled letter can
+only be found by attending from the letter back to its pair byte, a lookup one attention layer can learn.
 Then, per topk (d/4 and d/8 by default), on copies of the same pretrained model:
   plain       ``convert(model, SFAConfig(topk))``: R = identity, the paper's method without training;
   calibrated  ``convert(model, SFAConfig(topk), calibration=batches)``: the conversion defaults (principal axes and
@@ -44,9 +44,10 @@ from publish import Report, add_arguments, provenance
 import sfa_compile
 from sfa_compile.training.finetune import finetune
 
-RECALL_PAIRS = 8  # letter-digit pairs per recall row
+RECALL_PAIRS, RECALL_LETTERS = 8, 12  # pairs per recall row, drawn from the letters A to L
+PAIR_BYTE = 128  # pair byte = PAIR_BYTE + 10 * letter + digit: one token holds a key and its value
 KEYS, RECALL = "Keys: ", " Recall: "
-RECALL_BYTES = len(KEYS) + len(RECALL) + 2 * 3 * RECALL_PAIRS  # each pair is "A3 "
+RECALL_BYTES = len(KEYS) + len(RECALL) + 5 * RECALL_PAIRS  # a pair byte and a space; letter, digit, space
 
 
 def stdlib_docstrings(limit_bytes: Optional[int] = None) -> str:
@@ -88,17 +89,19 @@ def english_corpus(device, docstring_bytes: Optional[int]):
 
 
 def recall_row(data, length, distance, generator):
-    """(bytes, positions of the recalled digits): distinct letters with random digits, ``distance`` bytes of corpus
-    filler, the same pairs in another order, more filler to ``length`` + 1 bytes."""
-    letters = torch.randperm(26, generator=generator)[:RECALL_PAIRS].tolist()
+    """(bytes, positions of the recalled digits): pair bytes of distinct letters with random digits, ``distance``
+    bytes of corpus filler, the letters in another order each followed by its digit, more filler to ``length`` + 1
+    bytes."""
+    letters = torch.randperm(RECALL_LETTERS, generator=generator)[:RECALL_PAIRS].tolist()
     digits = torch.randint(0, 10, (RECALL_PAIRS,), generator=generator).tolist()
     order = torch.randperm(RECALL_PAIRS, generator=generator).tolist()
-    pairs = [f"{chr(65 + letter)}{digit} " for letter, digit in zip(letters, digits)]
     start = torch.randint(0, len(data) - length - 1, (1,), generator=generator).item()
     filler = data[start:start + length + 1].tolist()
-    head = list(f"{KEYS}{''.join(pairs)}".encode()) + filler[:distance] + list(RECALL.encode())
+    keys = [byte for letter, digit in zip(letters, digits) for byte in (PAIR_BYTE + 10 * letter + digit, ord(" "))]
+    head = list(KEYS.encode()) + keys + filler[:distance] + list(RECALL.encode())
     targets = [len(head) + 3 * i + 1 for i in range(RECALL_PAIRS)]
-    row = head + list("".join(pairs[i] for i in order).encode()) + filler[distance:]
+    recalled = "".join(f"{chr(65 + letters[i])}{digits[i]} " for i in order)
+    row = head + list(recalled.encode()) + filler[distance:]
     return row[:length + 1], targets
 
 
@@ -158,7 +161,7 @@ def main():
     parser.add_argument("--model-lr", type=float, default=3e-4, help="fine-tuning learning rate of the weights")
     parser.add_argument("--lam", type=float, default=None, help="Eq. 8 weight (default: finetune's beside a task loss)")
     parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the docstring text (default: all)")
-    parser.add_argument("--recall-share", type=float, default=0.25, help="share of recall rows in every batch")
+    parser.add_argument("--recall-share", type=float, default=0.5, help="share of recall rows in every batch")
     parser.add_argument("--distances", type=int, nargs="+", default=[16, 96, 176],
                         help=f"filler bytes between a recall row's keys and recall (at most length - {RECALL_BYTES})")
     add_arguments(parser)

@@ -50,11 +50,11 @@ def test_recall_rows_ask_for_the_digit_each_letter_had_in_the_key_list(distance)
     distance = 256 - RECALL_BYTES if distance == "longest" else distance
     data = torch.randint(32, 127, (4096,), generator=torch.Generator().manual_seed(0))
     row, targets = recall_row(data, 256, distance, torch.Generator().manual_seed(distance))
-    text = bytes(row).decode()
-    assert len(row) == 257 and text.startswith("Keys: ") and max(targets) <= 256
-    pairs = text[len("Keys: "):len("Keys: ") + 24].split()
-    given = {pair[0]: pair[1] for pair in pairs}
-    assert len(given) == 8  # distinct letters
-    assert text[30 + distance:39 + distance] == " Recall: "  # after the 8 pairs and the filler
+    assert len(row) == 257 and bytes(row[:6]) == b"Keys: " and max(targets) <= 256
+    pair_bytes = row[6:22:2]
+    assert row[7:23:2] == [ord(" ")] * 8 and all(128 <= b < 256 for b in pair_bytes)
+    given = {chr(65 + (b - 128) // 10): str((b - 128) % 10) for b in pair_bytes}
+    assert len(given) == 8 and set(given) <= set("ABCDEFGHIJKL")  # distinct letters
+    assert bytes(row[22 + distance:31 + distance]) == b" Recall: "  # after the 8 pairs and the filler
     recalled = {chr(row[t - 1]): chr(row[t]) for t in targets}
-    assert recalled == given
+    assert recalled == given and [row[t + 1] for t in targets] == [ord(" ")] * 8
