@@ -2,12 +2,15 @@
 
 For each head dim, topk and length: first checks FlashSFA against the reference on the same inputs
 (must pass), then times forward and forward+backward with CUDA events (triton.testing.do_bench, median),
-and records the engine the op ran (kernels/prefill.py) and the peak memory of one forward+backward.
+and records the engine the op ran (kernels/prefill.py) and the peak memory of one forward+backward. Where the op
+picked one of SDPA's backends, the same call is also timed on our Triton kernels (SDPA's backends switched off
+with ``sdpa_kernel``, which the engine rules honour): the measurements behind the rule table. ``--key-heads``
+below ``--heads`` times grouped-query attention (enable_gqa for SFA and for SDPA).
 TFLOP/s are dense-equivalent: causal forward 4*B*H*N^2*d/2 FLOPs, backward 2.5x that (FlashAttention's
 convention), so SFA and dense rows compare by time.
 
     python benchmarks/bench_prefill.py [--dims 64 128] [--topks 8 16] [--lengths 4096 16384 65536]
-                                       [--tokens 65536] [--heads 16]
+                                       [--tokens 65536] [--heads 16] [--key-heads 8]
     python benchmarks/bench_prefill.py --cpu [--threads 2]   # SDPA vs flash_sfa on the CPU, same table
     ... [--out DIR] [--publish]   # also write the table, a CSV and a plot (benchmarks/publish.py)
 
@@ -52,10 +55,11 @@ def check(head_dim, topk, dtype):
         raise SystemExit(f"FlashSFA disagrees with the reference: max error {err} (d={head_dim}, topk={topk})")
 
 
-def time_case(batch, heads, length, head_dim, topk, dtype):
+def time_case(batch, heads, key_heads, length, head_dim, topk, dtype):
     g = torch.Generator(device="cuda").manual_seed(length)
-    q, k, v = (torch.randn(batch, heads, length, head_dim, device="cuda", dtype=dtype, generator=g)
-               for _ in range(3))
+    q, k, v = (torch.randn(batch, n, length, head_dim, device="cuda", dtype=dtype, generator=g)
+               for n in (heads, key_heads, key_heads))
+    gqa = key_heads != heads
     d_out = torch.randn_like(q)
     qg, kg, vg = (t.clone().requires_grad_() for t in (q, k, v))
     res = {}
@@ -66,17 +70,23 @@ def time_case(batch, heads, length, head_dim, topk, dtype):
             torch.autograd.grad(out, (qg, kg, vg), d_out)
         return run
 
-    sfa = lambda q, k, v: flash_sfa(q, k, v, topk=topk, is_causal=True)  # noqa: E731
+    sfa = lambda q, k, v: flash_sfa(q, k, v, topk=topk, is_causal=True, enable_gqa=gqa)  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # a fallback to the reference would make the numbers meaningless
         res["sfa_fwd"] = bench(lambda: sfa(q, k, v))
         res["sfa_fwdbwd"] = bench(fwd_bwd(sfa))
+        res["engine"] = prefill.engine_for(q, k, v, is_causal=True, enable_gqa=gqa)
+        res["triton_fwd"], res["triton_fwdbwd"] = res["sfa_fwd"], res["sfa_fwdbwd"]
+        if res["engine"] != prefill.TRITON:
+            with sdpa_kernel(SDPBackend.MATH):  # no SDPA backend the op may pick: our Triton kernels run
+                assert prefill.engine_for(q, k, v, is_causal=True, enable_gqa=gqa) == prefill.TRITON
+                res["triton_fwd"] = bench(lambda: sfa(q, k, v))
+                res["triton_fwdbwd"] = bench(fwd_bwd(sfa))
     res["topk_only"] = bench(lambda: (sparsify_triton(q, topk), sparsify_triton(k, topk)))
-    res["engine"] = prefill.engine_for(q, k, v, is_causal=True)
     res["sfa_peak_mib"] = peak_mib(fwd_bwd(sfa))
     with sdpa_kernel(BACKENDS["cudnn"]):
         res["cudnn_peak_mib"] = peak_mib(fwd_bwd(dense := lambda q, k, v: F.scaled_dot_product_attention(
-            q, k, v, is_causal=True)))
+            q, k, v, is_causal=True, enable_gqa=gqa)))
     for name, backend in BACKENDS.items():
         try:
             with sdpa_kernel(backend):
@@ -226,6 +236,7 @@ def main():
     parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 16384, 65536])
     parser.add_argument("--tokens", type=int, default=65536)
     parser.add_argument("--heads", type=int, default=16)
+    parser.add_argument("--key-heads", type=int, default=None, help="key/value heads (default: --heads; fewer: GQA)")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     add_arguments(parser)
     parser.add_argument("--cpu", action="store_true", help="time SDPA vs flash_sfa on the CPU instead")
@@ -237,15 +248,19 @@ def main():
     args = parser.parse_args()
     if args.cpu:
         return cpu_main(args)
+    key_heads = args.heads if args.key_heads is None else args.key_heads
+    if key_heads < 1 or args.heads % key_heads:
+        parser.error(f"--key-heads must be a positive divisor of --heads {args.heads}, got {key_heads}")
     dtype = getattr(torch, args.dtype)
     report = Report("bench_prefill", "Prefill: FlashSFA vs SDPA flash and cuDNN (benchmarks/bench_prefill.py)", args)
-    report.line(f"{provenance(torch.cuda.get_device_name())}; {args.dtype}, causal, {args.heads} heads, batch = "
+    report.line(f"{provenance(torch.cuda.get_device_name())}; {args.dtype}, causal, {args.heads} query heads, "
+                f"{key_heads} key heads, batch = "
                 f"{args.tokens} / N; top-k of q and k included; ratios > 1: FlashSFA faster; peak memory: one "
                 "forward+backward above the inputs")
     report.line()
     header = ("| d | topk | N | batch | SFA fwd ms | flash fwd ms | cuDNN fwd ms | SFA fwd TFLOP/s | flash | cuDNN "
               "| fwd vs flash | fwd vs cuDNN | SFA f+b ms | flash f+b ms | cuDNN f+b ms | f+b vs flash "
-              "| f+b vs cuDNN | top-k ms | engine | SFA f+b MiB | cuDNN f+b MiB |")
+              "| f+b vs cuDNN | top-k ms | engine | SFA on Triton fwd / f+b ms | SFA f+b MiB | cuDNN f+b MiB |")
     report.line(header)
     report.line("|" + "---|" * (header.count("|") - 1))
     for head_dim in args.dims:
@@ -253,7 +268,7 @@ def main():
             check(head_dim, topk, dtype)
             for length in args.lengths:
                 batch = max(1, args.tokens // length)
-                r = time_case(batch, args.heads, length, head_dim, topk, dtype)
+                r = time_case(batch, args.heads, key_heads, length, head_dim, topk, dtype)
                 flops = 4 * batch * args.heads * length * length * head_dim / 2
                 tf = lambda ms, flops=flops: flops / ms / 1e9  # noqa: E731
                 report.row(dict(d=head_dim, topk=topk, N=length, batch=batch, **r),
@@ -263,6 +278,7 @@ def main():
                            f"| {r['cudnn_fwd'] / r['sfa_fwd']:.2f}x | {r['sfa_fwdbwd']:.3f} | {r['flash_fwdbwd']:.3f} "
                            f"| {r['cudnn_fwdbwd']:.3f} | {r['flash_fwdbwd'] / r['sfa_fwdbwd']:.2f}x "
                            f"| {r['cudnn_fwdbwd'] / r['sfa_fwdbwd']:.2f}x | {r['topk_only']:.3f} | {r['engine']} "
+                           f"| {r['triton_fwd']:.3f} / {r['triton_fwdbwd']:.3f} "
                            f"| {r['sfa_peak_mib']:.0f} | {r['cudnn_peak_mib']:.0f} |")
     report.finish(plot=lambda figure, rows: plot_times(figure, rows, {"FlashSFA": "sfa", "flash": "flash",
                                                                       "cuDNN": "cudnn"}))
