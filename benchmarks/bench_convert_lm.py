@@ -3,10 +3,7 @@
 A GPT-2-shaped byte-level model (vocabulary 256: no tokenizer download) is pretrained densely on the largest
 English text this machine has offline: CPython's ``pydoc_data.topics``, the docstrings of the standard library's
 modules, classes and functions, and the project's built-in sentences (sizes printed in the table's header; the
-last 5% of each source is held out). Half of the training rows (``--recall-share``) are recall rows
-(key-value recall: "Keys: " + 8 pair bytes + filler text + " Recall: A3 K1 C7 ..."): each pair byte (a value above
-127 that English text does not hold) stands for one letter and its digit, so each digit after a recalled letter can
-only be found by attending from the letter back to its pair byte, a lookup one attention layer can learn.
+last 5% of each source is held out).
 Then, per topk (d/4 and d/8 by default), on copies of the same pretrained model:
   plain       ``convert(model, SFAConfig(topk))``: R = identity, the paper's method without training;
   calibrated  ``convert(model, SFAConfig(topk), calibration=batches)``: the conversion defaults (principal axes and
@@ -15,9 +12,8 @@ Then, per topk (d/4 and d/8 by default), on copies of the same pretrained model:
               (``sfa_compile.finetune``, model weights and R, straight-through top-k) for ``--finetune-steps``
               (default 10% of the pretraining steps);
   scratch     an SFA model of the same initialization trained for pretraining + fine-tuning steps.
-Reported: held-out perplexity per byte, its ratio to dense, the share of plain top-k's gap to dense that the
-variant recovers, and recall accuracy (share of recalled digits that are the model's argmax given the true bytes
-before them; chance 10%) at each filler distance.
+Reported: held-out perplexity per byte, its ratio to dense, and the share of plain top-k's gap to dense that the
+variant recovers. Whether a converted model keeps a learned retrieval: bench_convert_recall.py.
 
     python benchmarks/bench_convert_lm.py [--steps 2000] [--finetune-steps 200] [--topks 16 8]
                                           [--layers 6] [--width 384] [--heads 6] [--out DIR] [--publish]
@@ -26,7 +22,6 @@ before them; chance 10%) at each filler distance.
 import argparse
 import ast
 import copy
-import functools
 import math
 import platform
 import sysconfig
@@ -38,16 +33,11 @@ from typing import Optional
 
 import torch
 import transformers
-from bench_lm_perplexity import add_model_arguments, held_out_loss, train
+from bench_lm_perplexity import add_model_arguments, batch, held_out_loss, train
 from publish import Report, add_arguments, provenance
 
 import sfa_compile
 from sfa_compile.training.finetune import finetune
-
-RECALL_PAIRS, RECALL_LETTERS = 8, 12  # pairs per recall row, drawn from the letters A to L
-PAIR_BYTE = 128  # pair byte = PAIR_BYTE + 10 * letter + digit: one token holds a key and its value
-KEYS, RECALL = "Keys: ", " Recall: "
-RECALL_BYTES = len(KEYS) + len(RECALL) + 5 * RECALL_PAIRS  # a pair byte and a space; letter, digit, space
 
 
 def stdlib_docstrings(limit_bytes: Optional[int] = None) -> str:
@@ -88,49 +78,13 @@ def english_corpus(device, docstring_bytes: Optional[int]):
     return as_tensor(train), as_tensor(held_out), {k: len(v.encode()) for k, v in sources.items()}
 
 
-def recall_row(data, length, distance, generator):
-    """(bytes, positions of the recalled digits): pair bytes of distinct letters with random digits, ``distance``
-    bytes of corpus filler, the letters in another order each followed by its digit, more filler to ``length`` + 1
-    bytes."""
-    letters = torch.randperm(RECALL_LETTERS, generator=generator)[:RECALL_PAIRS].tolist()
-    digits = torch.randint(0, 10, (RECALL_PAIRS,), generator=generator).tolist()
-    order = torch.randperm(RECALL_PAIRS, generator=generator).tolist()
-    start = torch.randint(0, len(data) - length - 1, (1,), generator=generator).item()
-    filler = data[start:start + length + 1].tolist()
-    keys = [byte for letter, digit in zip(letters, digits) for byte in (PAIR_BYTE + 10 * letter + digit, ord(" "))]
-    head = list(KEYS.encode()) + keys + filler[:distance] + list(RECALL.encode())
-    targets = [len(head) + 3 * i + 1 for i in range(RECALL_PAIRS)]
-    recalled = "".join(f"{chr(65 + letters[i])}{digits[i]} " for i in order)
-    row = head + list(recalled.encode()) + filler[distance:]
-    return row[:length + 1], targets
-
-
-def batch(data, size, length, generator, recall_share=0.25):
-    starts = torch.randint(0, len(data) - length - 1, (size,), generator=generator)
-    rows = torch.stack([data[s:s + length + 1] for s in starts.tolist()])
-    for i in range(int(size * recall_share)):
-        distance = torch.randint(0, length - RECALL_BYTES, (1,), generator=generator).item()
-        rows[i] = torch.tensor(recall_row(data, length, distance, generator)[0], device=data.device)
-    return rows[:, :-1], rows[:, 1:]
-
-
-@torch.no_grad()
-def recall_accuracy(model, data, length, distance, rows=128) -> float:
-    """Share of recalled digits that are the model's argmax, each given the true bytes before it."""
-    generator = torch.Generator().manual_seed(distance)
-    made = [recall_row(data, length, distance, generator) for _ in range(rows)]
-    ids = torch.tensor([r for r, _ in made], device=data.device)
-    predicted = model(input_ids=ids[:, :-1]).logits.argmax(-1)
-    targets = torch.tensor([t for _, t in made], device=data.device)
-    return (predicted.gather(1, targets - 1) == ids.gather(1, targets)).float().mean().item()
-
-
-def examples(data, count, size, length, seed, recall_share):
-    """``count`` batches as ``convert`` / ``finetune`` examples (input_ids and labels: output.loss is the LM loss)."""
+def examples(data, count, size, length, seed, make_batch=batch):
+    """``count`` batches of ``make_batch`` as ``convert`` / ``finetune`` examples (input_ids and labels: output.loss
+    is the LM loss)."""
     generator = torch.Generator().manual_seed(seed)
     made = []
     for _ in range(count):
-        x, _ = batch(data, size, length, generator, recall_share)
+        x, _ = make_batch(data, size, length, generator)
         made.append({"input_ids": x, "labels": x})
     return made
 
@@ -161,16 +115,10 @@ def main():
     parser.add_argument("--model-lr", type=float, default=3e-4, help="fine-tuning learning rate of the weights")
     parser.add_argument("--lam", type=float, default=None, help="Eq. 8 weight (default: finetune's beside a task loss)")
     parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the docstring text (default: all)")
-    parser.add_argument("--recall-share", type=float, default=0.5, help="share of recall rows in every batch")
-    parser.add_argument("--distances", type=int, nargs="+", default=[16, 96, 176],
-                        help=f"filler bytes between a recall row's keys and recall (at most length - {RECALL_BYTES})")
     add_arguments(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    if max(args.distances) > args.length - RECALL_BYTES:
-        parser.error(f"--distances: at most {args.length - RECALL_BYTES} filler bytes fit in --length {args.length}")
     head_dim = args.width // args.heads
-    mixture = functools.partial(batch, recall_share=args.recall_share)
     topks = args.topks or [head_dim // 4, head_dim // 8]
     finetune_steps = args.finetune_steps if args.finetune_steps is not None else args.steps // 10
     train_data, held_out, sizes = english_corpus(device, args.docstring_bytes)
@@ -184,32 +132,27 @@ def main():
                 f"{args.layers} layers x {args.width}, {args.heads} heads of {head_dim}, byte-level; corpus "
                 + ", ".join(f"{k} {v / 1e6:.2f} MB" for k, v in sizes.items())
                 + f" ({len(train_data) / 1e6:.2f} MB train, {len(held_out) / 1e6:.2f} MB held out); pretraining "
-                f"{args.steps} steps of {args.batch} x {args.length} ({args.recall_share:.0%} recall rows), fine-tune "
-                f"{finetune_steps} steps; recall accuracy at filler distances {args.distances} bytes")
+                f"{args.steps} steps of {args.batch} x {args.length}, fine-tune {finetune_steps} steps")
     report.line()
-    distances = " | ".join(f"recall @{d}" for d in args.distances)
-    report.line(f"| topk | model | held-out ppl/byte | vs dense | plain gap recovered | {distances} | seconds |")
-    report.line("|---|---|---|---|---|" + "---|" * len(args.distances) + "---|")
+    report.line("| topk | model | held-out ppl/byte | vs dense | plain gap recovered | seconds |")
+    report.line("|---|---|---|---|---|---|")
 
     def measure(topk, name, model, seconds, plain_ppl=None, dense_ppl=None):
         ppl = math.exp(held_out_loss(model, held_out, args.length))
-        keys = [recall_accuracy(model, held_out, args.length, d) for d in args.distances]
         recovered = ((plain_ppl - ppl) / (plain_ppl - dense_ppl) if plain_ppl and plain_ppl != dense_ppl else None)
         vs = f"{ppl / dense_ppl - 1:+.1%}" if dense_ppl else "-"
         report.row(dict(topk=topk, model=name, ppl=ppl, vs_dense=ppl / dense_ppl - 1 if dense_ppl else 0.0,
-                        recovered=recovered, **{f"recall_{d}": a for d, a in zip(args.distances, keys)},
-                        seconds=round(seconds, 1)),
+                        recovered=recovered, seconds=round(seconds, 1)),
                    f"| {topk or '-'} | {name} | {ppl:.3f} | {vs} | "
-                   f"{'-' if recovered is None else f'{recovered:.0%}'} | "
-                   + " | ".join(f"{a:.0%}" for a in keys) + f" | {seconds:.0f} |")
+                   f"{'-' if recovered is None else f'{recovered:.0%}'} | {seconds:.0f} |")
         return ppl
 
     start = time.time()
     dense = copy.deepcopy(initial)
-    train(dense, train_data, args.steps, args.batch, args.length, args.lr, seed=1, make_batch=mixture)
+    train(dense, train_data, args.steps, args.batch, args.length, args.lr, seed=1, make_batch=batch)
     dense_ppl = measure(None, "dense (pretrained)", dense, time.time() - start)
-    calibration = examples(train_data, 8, 16, args.length, 2, args.recall_share)
-    tuning = examples(train_data, max(finetune_steps, 1), args.batch, args.length, 3, args.recall_share)
+    calibration = examples(train_data, 8, 16, args.length, 2)
+    tuning = examples(train_data, max(finetune_steps, 1), args.batch, args.length, 3)
     for topk in topks:
         sfa_config = sfa_compile.SFAConfig(topk=topk)
         start = time.time()
@@ -228,7 +171,7 @@ def main():
         start = time.time()
         scratch = sfa_compile.convert(copy.deepcopy(initial), sfa_config, progress=False)
         train(scratch, train_data, args.steps + finetune_steps, args.batch, args.length, args.lr, seed=1,
-              make_batch=mixture)
+              make_batch=batch)
         measure(topk, "SFA from scratch", scratch, time.time() - start, plain_ppl, dense_ppl)
         del plain, calibrated, scratch
     report.finish(plot=plot_conversion)

@@ -45,7 +45,7 @@ def test_publish_replaces_only_its_own_section(tmp_path):
 
 @pytest.mark.parametrize("distance", [0, 37, "longest"])
 def test_recall_rows_ask_for_the_digit_each_letter_had_in_the_key_list(distance):
-    from bench_convert_lm import RECALL_BYTES, recall_row
+    from bench_convert_recall import RECALL_BYTES, recall_row
 
     distance = 256 - RECALL_BYTES if distance == "longest" else distance
     data = torch.randint(32, 127, (4096,), generator=torch.Generator().manual_seed(0))
@@ -58,3 +58,14 @@ def test_recall_rows_ask_for_the_digit_each_letter_had_in_the_key_list(distance)
     assert bytes(row[22 + distance:31 + distance]) == b" Recall: "  # after the 8 pairs and the filler
     recalled = {chr(row[t - 1]): chr(row[t]) for t in targets}
     assert recalled == given and [row[t + 1] for t in targets] == [ord(" ")] * 8
+
+
+def test_recall_batches_are_recall_rows_shifted_by_one_byte():
+    from bench_convert_recall import recall_batch
+
+    data = torch.randint(32, 127, (4096,), generator=torch.Generator().manual_seed(1))
+    inputs, targets = recall_batch(data, 5, 128, torch.Generator().manual_seed(2))
+    assert inputs.shape == targets.shape == (5, 128)
+    assert torch.equal(inputs[:, 1:], targets[:, :-1])
+    for row in inputs.tolist():
+        assert bytes(row[:6]) == b"Keys: " and b" Recall: " in bytes(row[22:])
