@@ -15,7 +15,7 @@ Reported: recall accuracy (share of recalled digits that are the model's argmax 
 chance 10%) at each filler distance, and the seconds each variant took.
 
     python benchmarks/bench_convert_recall.py [--steps 6000] [--finetune-steps 600] [--topks 16 8]
-                                              [--layers 2] [--width 256] [--heads 4] [--out DIR] [--publish]
+                                              [--layers 2] [--width 128] [--heads 2] [--out DIR] [--publish]
 """
 
 import argparse
@@ -100,11 +100,11 @@ def main():
     parser.add_argument("--finetune-steps", type=int, default=None, help="default: 10%% of --steps")
     parser.add_argument("--topks", type=int, nargs="+", default=None, help="default: d/4 and d/8")
     parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", type=int, default=256)
-    parser.add_argument("--heads", type=int, default=4)
+    parser.add_argument("--width", type=int, default=128)
+    parser.add_argument("--heads", type=int, default=2)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--model-lr", type=float, default=3e-4, help="fine-tuning learning rate of the weights")
     parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the filler text (default: all)")
     parser.add_argument("--distances", type=int, nargs="+", default=[16, 96, 176],
