@@ -32,8 +32,7 @@ from pydoc_data.topics import topics
 from typing import Optional
 
 import torch
-import transformers
-from bench_lm_perplexity import add_model_arguments, batch, held_out_loss, train
+from bench_lm_perplexity import add_model_arguments, batch, byte_gpt2, held_out_loss, train
 from publish import Report, add_arguments, provenance
 
 import sfa_compile
@@ -89,6 +88,51 @@ def examples(data, count, size, length, seed, make_batch=batch):
     return made
 
 
+def add_conversion_arguments(parser, steps: int) -> None:
+    """The dense model's shape and training, and what ``conversion_variants`` runs."""
+    parser.add_argument("--steps", type=int, default=steps, help="dense training steps")
+    parser.add_argument("--finetune-steps", type=int, default=None, help="default: 10%% of --steps")
+    parser.add_argument("--topks", type=int, nargs="+", default=None, help="default: d/4 and d/8")
+    add_model_arguments(parser)
+    parser.add_argument("--model-lr", type=float, default=3e-4, help="fine-tuning learning rate of the weights")
+
+
+def conversion_settings(args) -> tuple:
+    """(head dim, topks, fine-tune steps) with ``add_conversion_arguments``'s defaults filled in."""
+    head_dim = args.width // args.heads
+    topks = args.topks or [head_dim // 4, head_dim // 8]
+    return head_dim, topks, args.finetune_steps if args.finetune_steps is not None else args.steps // 10
+
+
+def conversion_variants(dense, initial, topk, calibration, tuning, finetune_steps, train_data, args, make_batch,
+                        lam=None):
+    """(name, model, seconds) of each variant at ``topk`` in table order (module docstring), each timed without
+    what the caller does with the one before: plain top-k, calibrated, calibrated + fine-tune (when
+    ``finetune_steps``), SFA from scratch trained on ``make_batch`` from ``initial``."""
+    device = next(dense.parameters()).device.type
+    sfa_config = sfa_compile.SFAConfig(topk=topk)
+    start = time.time()
+    plain = sfa_compile.convert(copy.deepcopy(dense), sfa_config, progress=False)
+    yield "plain top-k", plain, time.time() - start
+    del plain
+    start = time.time()
+    calibrated = sfa_compile.convert(copy.deepcopy(dense), sfa_config, calibration, fold=False, progress=False)
+    yield "calibrated (defaults)", calibrated, time.time() - start
+    if finetune_steps:
+        start = time.time()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
+            finetune(calibrated, tuning, finetune_steps, task_loss=lambda out, example: out.loss, train_model=True,
+                     model_lr=args.model_lr, lr=1e-2, lam=lam, straight_through=True, final_lr_factor=0.25,
+                     progress=False)
+        yield "calibrated + fine-tune", calibrated, time.time() - start
+    del calibrated
+    start = time.time()
+    scratch = sfa_compile.convert(copy.deepcopy(initial), sfa_config, progress=False)
+    train(scratch, train_data, args.steps + finetune_steps, args.batch, args.length, args.lr, seed=1,
+          make_batch=make_batch)
+    yield "SFA from scratch", scratch, time.time() - start
+
+
 def plot_conversion(figure, rows) -> None:
     """Held-out perplexity of each variant per topk, the dense model's as a dashed line (log scale: plain top-k is
     several times dense)."""
@@ -108,25 +152,15 @@ def plot_conversion(figure, rows) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=2000, help="dense pretraining steps")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="default: 10%% of --steps")
-    parser.add_argument("--topks", type=int, nargs="+", default=None, help="default: d/4 and d/8")
-    add_model_arguments(parser)
-    parser.add_argument("--model-lr", type=float, default=3e-4, help="fine-tuning learning rate of the weights")
+    add_conversion_arguments(parser, steps=2000)
     parser.add_argument("--lam", type=float, default=None, help="Eq. 8 weight (default: finetune's beside a task loss)")
     parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the docstring text (default: all)")
     add_arguments(parser)
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    head_dim = args.width // args.heads
-    topks = args.topks or [head_dim // 4, head_dim // 8]
-    finetune_steps = args.finetune_steps if args.finetune_steps is not None else args.steps // 10
+    head_dim, topks, finetune_steps = conversion_settings(args)
     train_data, held_out, sizes = english_corpus(device, args.docstring_bytes)
-    config = transformers.GPT2Config(vocab_size=256, n_positions=args.length, n_embd=args.width, n_layer=args.layers,
-                                     n_head=args.heads, attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)  # bytes: no 50256
-    torch.manual_seed(0)
-    initial = transformers.GPT2LMHeadModel(config).to(device)
+    initial = byte_gpt2(args, device)
     report = Report("bench_convert_lm", "Converting a pretrained causal LM (benchmarks/bench_convert_lm.py)", args)
     report.line(f"{provenance(torch.cuda.get_device_name() if device == 'cuda' else platform.machine())}; GPT-2 shape "
                 f"{args.layers} layers x {args.width}, {args.heads} heads of {head_dim}, byte-level; corpus "
@@ -154,26 +188,11 @@ def main():
     calibration = examples(train_data, 8, 16, args.length, 2)
     tuning = examples(train_data, max(finetune_steps, 1), args.batch, args.length, 3)
     for topk in topks:
-        sfa_config = sfa_compile.SFAConfig(topk=topk)
-        start = time.time()
-        plain = sfa_compile.convert(copy.deepcopy(dense), sfa_config, progress=False)
-        plain_ppl = measure(topk, "plain top-k", plain, time.time() - start, None, dense_ppl)
-        start = time.time()
-        calibrated = sfa_compile.convert(copy.deepcopy(dense), sfa_config, calibration, fold=False, progress=False)
-        measure(topk, "calibrated (defaults)", calibrated, time.time() - start, plain_ppl, dense_ppl)
-        if finetune_steps:
-            start = time.time()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                finetune(calibrated, tuning, finetune_steps, task_loss=lambda out, example: out.loss,
-                         train_model=True, model_lr=args.model_lr, lr=1e-2, lam=args.lam, straight_through=True,
-                         final_lr_factor=0.25, progress=False)
-            measure(topk, "calibrated + fine-tune", calibrated, time.time() - start, plain_ppl, dense_ppl)
-        start = time.time()
-        scratch = sfa_compile.convert(copy.deepcopy(initial), sfa_config, progress=False)
-        train(scratch, train_data, args.steps + finetune_steps, args.batch, args.length, args.lr, seed=1,
-              make_batch=batch)
-        measure(topk, "SFA from scratch", scratch, time.time() - start, plain_ppl, dense_ppl)
-        del plain, calibrated, scratch
+        plain_ppl = None
+        for name, model, seconds in conversion_variants(dense, initial, topk, calibration, tuning, finetune_steps,
+                                                        train_data, args, batch, lam=args.lam):
+            ppl = measure(topk, name, model, seconds, plain_ppl, dense_ppl)
+            plain_ppl = plain_ppl or ppl
     report.finish(plot=plot_conversion)
 
 

@@ -24,13 +24,15 @@ import platform
 import time
 
 import torch
-import transformers
-from bench_convert_lm import english_corpus, examples
-from bench_lm_perplexity import train
+from bench_convert_lm import (
+    add_conversion_arguments,
+    conversion_settings,
+    conversion_variants,
+    english_corpus,
+    examples,
+)
+from bench_lm_perplexity import byte_gpt2, train
 from publish import Report, add_arguments, provenance
-
-import sfa_compile
-from sfa_compile.training.finetune import finetune
 
 RECALL_PAIRS, RECALL_LETTERS = 8, 12  # pairs per recall row, drawn from the letters A to L
 PAIR_BYTE = 128  # pair byte = PAIR_BYTE + 10 * letter + digit: one token holds a key and its value
@@ -96,16 +98,8 @@ def plot_recall(figure, rows) -> None:
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=6000, help="dense training steps")
-    parser.add_argument("--finetune-steps", type=int, default=None, help="default: 10%% of --steps")
-    parser.add_argument("--topks", type=int, nargs="+", default=None, help="default: d/4 and d/8")
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--width", type=int, default=128)
-    parser.add_argument("--heads", type=int, default=2)
-    parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=3e-3)
-    parser.add_argument("--model-lr", type=float, default=3e-4, help="fine-tuning learning rate of the weights")
+    add_conversion_arguments(parser, steps=6000)
+    parser.set_defaults(layers=2, width=128, heads=2, lr=3e-3)  # the shape and rate seen to learn the lookup
     parser.add_argument("--docstring-bytes", type=int, default=None, help="cap on the filler text (default: all)")
     parser.add_argument("--distances", type=int, nargs="+", default=[16, 96, 176],
                         help=f"filler bytes between a recall row's keys and recall (at most length - {RECALL_BYTES})")
@@ -116,15 +110,9 @@ def main():
     if args.width % args.heads:
         parser.error(f"--heads {args.heads} must divide --width {args.width}")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    head_dim = args.width // args.heads
-    topks = args.topks or [head_dim // 4, head_dim // 8]
-    finetune_steps = args.finetune_steps if args.finetune_steps is not None else args.steps // 10
-    train_data, held_out, sizes = english_corpus(device, args.docstring_bytes)
-    config = transformers.GPT2Config(vocab_size=256, n_positions=args.length, n_embd=args.width, n_layer=args.layers,
-                                     n_head=args.heads, attn_implementation="sdpa", resid_pdrop=0.0, embd_pdrop=0.0,
-                                     attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
-    torch.manual_seed(0)
-    initial = transformers.GPT2LMHeadModel(config).to(device)
+    head_dim, topks, finetune_steps = conversion_settings(args)
+    train_data, held_out, _ = english_corpus(device, args.docstring_bytes)
+    initial = byte_gpt2(args, device)
     report = Report("bench_convert_recall", "Key-value recall after conversion (benchmarks/bench_convert_recall.py)",
                     args)
     report.line(f"{provenance(torch.cuda.get_device_name() if device == 'cuda' else platform.machine())}; GPT-2 shape "
@@ -150,26 +138,9 @@ def main():
     calibration = examples(train_data, 8, 16, args.length, 2, recall_batch)
     tuning = examples(train_data, max(finetune_steps, 1), args.batch, args.length, 3, recall_batch)
     for topk in topks:
-        sfa_config = sfa_compile.SFAConfig(topk=topk)
-        start = time.time()
-        measure(topk, "plain top-k", sfa_compile.convert(copy.deepcopy(dense), sfa_config, progress=False),
-                time.time() - start)
-        start = time.time()
-        calibrated = sfa_compile.convert(copy.deepcopy(dense), sfa_config, calibration, fold=False, progress=False)
-        measure(topk, "calibrated (defaults)", calibrated, time.time() - start)
-        if finetune_steps:
-            start = time.time()
-            with torch.autocast(device, dtype=torch.bfloat16, enabled=device == "cuda"):
-                finetune(calibrated, tuning, finetune_steps, task_loss=lambda out, example: out.loss,
-                         train_model=True, model_lr=args.model_lr, lr=1e-2, straight_through=True,
-                         final_lr_factor=0.25, progress=False)
-            measure(topk, "calibrated + fine-tune", calibrated, time.time() - start)
-        start = time.time()
-        scratch = sfa_compile.convert(copy.deepcopy(initial), sfa_config, progress=False)
-        train(scratch, train_data, args.steps + finetune_steps, args.batch, args.length, args.lr, seed=1,
-              make_batch=recall_batch)
-        measure(topk, "SFA from scratch", scratch, time.time() - start)
-        del calibrated, scratch
+        for name, model, seconds in conversion_variants(dense, initial, topk, calibration, tuning, finetune_steps,
+                                                        train_data, args, recall_batch):
+            measure(topk, name, model, seconds)
     report.finish(plot=plot_recall)
 
 

@@ -112,6 +112,16 @@ def add_model_arguments(parser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
 
 
+def byte_gpt2(args, device):
+    """A freshly initialized (seed 0), dropout-free byte-level GPT-2 of ``add_model_arguments``'s shape."""
+    config = transformers.GPT2Config(vocab_size=256, n_positions=args.length, n_embd=args.width,
+                                     n_layer=args.layers, n_head=args.heads, attn_implementation="sdpa",
+                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
+                                     eos_token_id=None)  # bytes: GPT-2's token 50256 is outside the vocabulary
+    torch.manual_seed(0)
+    return transformers.GPT2LMHeadModel(config).to(device)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=1000, help="1000: the best held-out point on this corpus")
@@ -121,12 +131,7 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     train_data, held_out = corpus(device)
     head_dim = args.width // args.heads
-    config = transformers.GPT2Config(vocab_size=256, n_positions=args.length, n_embd=args.width,
-                                     n_layer=args.layers, n_head=args.heads, attn_implementation="sdpa",
-                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None,
-                                     eos_token_id=None)  # bytes: GPT-2's token 50256 is outside the vocabulary
-    torch.manual_seed(0)
-    dense = transformers.GPT2LMHeadModel(config).to(device)
+    dense = byte_gpt2(args, device)
     sfa = sfa_compile.convert(copy.deepcopy(dense), sfa_compile.SFAConfig(topk=head_dim // 8), progress=False)
     epochs = args.steps * args.batch * args.length / len(train_data)
     report = Report("bench_lm_perplexity", "Causal LM from scratch: dense vs SFA at topk = d/8 "
