@@ -82,7 +82,27 @@ def main():
                                 vs_copy=copy_ms / ms),
                            f"| {head_dim} | {topk} | {name} | {ms:.3f} | {moved / ms / 1e9:.2f} | "
                            f"{copy_ms / ms:.0%} |")
-    report.finish()
+    report.finish(plot_share_of_copy)
+
+
+def plot_share_of_copy(figure, rows) -> None:
+    """Per head dim, each variant's share of the copy's bandwidth against topk."""
+    dims = sorted({row["d"] for row in rows})
+    for column, head_dim in enumerate(dims, 1):
+        axes = figure.add_subplot(1, len(dims), column)
+        lines = {}
+        for row in rows:
+            if row["d"] == head_dim and row["topk"]:
+                lines.setdefault(row["variant"], []).append((row["topk"], 100 * row["vs_copy"]))
+        for label, points in lines.items():
+            axes.plot(*zip(*sorted(points)), marker="o", label=label)
+        axes.axhline(60, color="gray", linestyle="--", linewidth=1, label="issue #31 bar (60%)")
+        axes.set_xscale("log", base=2)
+        axes.set_xlabel("topk")
+        axes.set_ylabel("% of device-copy bandwidth")
+        axes.set_title(f"top-k of q and k, d = {head_dim}", fontsize=10)
+        axes.legend(fontsize=7)
+        axes.grid(True, which="both", alpha=0.3)
 
 
 if __name__ == "__main__":
