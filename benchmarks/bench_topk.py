@@ -93,7 +93,7 @@ def plot_share_of_copy(figure, rows) -> None:
         lines = {}
         for row in rows:
             if row["d"] == head_dim and row["topk"]:
-                lines.setdefault(row["variant"], []).append((row["topk"], 100 * row["vs_copy"]))
+                lines.setdefault(row["variant"].replace(" (rule)", ""), []).append((row["topk"], 100 * row["vs_copy"]))
         for label, points in lines.items():
             axes.plot(*zip(*sorted(points)), marker="o", label=label)
         axes.axhline(60, color="gray", linestyle="--", linewidth=1, label="issue #31 bar (60%)")
