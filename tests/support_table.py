@@ -60,7 +60,10 @@ def refusals() -> list:
 def render_support() -> str:
     start, end = SUPPORT[1:]
     lines = [start, "", "| Hugging Face model | `attn_implementation=\"eager\"` | `\"sdpa\"` |", "|---|---|---|"]
-    lines += [f"| {name} | {eager} | {sdpa} |" for name, eager, sdpa in architectures()]
+    grouped = {}  # models with the same results share a row
+    for name, eager, sdpa in architectures():
+        grouped.setdefault((eager, sdpa), []).append(name)
+    lines += [f"| {', '.join(names)} | {eager} | {sdpa} |" for (eager, sdpa), names in grouped.items()]
     lines += ["", "| PyTorch module | result |", "|---|---|"]
     lines += [f"| {name} | {result} |" for name, result in MODULES]
     return "\n".join(lines + ["", end])
