@@ -32,3 +32,8 @@ def test_quickstart_blocks_run_as_written(tmp_path, monkeypatch):
         want = namespace["sfa_model"](input_ids=namespace["ids"]).logits.numpy()
     got = namespace["onnx_logits"]
     assert got.shape == want.shape and abs(got - want).max() <= 1e-3 * abs(want).max()
+
+
+def test_readme_stays_a_short_user_document():
+    words = len(README.read_text().split())
+    assert words <= 1200, f"README.md has {words} words (the user document stays under ~1,200; details go to docs/)"
