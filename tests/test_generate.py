@@ -98,6 +98,35 @@ def test_static_cache_generates_what_the_growing_cache_does(name):
         SFACache(model, max_cache_len=0)
 
 
+@pytest.mark.parametrize("padded", [False, True])
+def test_static_cache_prompt_is_masked_over_its_own_keys_only(padded, monkeypatch):
+    """The prompt into an empty static cache attends to its own keys: no mask at all when nothing is padded (the
+    fast no-mask engines run), a prompt x prompt mask with padding; same tokens as the growing cache."""
+    model, _, inputs, _ = sfa_model("llama", 4)
+    inputs = dict(inputs)
+    inputs["attention_mask"] = torch.ones_like(inputs["input_ids"])
+    if padded:
+        inputs["attention_mask"][0, :2] = 0
+    length = inputs["input_ids"].size(1)
+    seen = []
+    attend = hf_attention.sfa_attention
+    monkeypatch.setattr(hf_attention, "sfa_attention", lambda q, k, v, **kw: seen.append(
+        (k.size(-2), kw["attn_mask"], kw["is_causal"])) or attend(q, k, v, **kw))
+    cache = SFACache(model, max_cache_len=length + 8)
+    # Sized by the cache itself, whatever transformers' own shortcuts for static caches (newer versions skip some).
+    assert cache.layers[0].get_mask_sizes(length) == (length, 0)
+    got = generate(model, inputs, cache, n=4)
+    assert cache.layers[0].get_mask_sizes(1) == (length + 8, 0)  # decode steps: every slot
+    assert len(seen) == model.config.num_hidden_layers  # the prompt; decode steps run flash_sfa_decode
+    for keys, mask, causal in seen:
+        assert keys == length
+        if padded:
+            assert mask is not None and tuple(mask.shape[-2:]) == (length, length) and not causal
+        else:
+            assert mask is None and causal
+    assert torch.equal(got, generate(model, inputs, SFACache(model), n=4))
+
+
 ON_DEVICES = pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 
 

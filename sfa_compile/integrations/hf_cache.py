@@ -122,9 +122,17 @@ class SFACacheLayer(CacheLayerMixin):
                                "dense cache (no SFACache) for this model")
 
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
-        if self.max_cache_len is not None:
+        """(key length, offset) of the masks transformers builds for the next call. The prompt into an empty cache
+        attends to its own keys only, static or not: a mask over them alone, which transformers drops for an unpadded
+        causal prompt (the fast no-mask engines then run); decode steps of a static cache mask every slot."""
+        if self.max_cache_len is None:
+            return self.get_seq_length() + query_length, 0
+        if torch.compiler.is_compiling() or self._holds_tokens():
             return self.max_cache_len, 0
-        return self.get_seq_length() + query_length, 0
+        return query_length, 0
+
+    def _holds_tokens(self) -> bool:
+        return self.is_initialized and self.store.max_length > 0
 
     def get_seq_length(self) -> int | torch.Tensor:
         if not self.is_initialized:
