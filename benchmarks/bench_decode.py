@@ -128,7 +128,8 @@ def run_case(batch, context, topk, q_len, sweep, value_dtype):
     variants = {"auto": {}}
     if sweep:
         auto = decode_launch.split_config(batch * KV_HEADS, context, Q_HEADS // KV_HEADS * q_len, HEAD_DIM, topk,
-                                           False, None, None, None, None, torch.cuda.current_device(), False)[0]
+                                           False, None, None, None, None, torch.cuda.current_device(), False,
+                                           fp8_values=value_dtype is not None)[0]
         variants.update({f"splits={s},block={b},warps={w},stages={st}": dict(num_splits=s, block_n=b, num_warps=w,
                                                                             num_stages=st)
                          for s in sorted({max(1, auto // 2), auto, 2 * auto}) for b in (32, 64, 128) for w in (2, 4)
