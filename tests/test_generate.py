@@ -115,6 +115,7 @@ def test_static_cache_prompt_is_masked_over_its_own_keys_only(padded, monkeypatc
     cache = SFACache(model, max_cache_len=length + 8)
     # Sized by the cache itself, whatever transformers' own shortcuts for static caches (newer versions skip some).
     assert cache.layers[0].get_mask_sizes(length) == (length, 0)
+    assert cache.layers[0].get_mask_sizes(torch.arange(length)) == (length, 0)  # older transformers' argument
     got = generate(model, inputs, cache, n=4)
     assert cache.layers[0].get_mask_sizes(1) == (length + 8, 0)  # decode steps: every slot
     assert len(seen) == model.config.num_hidden_layers  # the prompt; decode steps run flash_sfa_decode

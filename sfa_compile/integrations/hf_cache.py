@@ -124,7 +124,10 @@ class SFACacheLayer(CacheLayerMixin):
     def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
         """(key length, offset) of the masks transformers builds for the next call. The prompt into an empty cache
         attends to its own keys only, static or not: a mask over them alone, which transformers drops for an unpadded
-        causal prompt (the fast no-mask engines then run); decode steps of a static cache mask every slot."""
+        causal prompt (the fast no-mask engines then run); decode steps of a static cache mask every slot. Older
+        transformers pass the call's cache positions instead of their count."""
+        if isinstance(query_length, torch.Tensor):
+            query_length = query_length.shape[0]
         if self.max_cache_len is None:
             return self.get_seq_length() + query_length, 0
         if torch.compiler.is_compiling() or self._holds_tokens():
