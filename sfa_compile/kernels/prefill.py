@@ -10,9 +10,9 @@ benchmarks/RESULTS.md, the prefill table; LOG.md):
 |--------|-----------------------------------------------------------------------------|----------------------|
 | CUDA   | fp16/bf16, no mask, causal only with L == S, equal head dims, key heads ==  | SDPA cuDNN           |
 |        | query heads, and SDPA's cuDNN backend takes it                              |                      |
-| CUDA   | as above with fewer key heads (GQA), SDPA's flash backend takes it          | SDPA flash (no K/V   |
-|        | (or cuDNN does not)                                                         | repeats)             |
-| CUDA   | any other fp16/bf16/fp32 call with head dims <= 256 (masks, L != S causal)  | our Triton kernels   |
+| CUDA   | as above where cuDNN does not take it and SDPA's flash backend does         | SDPA flash           |
+| CUDA   | any other fp16/bf16/fp32 call with head dims <= 256 (masks, L != S causal,  | our Triton kernels   |
+|        | GQA: no K/V repeats)                                                        |                      |
 | CPU    | fp16/bf16/fp32, equal head dims, mask boolean or of the query's dtype       | SDPA's CPU flash     |
 | any    | float64, dropout, gradients of the mask, other devices                      | pure-PyTorch         |
 |        |                                                                             | reference            |
@@ -63,9 +63,10 @@ def _sdpa_backend(q, k, v, is_causal: bool) -> str:
         return TRITON
     if 0 in q.stride() + k.stride() + v.stride():  # broadcast batch or heads: the Triton kernels read stride 0
         return TRITON
-    gqa = q.size(1) != k.size(1)
-    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, is_causal, gqa)
-    if not gqa and torch.backends.cuda.can_use_cudnn_attention(params, False):
+    if q.size(1) != k.size(1):  # GQA: our kernels run it faster than SDPA's flash backend (LOG.md, 2026-12-07)
+        return TRITON
+    params = torch.backends.cuda.SDPAParams(q, k, v, None, 0.0, is_causal, False)
+    if torch.backends.cuda.can_use_cudnn_attention(params, False):
         return CUDNN
     if torch.backends.cuda.can_use_flash_attention(params, False):
         return FLASH

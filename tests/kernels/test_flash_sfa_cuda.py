@@ -71,7 +71,7 @@ def test_engine_rules_on_cuda():
                 torch.randn(1, key_heads, keys, 64, device="cuda", dtype=dtype))
 
     assert prefill.engine_for(*qkv(), is_causal=True) in (prefill.CUDNN, prefill.FLASH)
-    assert prefill.engine_for(*qkv(key_heads=2), is_causal=True, enable_gqa=True) == prefill.FLASH
+    assert prefill.engine_for(*qkv(key_heads=2), is_causal=True, enable_gqa=True) == prefill.TRITON
     mask = torch.ones(64, 64, dtype=torch.bool, device="cuda").tril()
     assert prefill.engine_for(*qkv(), attn_mask=mask) == prefill.TRITON
     assert prefill.engine_for(*qkv(torch.float32), is_causal=True) == prefill.TRITON
