@@ -29,7 +29,7 @@ def test_cuda_matches_oracle_and_sdpa(dtype):
     assert (full.double() - dense.double()).abs().max().item() < (1e-5 if dtype == torch.float32 else 2e-2)
 
 
-@pytest.mark.parametrize("key_heads", [4, 2])  # the SDPA engines: cuDNN (heads equal), flash (GQA)
+@pytest.mark.parametrize("key_heads", [4, 2])  # the engines: SDPA cuDNN (heads equal), our Triton kernels (GQA)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("head_dim,topk,causal", [(64, 8, True), (128, 16, True), (128, 8, False), (64, 64, True)])
 def test_engines_at_size_within_2x_of_same_precision(head_dim, topk, causal, dtype, key_heads):
