@@ -25,6 +25,7 @@ class Benchmark:
     quick_args: tuple = ()
     needs: tuple = ()  # modules the script imports beyond torch (an extra the user may not have installed)
 
+
 # Key-value recall at quick size: rows of 96 bytes, the distances that fit them (at most 96 - 55 filler bytes).
 RECALL_QUICK = ("--steps", "200", "--length", "96", "--distances", "4", "20", "40")
 GPU_SUITE = (
