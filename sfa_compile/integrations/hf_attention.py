@@ -37,8 +37,8 @@ def sfa_attention_forward(module, query, key, value, attention_mask, scaling=Non
     if sfa is not None and cache_layer is not None and cache_layer.decoding:
         return _decode(cache_layer, query, key, value, attention_mask, scaling)
     if attention_mask is not None and attention_mask.size(-1) > key.size(-2) and cache_layer is not None:
-        # A prompt's mask that spans a static SFACache's capacity (from a transformers that sizes masks without
-        # asking the cache's get_mask_sizes): the keys are the cache's first tokens.
+        # A prompt's mask over a static SFACache's capacity (a 4-D mask the caller built for a static cache; the
+        # masks transformers builds are sized by the cache's get_mask_sizes): the keys are the cache's first tokens.
         sdpa_kwargs["attn_mask"] = attention_mask = attention_mask[..., :key.size(-2)]
     if sfa is None:
         out = F.scaled_dot_product_attention(query, key, value, **sdpa_kwargs)
