@@ -144,6 +144,8 @@ def plot_conversion(figure, rows) -> None:
         axes.plot(variants, [ppl.get(v) for v in variants], marker="o", label=f"SFA topk {topk}")
     axes.axhline(dense, linestyle="--", color="gray", label="dense")
     axes.set_yscale("log")
+    axes.yaxis.set_major_formatter("{x:g}")  # plain numbers, not powers of ten, on the few decades shown
+    axes.yaxis.set_minor_formatter("{x:g}")
     axes.set_ylabel("held-out perplexity per byte")
     axes.set_title("Converting a pretrained causal LM: perplexity by method", fontsize=10)
     axes.legend(fontsize=7)
