@@ -54,13 +54,17 @@ def _fetched_headers() -> Path:
 
 
 def find_include_dir(include_dir=None) -> Optional[Path]:
-    """The first directory holding onnxruntime_cxx_api.h among the places in the module docstring."""
-    candidates = [include_dir, os.environ.get("SFA_ORT_INCLUDE"), _fetched_headers(), *SYSTEM_INCLUDE_DIRS]
-    for candidate in candidates:
-        if candidate and (Path(candidate) / HEADER).is_file():
+    """The directory holding onnxruntime_cxx_api.h: the one the caller named (``include_dir``, else
+    ``$SFA_ORT_INCLUDE``), which must hold it, else the first of the places in the module docstring that does."""
+    named_by_caller = ((include_dir, "the include directory"), (os.environ.get("SFA_ORT_INCLUDE"), "$SFA_ORT_INCLUDE"))
+    for named, source in named_by_caller:
+        if named:
+            if not (Path(named) / HEADER).is_file():
+                raise PluginUnavailable(f"{source} {named} has no {HEADER}; pass the directory that contains it")
+            return Path(named)
+    for candidate in (_fetched_headers(), *SYSTEM_INCLUDE_DIRS):
+        if (Path(candidate) / HEADER).is_file():
             return Path(candidate)
-    if include_dir:
-        raise PluginUnavailable(f"{include_dir} has no {HEADER}; pass the directory that contains it")
     return None
 
 

@@ -37,6 +37,23 @@ def test_missing_headers_error_says_what_to_install(no_headers, tmp_path):
         build_plugin(tmp_path)
 
 
+def test_a_named_include_directory_without_headers_is_refused_not_replaced(no_headers, tmp_path, monkeypatch, capsys):
+    found = ort_plugin._fetched_headers()  # headers where the search would find them by itself
+    found.mkdir(parents=True)
+    (found / "onnxruntime_cxx_api.h").write_text("")
+    assert find_include_dir() == found
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(PluginUnavailable, match=f"the include directory {empty} has no onnxruntime_cxx_api.h"):
+        find_include_dir(empty)
+    assert cli_main(["build-plugin", "--include-dir", str(empty)]) == 1
+    assert f"{empty} has no onnxruntime_cxx_api.h" in capsys.readouterr().err
+    monkeypatch.setenv("SFA_ORT_INCLUDE", str(empty))
+    with pytest.raises(PluginUnavailable, match=r"\$SFA_ORT_INCLUDE .* has no onnxruntime_cxx_api.h"):
+        find_include_dir()
+    assert find_include_dir(found) == found  # the argument comes before the environment
+
+
 def test_session_without_plugin_falls_back_to_function_body(no_headers, tmp_path):
     path, feeds, expected = _node_model(tmp_path)
     with pytest.raises(PluginUnavailable, match="no ONNX Runtime headers"):
