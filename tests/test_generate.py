@@ -76,6 +76,8 @@ def test_cache_refuses_models_without_sfa_attention():
     model, _, _, _ = build("llama", "sdpa")
     with pytest.raises(ValueError, match="attn_implementation='sfa'"):
         SFACache(model)
+    with pytest.raises(ValueError, match="attn_implementation='sfa'"):  # not a Hugging Face model at all
+        SFACache(torch.nn.Linear(4, 4))
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen3"])

@@ -183,7 +183,7 @@ class SFACache(Cache):
     ``value_dtype=torch.float8_e4m3fn``."""
 
     def __init__(self, model, max_cache_len: int | None = None, value_dtype: torch.dtype | None = None):
-        if getattr(model.config, "_attn_implementation", None) != ATTN_IMPLEMENTATION:
+        if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             raise ValueError("SFACache needs a model that runs attn_implementation='sfa' (convert it with "
                              "sfa_compile.convert or load it with sfa_compile.load)")
         projections = {m.layer_idx: m.sfa for m in model.modules()
