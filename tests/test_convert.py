@@ -65,6 +65,48 @@ def test_layer_filter_and_bad_topk():
         sfa_compile.convert(build("llama", "eager")[0], sfa_compile.SFAConfig(layers="nothing"), progress=False)
 
 
+def test_bad_calibration_and_config_are_refused_in_one_line():
+    model, inputs, _, _ = build("llama", "eager")
+    with pytest.raises(ValueError, match="calibration is empty"):
+        sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [], progress=False)
+    with pytest.raises(TypeError, match="calibration item 1 is a int"):
+        sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [inputs, 3], progress=False)
+    with pytest.raises(TypeError, match="config must be an SFAConfig"):
+        sfa_compile.convert(model, 4, progress=False)
+
+
+class _Interrupted(KeyboardInterrupt):
+    pass
+
+
+@pytest.mark.parametrize("failure", ["bad batch", "interrupt", "topk"])
+def test_failed_conversion_leaves_the_model_as_it_was(failure, monkeypatch):
+    """Whatever stops a conversion part way (a batch the model rejects while calibrating, Ctrl-C, a refused
+    setting), the model keeps its config objects, attention implementation, modules and outputs."""
+    model, inputs, _, head_dim = build("llama", "eager")
+    model.train()
+    config, attn = model.config, model.config._attn_implementation
+    with torch.no_grad():
+        before = model.eval()(**inputs)[0]
+    model.train()
+    topk = head_dim + 1 if failure == "topk" else 4
+    bad = {**inputs, "input_ids": inputs["input_ids"].float()}  # the embedding refuses it, in calibration
+    calibration = [inputs, bad] if failure == "bad batch" else [inputs]
+    if failure == "interrupt":
+        def interrupt(*args, **kwargs):
+            raise _Interrupted
+        monkeypatch.setattr("sfa_compile.conversion.convert.calibrate", interrupt)
+    with pytest.raises((_Interrupted, RuntimeError, ValueError)):
+        sfa_compile.convert(model, sfa_compile.SFAConfig(topk=topk), calibration, progress=False)
+    assert model.training and model.config is config and config._attn_implementation == attn
+    assert all(m.config is config for m in model.modules() if "config" in m.__dict__)
+    assert not any(hasattr(m, "sfa") for m in model.modules())
+    torch.testing.assert_close(out(model.eval(), inputs), before, rtol=0, atol=0)
+    monkeypatch.undo()
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [inputs], progress=False)  # and converts afterwards
+    assert model.config.sfa["topk"] == 4
+
+
 def test_distillation_loss_zero_only_when_dense():
     for topk, positive in ((None, False), (4, True)):
         model, _, inputs, _, _ = converted("llama", topk)

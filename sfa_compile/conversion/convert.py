@@ -102,7 +102,8 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
             refine_steps: int = REFINE_STEPS, fold: bool = True, example=None, progress: bool = True):
     """Make ``model`` an SFA model and return it.
 
-    Hugging Face models are converted in place and switch to ``attn_implementation="sfa"``. Other nn.Modules are
+    Hugging Face models are converted in place and switch to ``attn_implementation="sfa"``; a conversion that
+    fails or is interrupted leaves them as they were. Other nn.Modules are
     traced with torch.fx and rewritten by the backend's passes; the result is a new ``torch.fx.GraphModule``
     sharing the model's parameters (module_conversion.py), traced from ``example`` (default: the first
     calibration input), whose tensor arguments become its inputs.
@@ -112,13 +113,59 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
     (calibrate.py; 0 skips it); without it R is the identity (plain top-k). ``fold`` folds R into the weights of
     Hugging Face models without rotary embeddings and with a known projection layout.
     """
-    config = config or SFAConfig()
-    examples = list(calibration) if calibration is not None else []
+    config = SFAConfig() if config is None else config
+    if not isinstance(config, SFAConfig):
+        raise TypeError(f"convert: config must be an SFAConfig, e.g. SFAConfig(topk=8); got {type(config).__name__}")
+    examples = _checked_examples(calibration)
     example = example if example is not None else examples[0] if examples else None
     if not is_hf_model(model):
         return _convert_module(model, config, examples, example, refine_steps, progress)
     if getattr(model.config, "sfa", None):
         raise ValueError("convert: this model is already an SFA model (model.config.sfa is set)")
+    undo = _Undo(model)
+    try:
+        return _convert_hf(model, config, examples, example, refine_steps, fold, progress)
+    except BaseException:  # a failed or interrupted conversion leaves the model as it was
+        undo()
+        raise
+
+
+def _checked_examples(calibration) -> list:
+    """The calibration inputs as a list, refused in one line when empty or of a kind no model call takes."""
+    if calibration is None:
+        return []
+    examples = list(calibration)
+    if not examples:
+        raise ValueError("convert: calibration is empty; pass at least one example input, or leave it out for plain "
+                         "top-k")
+    for i, item in enumerate(examples):
+        if not isinstance(item, (dict, tuple, list, torch.Tensor)):
+            raise TypeError(f"convert: calibration item {i} is a {type(item).__name__}; pass dicts of keyword "
+                            "arguments, tuples of positional ones, or tensors")
+    return examples
+
+
+class _Undo:
+    """Puts a Hugging Face model back as it was before conversion started: every module's config object (conversion
+    works on copies), no SFA projections, the training flag. Folding R into the weights is the last step, after
+    everything that can fail."""
+
+    def __init__(self, model):
+        self.model, self.training = model, model.training
+        self.modules = list(model.modules())
+        self.configs = [m.__dict__.get("config") for m in self.modules]
+        self.had_sfa = [hasattr(m, "sfa") for m in self.modules]
+
+    def __call__(self) -> None:
+        for module, config, had_sfa in zip(self.modules, self.configs, self.had_sfa):
+            if config is not None:
+                module.config = config
+            if not had_sfa and hasattr(module, "sfa"):
+                delattr(module, "sfa")
+        self.model.train(self.training)
+
+
+def _convert_hf(model, config: SFAConfig, examples: list, example, refine_steps: int, fold: bool, progress: bool):
     _own_config(model)
     register()
     model.set_attn_implementation(ATTN_IMPLEMENTATION)
