@@ -55,6 +55,9 @@ def flash_sfa_decode(query: torch.Tensor, cache: "CompressedKVCache", *, scale: 
     cached yet. They are appended (as ``cache.append``) and attended in the decode kernels' own launches, which
     saves the separate append's launches. Under ``torch.compile`` the cache must have a fixed capacity (its host
     lengths are not read; tokens past the capacity are dropped)."""
+    if not isinstance(cache, CompressedKVCache):
+        raise TypeError(f"flash_sfa_decode: cache must be a CompressedKVCache (SFACache keeps one per SFA layer), got "
+                        f"{type(cache).__name__}")
     if new_keys is None and new_values is None:
         return cache.attend(query, scale, attn_mask, projection)
     if new_keys is None or new_values is None:

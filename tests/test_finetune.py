@@ -134,12 +134,20 @@ def test_topk_restored_when_training_fails():
     (dict(lam=-0.5), "lam must be a finite number >= 0"),
     (dict(lr=float("nan")), "lr must be a finite number >= 0"),
     (dict(model_lr=float("inf")), "model_lr must be a finite number >= 0"),
+    (dict(steps=-1), "steps must be an integer >= 0"),
+    (dict(steps=2.5), "steps must be an integer >= 0"),
 ])
 def test_bad_schedules_are_refused(kwargs, message):
     model, inputs = _converted_llama()
     steps = kwargs.pop("steps", 8)
     with pytest.raises(ValueError, match=message):
         sfa_compile.finetune(model, [inputs], steps, progress=False, **kwargs)
+
+
+def test_data_the_model_cannot_be_called_with_is_refused_before_training():
+    model, inputs = _converted_llama()
+    with pytest.raises(TypeError, match="finetune: data item 1 is a str"):
+        sfa_compile.finetune(model, [inputs, "some text"], 2, progress=False)
 
 
 def test_finetune_inside_autocast_trains_and_leaves_r_orthogonal_float32():

@@ -23,7 +23,7 @@ from ..integrations.hf_attention import ATTN_IMPLEMENTATION
 from ..integrations.hf_loading import LOADER_MARKER
 from ..passes.pipeline import left_dense, warn_or_raise
 from ..projection import SFAProjection, fold_into_linear
-from ..training.model_call import call_model
+from ..training.model_call import call_model, check_examples
 from ..training.observers import observe
 from .calibrate import REFINE_STEPS, calibrate
 from .modules import InputSpec, rewrite_module, settings
@@ -138,10 +138,7 @@ def _checked_examples(calibration) -> list:
     if not examples:
         raise ValueError("convert: calibration is empty; pass at least one example input, or leave it out for plain "
                          "top-k")
-    for i, item in enumerate(examples):
-        if not isinstance(item, (dict, tuple, list, torch.Tensor)):
-            raise TypeError(f"convert: calibration item {i} is a {type(item).__name__}; pass dicts of keyword "
-                            "arguments, tuples of positional ones, or tensors")
+    check_examples(examples, "convert", "calibration")
     return examples
 
 

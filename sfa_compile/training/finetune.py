@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..projection import SFAProjection, orthogonal_training, projection_parameters
 from .distill import attention_distillation
-from .model_call import call_model
+from .model_call import call_model, check_examples
 from .progress import progress_bar
 from .straight_through import straight_through_topk
 
@@ -124,9 +124,12 @@ def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: f
     """
     if lam is None:
         lam = DISTILL_WEIGHT_WITH_TASK if task_loss is not None else 1.0
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 0:
+        raise ValueError(f"finetune: steps must be an integer >= 0, got {steps!r}")
     examples = list(data)
     if not examples:
         raise ValueError("finetune: no training examples")
+    check_examples(examples, "finetune", "data")
     if not sparsity_weight >= 0.0 or not final_lr_factor > 0.0:
         raise ValueError(f"finetune: sparsity_weight must be >= 0 and final_lr_factor > 0, got {sparsity_weight} "
                          f"and {final_lr_factor}")

@@ -83,6 +83,9 @@ def test_decode_argument_errors():
             flash_sfa_decode(torch.randn(2, 2, 1, 16), cache, attn_mask=torch.ones(shape, dtype=torch.bool))
     for shape in [(2, 2, 1, 3), (1, 1, 1, 3), (2, 1, 1, 3)]:
         flash_sfa_decode(torch.randn(2, 2, 1, 16), cache, attn_mask=torch.ones(shape, dtype=torch.bool))
+    kv, _, _ = cache.views()
+    with pytest.raises(TypeError, match="cache must be a CompressedKVCache .* got Tensor"):
+        flash_sfa_decode(torch.randn(2, 2, 1, 16), kv)
     # Inference only on every device: no autograd graph, even for a query that requires grad.
     assert not flash_sfa_decode(torch.randn(2, 2, 1, 16, requires_grad=True), cache).requires_grad
 
