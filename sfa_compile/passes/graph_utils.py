@@ -49,7 +49,8 @@ def module_path(node: fx.Node) -> str:
     if not stack:
         return ""
     path = stack[-1][0]
-    for prefix in ("L['self'].", "L['self']", "L['model'].", "L['model']"):
+    # The traced root: self, a model argument, or self seen as args[0] through a decorator's (*args, **kwargs).
+    for prefix in ("L['self'].", "L['self']", "L['model'].", "L['model']", "L['args'][0].", "L['args'][0]"):
         if path.startswith(prefix):
             path = path[len(prefix):]
             break

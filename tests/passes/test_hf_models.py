@@ -36,6 +36,8 @@ def test_every_site_rewritten_and_exact(name, impl):
     report = sfa_compile.explain(model, **inputs, sfa_config=sfa_compile.SFAConfig(topk=head_dim))
     assert [s.rewritten for s in report.sites] == [True] * sites, report.table()
     assert report.graphs == _plain_graph_count(model, inputs)
+    modules = dict(model.named_modules())  # each site is named by the model's own module path
+    assert all(s.module_path in modules and s.module_path for s in report.sites), report.table()
     torch._dynamo.reset()
     with torch.no_grad():
         dense = _outputs(model(**inputs))
