@@ -1,8 +1,8 @@
 """Triton top-k sparsification of query/key features: one pass, the Triton twin of ``topk.sparsify_dense``.
 
 Per row (token and head) of d features, keep the ``topk`` largest |x| (ties: lower index wins) and zero the
-rest. No full sort. Three searches; ``default_search`` picks between the first two by dtype and topk (measured on the
-H100: benchmarks/LOG.md):
+rest. No full sort. Two searches; ``default_search`` picks one by dtype and topk (measured on the
+H100: benchmarks/bench_topk.py, LOG.md):
 - bit search (``topk_keep``, any dtype, cost independent of topk): the k-th largest magnitude by a bitwise binary
   search on the float bits of |x| (non-negative floats order like their bit patterns as integers), one
   compare-and-count over the row per bit: 31 steps for float32, 15 for bfloat16 and 18 for float16, whose low bits
@@ -13,8 +13,6 @@ H100: benchmarks/LOG.md):
   one of them).
 - rank search (``topk_keep_by_rank``, float16 / bfloat16 with topk <= RANK_SEARCH_MAX_TOPK): ``topk`` rounds over
   unique per-feature keys, exact with ties and NaN as the sort orders them.
-- bitonic search (``topk_keep_by_bitonic``, float16 / bfloat16): the same unique keys through ``tl.topk``'s bitonic
-  network; offered to benchmarks/bench_topk.py until measurements place it in the rule.
 """
 
 from __future__ import annotations
@@ -99,22 +97,12 @@ def topk_keep_by_rank(x, ok, cols, topk, INF_BITS: tl.constexpr):
 
 
 @triton.jit
-def topk_keep_by_bitonic(x, ok, cols, topk, INF_BITS: tl.constexpr, TOPK_POW2: tl.constexpr):
-    """``topk_keep_by_rank`` with the k-th ``rank_keys`` key found by ``tl.topk`` (sorted, largest first) of the next
-    power of two."""
-    key = rank_keys(x, ok, cols, INF_BITS)
-    top = tl.topk(key, TOPK_POW2)
-    kth = tl.sum(tl.where(tl.arange(0, TOPK_POW2)[None, :] == topk - 1, top, 0.0), axis=1)
-    return key >= kth[:, None]
-
-
-@triton.jit
 def _topk_sparsify_kernel(
     X, Y,
     n_rows, n_heads, length, head_dim, topk,
     stride_b, stride_h, stride_n, stride_d,
     BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr, LOW_BIT: tl.constexpr, INF_BITS: tl.constexpr,
-    SEARCH: tl.constexpr, TOPK_POW2: tl.constexpr,
+    SEARCH: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, BLOCK_D)
@@ -124,9 +112,7 @@ def _topk_sparsify_kernel(
     ok = (rows < n_rows)[:, None] & (cols < head_dim)[None, :]
     x = tl.load(X + (b * stride_b + h * stride_h + n * stride_n)[:, None] + cols[None, :] * stride_d,
                 mask=ok, other=0.0)
-    if SEARCH == 2:
-        keep = topk_keep_by_bitonic(x, ok, cols, topk, INF_BITS, TOPK_POW2)
-    elif SEARCH == 1:
+    if SEARCH == 1:
         keep = topk_keep_by_rank(x, ok, cols, topk, INF_BITS)
     else:
         keep = topk_keep(x, ok, topk, LOW_BIT)
@@ -134,7 +120,7 @@ def _topk_sparsify_kernel(
     tl.store(Y + out, tl.where(keep, x, 0.0), mask=ok)
 
 
-SEARCHES = ("bit", "rank", "bitonic")
+SEARCHES = ("bit", "rank")
 
 
 def default_search(dtype: torch.dtype, topk: int) -> str:
@@ -146,12 +132,12 @@ def sparsify_triton(x: torch.Tensor, topk: int, search: Optional[str] = None) ->
     """Contiguous copy of the 4-D ``x`` with all but the top-k features of each row zeroed.
 
     ``x`` is (batch, heads, length, features) with any strides, in float16, bfloat16 or float32. ``search`` (one of
-    ``SEARCHES``; default ``default_search``) picks the selection; all give the same result.
+    ``SEARCHES``; default ``default_search``) picks the selection; both give the same result.
     """
     search = search or default_search(x.dtype, topk)
     if search not in SEARCHES or (search != "bit" and x.dtype not in INF_PATTERN):
-        raise ValueError(f"sparsify_triton: search must be one of {SEARCHES} ('rank' and 'bitonic' take float16 and "
-                         f"bfloat16), got {search!r} for {x.dtype}")
+        raise ValueError(f"sparsify_triton: search must be one of {SEARCHES} ('rank' takes float16 and bfloat16), "
+                         f"got {search!r} for {x.dtype}")
     batch, heads, length, head_dim = x.shape
     y = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     n_rows = batch * heads * length
@@ -159,7 +145,7 @@ def sparsify_triton(x: torch.Tensor, topk: int, search: Optional[str] = None) ->
         return y
     args = (x, y, n_rows, heads, length, head_dim, topk, *x.stride())
     meta = dict(BLOCK_D=feature_block(head_dim), LOW_BIT=LOW_BIT[x.dtype], INF_BITS=INF_PATTERN.get(x.dtype, 0),
-                SEARCH=SEARCHES.index(search), TOPK_POW2=next_power_of_2(topk) if search == "bitonic" else 1)
+                SEARCH=SEARCHES.index(search))
     if interpreting() or not autotuning():
         _topk_sparsify_kernel[(cdiv(n_rows, 32),)](*args, **meta, BLOCK_R=32, num_warps=4)
     else:
@@ -167,7 +153,7 @@ def sparsify_triton(x: torch.Tensor, topk: int, search: Optional[str] = None) ->
     return y
 
 
-_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "SEARCH", "TOPK_POW2"])(_topk_sparsify_kernel)
+_topk_tuned = triton.autotune(_configs(), key=["BLOCK_D", "LOW_BIT", "SEARCH"])(_topk_sparsify_kernel)
 
 
 @triton.jit
