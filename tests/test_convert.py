@@ -69,7 +69,7 @@ def test_bad_calibration_and_config_are_refused_in_one_line():
     model, inputs, _, _ = build("llama", "eager")
     with pytest.raises(ValueError, match="calibration is empty"):
         sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [], progress=False)
-    with pytest.raises(TypeError, match="calibration item 1 is a int"):
+    with pytest.raises(TypeError, match="calibration item 1 is of type int"):
         sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [inputs, 3], progress=False)
     with pytest.raises(TypeError, match="config must be an SFAConfig"):
         sfa_compile.convert(model, 4, progress=False)

@@ -146,7 +146,7 @@ def test_bad_schedules_are_refused(kwargs, message):
 
 def test_data_the_model_cannot_be_called_with_is_refused_before_training():
     model, inputs = _converted_llama()
-    with pytest.raises(TypeError, match="finetune: data item 1 is a str"):
+    with pytest.raises(TypeError, match="finetune: data item 1 is of type str"):
         sfa_compile.finetune(model, [inputs, "some text"], 2, progress=False)
 
 

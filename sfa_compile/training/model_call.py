@@ -20,5 +20,5 @@ def check_examples(examples: list, caller: str, what: str) -> None:
     """Refuse, in one line, an item of ``examples`` that ``call_model`` cannot call a model with."""
     for i, item in enumerate(examples):
         if not isinstance(item, (dict, tuple, list, torch.Tensor)):
-            raise TypeError(f"{caller}: {what} item {i} is a {type(item).__name__}; pass dicts of keyword arguments, "
-                            "tuples of positional ones, or tensors")
+            raise TypeError(f"{caller}: {what} item {i} is of type {type(item).__name__}; pass dicts of keyword "
+                            "arguments, tuples of positional ones, or tensors")
