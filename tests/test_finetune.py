@@ -150,6 +150,23 @@ def test_data_the_model_cannot_be_called_with_is_refused_before_training():
         sfa_compile.finetune(model, [inputs, "some text"], 2, progress=False)
 
 
+@pytest.mark.parametrize("context", [torch.no_grad, torch.inference_mode])
+def test_convert_and_finetune_inside_no_grad_or_inference_mode(context):
+    """An evaluation script's context around conversion and fine-tuning changes nothing: the same projections and
+    weights as outside it (and the caller's context is back afterwards)."""
+    model, inputs, _, _ = build("llama", "eager")
+    twin = copy.deepcopy(model)
+    sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [inputs], progress=False)
+    sfa_compile.finetune(model, [inputs], 2, progress=False, train_model=True)
+    with context():
+        batch = {name: x.clone() for name, x in inputs.items()}  # inference tensors under inference mode
+        sfa_compile.convert(twin, sfa_compile.SFAConfig(topk=4), [batch], progress=False)
+        sfa_compile.finetune(twin, [batch], 2, progress=False, train_model=True)
+        assert not torch.is_grad_enabled()
+    want, got = model.state_dict(), twin.state_dict()
+    assert want.keys() == got.keys() and all(torch.equal(want[name], got[name]) for name in want)
+
+
 def test_finetune_inside_autocast_trains_and_leaves_r_orthogonal_float32():
     model, inputs, _, _ = build("llama", "eager")
     sfa_compile.convert(model, sfa_compile.SFAConfig(topk=4), [inputs], progress=False)

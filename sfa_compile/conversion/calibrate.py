@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 from ..kernels.prefill import additive_mask
 from ..kernels.topk import project_by_key_head
 from ..projection import SFAProjection, orthogonal_training
-from ..training.model_call import call_model
+from ..training.model_call import call_model, trains
 from ..training.observers import observe
 from ..training.progress import progress_bar
 
@@ -59,6 +59,7 @@ REFINE_LR = 3e-3
 RECORD_BYTES = 2 << 30  # recorded q/k/v per refinement pass at most (layers are recorded a few at a time)
 
 
+@trains
 def calibrate(model, calibration: Iterable, steps: int = 0, lr: float = REFINE_LR, progress: bool = True):
     """Set every runtime projection of the converted ``model`` from ``calibration`` (an iterable of examples);
     returns the model. ``steps`` > 0 adds the layer-local Eq. 8 refinement (``steps`` per layer)."""

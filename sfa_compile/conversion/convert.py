@@ -23,7 +23,7 @@ from ..integrations.hf_attention import ATTN_IMPLEMENTATION
 from ..integrations.hf_loading import LOADER_MARKER
 from ..passes.pipeline import left_dense, warn_or_raise
 from ..projection import SFAProjection, fold_into_linear
-from ..training.model_call import call_model, check_examples
+from ..training.model_call import call_model, check_examples, trains
 from ..training.observers import observe
 from .calibrate import REFINE_STEPS, calibrate
 from .modules import InputSpec, rewrite_module, settings
@@ -98,6 +98,7 @@ def _fold(layout, sfa: SFAProjection, heads: int) -> None:
         c_attn.bias.data[cols] = b
 
 
+@trains  # projections made under a caller's inference mode could not be trained
 def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Iterable] = None, *,
             refine_steps: int = REFINE_STEPS, fold: bool = True, example=None, progress: bool = True):
     """Make ``model`` an SFA model and return it.

@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from ..projection import SFAProjection, orthogonal_training, projection_parameters
 from .distill import attention_distillation
-from .model_call import call_model, check_examples
+from .model_call import call_model, check_examples, trains
 from .progress import progress_bar
 from .straight_through import straight_through_topk
 
@@ -106,6 +106,7 @@ def _topk_stages(layers: list, warmup_topks: Sequence[int], steps: int) -> list[
 DISTILL_WEIGHT_WITH_TASK = 0.01
 
 
+@trains
 def finetune(model, data: Iterable, steps: int, *, lr: float = 1e-3, model_lr: float = 2e-5,
              lam: Optional[float] = None, task_loss: Optional[Callable] = None, train_model: bool = False,
              progress: bool = True, train_mode: bool = True, straight_through: bool = False,
