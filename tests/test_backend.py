@@ -33,11 +33,6 @@ def test_backend_by_name_without_import():
     assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
-def test_explain_without_inputs_says_what_to_pass():
-    with pytest.raises(ValueError, match=r"explain: pass the inputs .*input_ids=ids"):
-        sfa_compile.explain(torch.nn.Linear(2, 2))
-
-
 def test_unknown_option_lists_valid_ones():
     valid = r"\['handoff', 'layers', 'strict', 'topk'\]"
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['topK'\]; valid options: " + valid):
