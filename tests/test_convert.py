@@ -75,6 +75,20 @@ def test_bad_calibration_and_config_are_refused_in_one_line():
         sfa_compile.convert(model, 4, progress=False)
 
 
+def test_tokenizer_output_is_an_example_input():
+    """A tokenizer's BatchEncoding (a mapping, not a dict) calibrates and fine-tunes as the same dict does."""
+    model, _, _, _ = build("llama", "eager")
+    twin = copy.deepcopy(model)
+    encoded = tiny_tokenizer()(["the module is the file", "a class of the object"], return_tensors="pt",
+                               padding=True)
+    assert not isinstance(encoded, dict)
+    for m, batch in ((model, encoded), (twin, dict(encoded))):
+        sfa_compile.convert(m, sfa_compile.SFAConfig(topk=4), [batch], progress=False)
+        sfa_compile.finetune(m, [batch], 2, progress=False)
+    want, got = model.state_dict(), twin.state_dict()
+    assert all(torch.equal(want[name], got[name]) for name in want)
+
+
 class _Interrupted(KeyboardInterrupt):
     pass
 

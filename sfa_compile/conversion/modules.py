@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import logging
+from collections.abc import Mapping
 from typing import Any, Optional
 
 import torch
@@ -76,7 +77,7 @@ class InputSpec:
     def from_example(cls, model: nn.Module, example) -> "InputSpec":
         signature = inspect.signature(model.forward)
         try:
-            if isinstance(example, dict):
+            if isinstance(example, Mapping):
                 bound = signature.bind_partial(**example)
             elif isinstance(example, (tuple, list)):
                 bound = signature.bind_partial(*example)

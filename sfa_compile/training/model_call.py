@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import torch
 
 
@@ -21,10 +23,11 @@ def _as_input(x, device):
 
 
 def call_model(model, example):
-    """Run ``model`` on one example: a dict of keyword arguments, a tuple of positional ones, or a tensor."""
+    """Run ``model`` on one example: a mapping of keyword arguments (a dict, a tokenizer's BatchEncoding), a tuple
+    of positional ones, or a tensor."""
     device = next(model.parameters()).device
     move = lambda x: _as_input(x, device)  # noqa: E731
-    if isinstance(example, dict):
+    if isinstance(example, Mapping):
         return model(**{k: move(v) for k, v in example.items()})
     if isinstance(example, (tuple, list)):
         return model(*[move(x) for x in example])
@@ -34,6 +37,6 @@ def call_model(model, example):
 def check_examples(examples: list, caller: str, what: str) -> None:
     """Refuse, in one line, an item of ``examples`` that ``call_model`` cannot call a model with."""
     for i, item in enumerate(examples):
-        if not isinstance(item, (dict, tuple, list, torch.Tensor)):
+        if not isinstance(item, (Mapping, tuple, list, torch.Tensor)):
             raise TypeError(f"{caller}: {what} item {i} is of type {type(item).__name__}; pass dicts of keyword "
                             "arguments, tuples of positional ones, or tensors")
