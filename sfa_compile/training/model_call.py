@@ -38,5 +38,5 @@ def check_examples(examples: list, caller: str, what: str) -> None:
     """Refuse, in one line, an item of ``examples`` that ``call_model`` cannot call a model with."""
     for i, item in enumerate(examples):
         if not isinstance(item, (Mapping, tuple, list, torch.Tensor)):
-            raise TypeError(f"{caller}: {what} item {i} is of type {type(item).__name__}; pass dicts of keyword "
+            raise TypeError(f"{caller}: {what} item {i} is of type {type(item).__name__}; pass mappings of keyword "
                             "arguments, tuples of positional ones, or tensors")
