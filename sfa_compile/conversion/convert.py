@@ -111,8 +111,8 @@ def convert(model, config: Optional[SFAConfig] = None, calibration: Optional[Ite
 
     ``calibration``: optional iterable of example inputs (mappings of keyword arguments such as a tokenizer's output,
     tuples, or tensors) used to fit the projections R: principal axes, then ``refine_steps`` steps per layer of
-    layer-local Eq. 8 training (calibrate.py; 0 skips it); without it R is the identity (plain top-k). ``fold`` folds R into the weights of
-    Hugging Face models without rotary embeddings and with a known projection layout.
+    layer-local Eq. 8 training (calibrate.py; 0 skips it); without it R is the identity (plain top-k). ``fold``
+    folds R into the weights of Hugging Face models without rotary embeddings and with a known projection layout.
     """
     config = SFAConfig() if config is None else config
     if not isinstance(config, SFAConfig):
