@@ -80,6 +80,24 @@ def test_cache_refuses_models_without_sfa_attention():
         SFACache(torch.nn.Linear(4, 4))
 
 
+@pytest.mark.parametrize("name", ["bart", "t5"])
+def test_cache_refuses_encoder_decoder_models_which_generate_with_their_own(name):
+    import transformers
+
+    config = (transformers.BartConfig(vocab_size=64, d_model=32, encoder_layers=1, decoder_layers=2,
+                                      encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=64,
+                                      decoder_ffn_dim=64, max_position_embeddings=64) if name == "bart" else
+              transformers.T5Config(vocab_size=64, d_model=32, d_kv=16, d_ff=64, num_layers=2, num_decoder_layers=2,
+                                    num_heads=2, decoder_start_token_id=0))
+    cls = transformers.BartForConditionalGeneration if name == "bart" else transformers.T5ForConditionalGeneration
+    model = sfa_compile.convert(cls(config).eval(), sfa_compile.SFAConfig(topk=8), progress=False)
+    with pytest.raises(ValueError, match="SFACache serves decoder-only models;.*encoder-decoder"):
+        SFACache(model)
+    ids = torch.randint(3, 64, (2, 8), generator=torch.Generator().manual_seed(0))
+    out = model.generate(input_ids=ids, max_new_tokens=3, min_new_tokens=3, do_sample=False)  # what it says to do
+    assert out.shape[0] == 2 and out.shape[1] >= 4
+
+
 @pytest.mark.parametrize("name", ["llama", "qwen3"])
 def test_static_cache_generates_what_the_growing_cache_does(name):
     """max_cache_len: fixed buffers, masks over the whole capacity, decode over all slots bounded by the device

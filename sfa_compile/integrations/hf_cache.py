@@ -186,6 +186,9 @@ class SFACache(Cache):
         if getattr(getattr(model, "config", None), "_attn_implementation", None) != ATTN_IMPLEMENTATION:
             raise ValueError("SFACache needs a model that runs attn_implementation='sfa' (convert it with "
                              "sfa_compile.convert or load it with sfa_compile.load)")
+        if getattr(model.config, "is_encoder_decoder", False):
+            raise ValueError(f"SFACache serves decoder-only models; {type(model).__name__} is an encoder-decoder "
+                             "model: generate without past_key_values (transformers' own cache, SFA attention)")
         projections = {m.layer_idx: m.sfa for m in model.modules()
                        if getattr(m, "sfa", None) is not None and getattr(m, "layer_idx", None) is not None}
         if not projections:
