@@ -138,8 +138,10 @@ def _convert(args: argparse.Namespace) -> int:
     if not args.from_hub:
         _local_dir(args.model_dir, "model", hub_hint=True)
     config = SFAConfig(topk=args.topk, layers=args.layers)
-    find_tokenizer = required_tokenizer if args.calibrate else local_tokenizer  # calibration text needs one
-    tokenizer = find_tokenizer(args.model_dir, download=args.from_hub)
+    if args.calibrate:  # calibration text needs one
+        tokenizer = required_tokenizer(args.model_dir, args.from_hub, without="convert with --calibrate 0")
+    else:
+        tokenizer = local_tokenizer(args.model_dir, download=args.from_hub)
     calibration = text_examples(tokenizer, args.calibrate) if args.calibrate else None
     model, hf_config = _load_dense(args.model_dir, args.from_hub)
     convert(model.eval(), config, calibration, refine_steps=args.refine_steps)

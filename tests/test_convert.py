@@ -221,7 +221,12 @@ def test_cli_convert_and_finetune(tmp_path, capsys):
     model, inputs, _, _ = build("llama", "eager")
     model.save_pretrained(tmp_path / "dense")
     assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "sfa"), "--calibrate", "8"]) == 1
-    assert "has no tokenizer" in capsys.readouterr().err and not (tmp_path / "sfa").exists()
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "convert with --calibrate 0" in err and not (tmp_path / "sfa").exists()
+    assert cli_main(["convert", str(tmp_path / "dense"), "-o", str(tmp_path / "plain"), "--calibrate", "0"]) == 0
+    assert cli_main(["finetune", str(tmp_path / "plain"), "-o", str(tmp_path / "tuned")]) == 1  # its text needs one
+    err = capsys.readouterr().err
+    assert "has no tokenizer" in err and "--calibrate" not in err and not (tmp_path / "tuned").exists()
     tiny_tokenizer().save_pretrained(tmp_path / "dense")
     # Files that hold no weights travel with the checkpoint (sentence-transformers modules, a README); weights and
     # hidden files do not, and what the save wrote itself (config.json) is not overwritten.

@@ -22,13 +22,14 @@ def local_tokenizer(model_dir, download: bool = False):
         return None
 
 
-def required_tokenizer(model_dir, download: bool = False):
+def required_tokenizer(model_dir, download: bool = False, without: str = ""):
     """``local_tokenizer``, or an error naming the fix: text for calibration and fine-tuning needs one (never
-    random ids posing as text)."""
+    random ids posing as text). ``without``: how the command runs without text, named in the error."""
     tokenizer = local_tokenizer(model_dir, download)
     if tokenizer is None:
+        alternative = f", or {without}" if without else ""
         raise ValueError(f"{model_dir} has no tokenizer, and calibration and fine-tuning text needs one (save it "
-                         "there with tokenizer.save_pretrained, or convert with --calibrate 0)")
+                         f"there with tokenizer.save_pretrained{alternative})")
     return tokenizer
 
 
