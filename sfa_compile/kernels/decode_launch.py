@@ -11,6 +11,7 @@ from typing import NamedTuple, Optional
 import torch
 
 from .launcher import LaunchConfig, Launcher, cdiv, next_power_of_2
+from .limits import HALF_DTYPES, PACKED_QUERY_ROWS
 from .triton_append import decode_prologue_kernel
 from .triton_decode_kernels import decode_combine_kernel, decode_split_kernel
 from .triton_topk import LOW_BIT, feature_block
@@ -156,9 +157,9 @@ def decode_plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: 
     splits, block_n, num_warps, num_stages, m_real = split_config(
         batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
         interpret, fp8_values)
-    if packed_query and (dtype not in (torch.float16, torch.bfloat16) or m_real > 4):
-        raise ValueError(f"decode: packed_query takes float16 or bfloat16 queries with at most 4 score rows per key "
-                         f"head, got {dtype} with {m_real}")
+    if packed_query and (dtype not in HALF_DTYPES or m_real > PACKED_QUERY_ROWS):
+        raise ValueError(f"decode: packed_query takes float16 or bfloat16 queries with at most {PACKED_QUERY_ROWS} "
+                         f"score rows per key head, got {dtype} with {m_real}")
     parts = splits + append
     block_k = max(next_power_of_2(topk), 2)
     line = 128 // (1 if fp8_values else dtype.itemsize)  # V elements per 128-byte line (prefetched)

@@ -32,12 +32,11 @@ from typing import Optional
 import torch
 
 from .checks import default_scale, gqa_group_size, score_shape
-from .limits import KERNEL_DTYPES, MAX_HEAD_DIM
+from .limits import HALF_DTYPES, KERNEL_DTYPES, MAX_HEAD_DIM
 from .reference import flash_sfa_backward_reference, flash_sfa_reference
 from .topk import kept_features, sparsify_dense, sparsify_fast
 
 REFERENCE, TRITON, CUDNN, FLASH, CPU_FLASH = "reference", "triton", "sdpa_cudnn", "sdpa_flash", "sdpa_cpu_flash"
-_HALF = (torch.float16, torch.bfloat16)
 _warned: set = set()
 
 
@@ -59,7 +58,7 @@ def _reference_reason(query, key, value, dropout_p: float, mask_grad: bool) -> O
 def _sdpa_backend(q, k, v, is_causal: bool) -> str:
     """SDPA cuDNN or flash for 4-D half-precision q~, k~, v without a mask, or TRITON when neither takes them."""
     length, keys = q.size(-2), k.size(-2)
-    if q.dtype not in _HALF or (is_causal and length != keys) or q.size(-1) != v.size(-1):
+    if q.dtype not in HALF_DTYPES or (is_causal and length != keys) or q.size(-1) != v.size(-1):
         return TRITON
     if 0 in q.stride() + k.stride() + v.stride():  # broadcast batch or heads: the Triton kernels read stride 0
         return TRITON
