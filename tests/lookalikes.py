@@ -111,7 +111,7 @@ REFUSAL_REASONS = {
     "scores through int": "from torch.int32 to torch.float32",
     "fill -1e4": "not -inf or a dtype minimum",
     "soft-capped logits": "soft-capping",
-    "negative sqrt scale": "scale is not a finite constant",
+    "negative sqrt scale": "scale is neither a finite constant nor a traced float",
     "division by zero": "division by zero",
     "implicit-dim softmax": "no dim",
     "einsum diagonal of v": "not @ v",

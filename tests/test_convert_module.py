@@ -168,7 +168,7 @@ def test_refusals_are_clear():
     q = torch.randn(1, 2, 5, 8)
     with pytest.raises(ValueError, match="traced from an example input"):
         sfa_compile.convert(LengthScaled())
-    with pytest.raises(ValueError, match="scale is not a finite constant"):
+    with pytest.raises(ValueError, match="scale is neither a finite constant nor a traced float"):
         sfa_compile.convert(LengthScaled(), example=(q, q, q))
     with pytest.raises(ValueError, match="could not trace DataDependent.*backend='sfa'"):
         sfa_compile.convert(DataDependent(), example=(q, q, q))

@@ -95,6 +95,20 @@ def constant_value(node: Any) -> Optional[float]:
     return number if math.isfinite(number) else None
 
 
+def traced_float(node: Any) -> Optional[fx.Node]:
+    """``node`` when it is a float Dynamo traced as a graph value (a module's float attribute under
+    ``torch.compile(dynamic=True)``): not a constant, but the op can be handed the same value at run time."""
+    value = node.meta.get("example_value") if isinstance(node, fx.Node) else None
+    return node if isinstance(value, torch.SymFloat) else None
+
+
+def guarded_float(value: Any) -> Any:
+    """A float Dynamo traced as a graph value, as a Python float read under a guard (a changed value
+    recompiles); any other value unchanged."""
+    example = value.meta.get("example_value") if isinstance(value, fx.Node) else None
+    return float(example) if isinstance(example, torch.SymFloat) else value
+
+
 def constant_fill(node: Any) -> Optional[float]:
     """Like constant_value, but -inf is allowed (a mask fill), nan and +inf are not."""
     value = fold(node)

@@ -2,8 +2,9 @@
 
 Matches (pattern "matmul_softmax_matmul", the form of Hugging Face eager attention, GPT-2, BERT, ViT,
 Whisper, T5, Bloom, Falcon): q @ k^T and p @ v as products.py proves them; between them the score chain of
-score_chain.py (constant scales, additive and boolean masks, floating casts, batch-dim views); softmax over the
-last dim; then floating casts, dropout with a constant p and batch-dim views up to probabilities @ v.
+score_chain.py (constant or traced-float scales, additive and boolean masks, floating casts, batch-dim views);
+softmax over the last dim; then floating casts, dropout (p constant, or a traced float read under a guard) and
+batch-dim views up to probabilities @ v.
 
 Refuses (returns a Refusal, graph untouched): softmax over another dim or with no dim given; scores or
 probabilities with other users (e.g. attention weights returned) or filling two roles; q, k, v that are not
@@ -18,7 +19,7 @@ from typing import Optional, Union
 import torch
 import torch.fx as fx
 
-from .constants import constant_value
+from .constants import constant_value, guarded_float
 from .graph_utils import (
     DROPOUT_FUNCTIONS,
     SOFTMAX_FUNCTIONS,
@@ -74,12 +75,15 @@ def _dropout(node: fx.Node, probs: fx.Node) -> float:
         raise Refuse("dropout of something else than the probabilities")
     if args.get("inplace", False) is not False:
         raise Refuse("in-place dropout on the probabilities")
-    p, training = constant_value(args["p"]), args.get("training", args.get("train"))
-    if p is None or not isinstance(training, bool):
+    training = args.get("training", args.get("train"))
+    if training is False:  # p is then never read: not even a traced float's value is needed
+        return 0.0
+    p = constant_value(guarded_float(args["p"]))
+    if p is None or training is not True:
         raise Refuse("dropout with a non-constant p or training flag")
-    if training and not 0.0 <= p < 1.0:
+    if not 0.0 <= p < 1.0:
         raise Refuse(f"dropout with p={p}")
-    return p if training else 0.0
+    return p
 
 
 def _forward_chain(softmax: fx.Node) -> tuple[fx.Node, fx.Node, fx.Node, float, list, bool]:
@@ -154,8 +158,6 @@ def _match_softmax(softmax: fx.Node, graph_nodes: list, order: dict) -> Union[At
             raise Refuse("q, k and v must be tensors with the same number of dims")
         if not (qv.dtype == kv.dtype == vv.dtype) or not qv.is_floating_point():
             raise Refuse(f"q, k and v must be floating tensors of one dtype ({qv.dtype}, {kv.dtype}, {vv.dtype})")
-        if static_int(qv.size(-1)) is None:
-            raise Refuse("head dim is not static")
         if not same_batch(qv, kv, vv, gqa=False):
             raise Refuse("q, k and v have different batch dims (broadcast in the products)")
         space = _check_space(chain, softmax, chain.nodes[-1], q, k, probs, v)
@@ -165,7 +167,8 @@ def _match_softmax(softmax: fx.Node, graph_nodes: list, order: dict) -> Union[At
     mask = chain.mask if chain.mask.kind != "none" else None
     return AttentionMatch(
         pattern=PATTERN, module_path=module_path(softmax), output=pv, query=q, key=k, value=v, mask=mask,
-        dropout_p=dropout_p, scale=chain.scale, removable=tuple(reversed(chain.nodes)) + tuple(forward_nodes),
+        dropout_p=dropout_p, scale=chain.scale, traced_scale=tuple(chain.traced_scale),
+        removable=tuple(reversed(chain.nodes)) + tuple(forward_nodes),
         space=space,
     )
 

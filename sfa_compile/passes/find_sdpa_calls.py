@@ -2,8 +2,10 @@
 
 Matches ``torch._C._nn.scaled_dot_product_attention`` / ``F.scaled_dot_product_attention`` with every
 argument (attn_mask, dropout_p, is_causal, scale, enable_gqa), as Hugging Face's "sdpa" attention and
-most hand-tuned models call it. Refuses non-constant dropout/causal/scale arguments (their values must
-be known to emit the op) and attention with no head dim to read.
+most hand-tuned models call it. Under ``torch.compile(dynamic=True)`` a float Dynamo traced as a graph value
+(a module attribute) may be the scale, handed to the op as that same value, or dropout_p, read under a guard.
+Refuses other non-constant dropout_p, is_causal, enable_gqa and scale arguments (their values must be known
+to emit the op).
 """
 
 from __future__ import annotations
@@ -14,8 +16,8 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
-from .constants import constant_value
-from .graph_utils import example, is_function, module_path, same_batch, static_int
+from .constants import constant_value, guarded_float, traced_float
+from .graph_utils import example, is_function, module_path, same_batch
 from .match import AttentionMatch, Refusal
 from .signatures import bind
 
@@ -29,22 +31,23 @@ def _match(node: fx.Node) -> Union[AttentionMatch, Refusal]:
     if args is None:
         return Refusal(PATTERN, path, node, "scaled_dot_product_attention called with arguments it does not take")
     q, k, v, mask = args["query"], args["key"], args["value"], args["attn_mask"]
-    dropout_p, is_causal, enable_gqa = constant_value(args["dropout_p"]), args["is_causal"], args["enable_gqa"]
+    dropout_p, is_causal = constant_value(guarded_float(args["dropout_p"])), args["is_causal"]
+    enable_gqa = args["enable_gqa"]
     scale = None if args["scale"] is None else constant_value(args["scale"])
+    traced = traced_float(args["scale"])  # the op is handed the same graph value: the float SDPA would get
     if dropout_p is None or not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
         return Refusal(PATTERN, path, node, "dropout_p, is_causal and enable_gqa must be constants")
-    if args["scale"] is not None and scale is None:
-        return Refusal(PATTERN, path, node, "scale is not a finite constant")
+    if args["scale"] is not None and scale is None and traced is None:
+        return Refusal(PATTERN, path, node, "scale is neither a finite constant nor a traced float")
     values = [example(t) for t in (q, k, v)]
     if any(t is None or not t.is_floating_point() for t in values):
         return Refusal(PATTERN, path, node, "query, key and value must be floating tensors")
-    if static_int(values[0].size(-1)) is None:
-        return Refusal(PATTERN, path, node, "head dim is not static")
     if not same_batch(*values, gqa=enable_gqa):
         return Refusal(PATTERN, path, node, "query, key and value have different batch dims (broadcast)")
     return AttentionMatch(
         pattern=PATTERN, module_path=path, output=node, query=q, key=k, value=v, mask=mask,
-        dropout_p=dropout_p, is_causal=is_causal, scale=scale, enable_gqa=enable_gqa, removable=(node,),
+        dropout_p=dropout_p, is_causal=is_causal, scale=1.0 if traced is not None else scale,
+        traced_scale=() if traced is None else ((traced, False),), enable_gqa=enable_gqa, removable=(node,),
     )
 
 

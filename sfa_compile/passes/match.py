@@ -49,6 +49,7 @@ class AttentionMatch:
     dropout_p: float = 0.0
     is_causal: bool = False
     scale: Optional[float] = None
+    traced_scale: tuple = ()  # (SymFloat node, divide) factors applied to scale at run time (dynamic=True)
     enable_gqa: bool = False
     removable: tuple = ()  # nodes of the old subgraph, erased once unused
     space: Optional[tuple] = None  # leading shape to run the op in when views regroup the batch dims, else None

@@ -18,7 +18,7 @@ import torch
 import torch.fx as fx
 
 from .gqa import peel_repeated_heads
-from .graph_utils import example, static_int
+from .graph_utils import example
 from .match import AttentionMatch, MaskParts, MaskTerm
 
 
@@ -112,9 +112,9 @@ def replace_site(gm: fx.GraphModule, match: AttentionMatch, topk: int, emit_call
     the reason it refused. Nothing of the old subgraph changes until the new one is built: a step that fails
     leaves only dead nodes behind."""
     q_value = example(match.query)
-    head_dim = static_int(q_value.size(-1))
-    if topk > head_dim:
-        return f"topk {topk} exceeds the head dim {head_dim}"
+    head_dim = q_value.size(-1)
+    if topk > head_dim:  # a symbolic head dim: Dynamo guards on this comparison, so another size recompiles
+        return f"topk {topk} exceeds the head dim" + (f" {head_dim}" if isinstance(head_dim, int) else "")
     graph, fake_mode = gm.graph, q_value.fake_mode
     key, value, enable_gqa = _undo_head_repeat(match)
     try:
@@ -132,13 +132,27 @@ def replace_site(gm: fx.GraphModule, match: AttentionMatch, topk: int, emit_call
     return None
 
 
+def _scale_arg(graph, fake_mode, match: AttentionMatch):
+    """The op's scale: the site's constant, times or divided by each traced float factor in the graph (a Python
+    float product at run time, as the constants were folded)."""
+    scale = match.scale
+    for factor, divide in match.traced_scale:
+        if not divide and isinstance(scale, float) and scale == 1.0:
+            scale = factor
+        else:
+            combine = operator.truediv if divide else operator.mul
+            scale = _emit(graph, fake_mode, "call_function", combine, scale, factor)
+    return scale
+
+
 def _emit_site(graph, fake_mode, match: AttentionMatch, key, value, enable_gqa, topk, emit_call):
     query = match.query
     if match.space is not None:
         query, key, value = (_regroup(graph, fake_mode, n, tuple(example(n).shape[:-2]), match.space)
                              for n in (query, key, value))
     mask = _mask_node(graph, fake_mode, match.mask, example(query).dtype, match.space)
-    args = (query, key, value, topk, mask, match.dropout_p, match.is_causal, match.scale, enable_gqa)
+    scale = _scale_arg(graph, fake_mode, match)
+    args = (query, key, value, topk, mask, match.dropout_p, match.is_causal, scale, enable_gqa)
     out = emit_call(graph, fake_mode, match, args)
     expected = example(match.output)
     if match.space is not None:

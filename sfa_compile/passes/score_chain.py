@@ -1,6 +1,7 @@
 """The walk from a softmax's input back to q @ k^T: scale factors, mask terms and batch-dim views, each proven.
 
-Accepted steps: a constant scale (mul or div, also ``*=`` and ``/=`` on the scores); an additive mask
+Accepted steps: a scale (mul or div, also ``*=`` and ``/=`` on the scores) by a constant or by a float Dynamo
+traced as a graph value (``dynamic=True``: the op is handed the same value); an additive mask
 (``scores + mask``, ``+=``); a boolean mask by ``masked_fill`` or ``where`` with -inf or a dtype minimum; a
 dtype-only cast between floating dtypes that keeps the range (a narrower one could overflow where the op does
 not); ``contiguous``/``clone``; a view or reshape that regroups only the leading (batch) dims. Every value on
@@ -17,7 +18,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .constants import constant_fill, constant_value
+from .constants import constant_fill, constant_value, traced_float
 from .graph_utils import CAST_METHODS, cast_source, example, is_function, is_method, is_very_negative, sole_consumer
 from .match import MaskParts, MaskTerm
 from .products import QKProduct, qk_product
@@ -70,6 +71,7 @@ class ScoreChain:
 
     def __init__(self):
         self.scale = 1.0
+        self.traced_scale: list = []  # (node, divide): floats Dynamo traced as graph values
         self.mask = MaskParts()
         self.nodes: list = []
         self.views = False
@@ -140,16 +142,19 @@ class ScoreChain:
         return product
 
     def _scale(self, node: fx.Node, args: dict, divide: bool) -> QKProduct:
-        scores, factor = args["input"], constant_value(args["other"])
-        if factor is None and not divide and node.target not in _IN_PLACE:
-            scores, factor = args["other"], constant_value(args["input"])
-        if factor is None:
-            raise Refuse("scale is not a finite constant")
+        scores, factor, traced = args["input"], constant_value(args["other"]), traced_float(args["other"])
+        if factor is None and traced is None and not divide and node.target not in _IN_PLACE:
+            scores, factor, traced = args["other"], constant_value(args["input"]), traced_float(args["input"])
+        if factor is None and traced is None:
+            raise Refuse("scale is neither a finite constant nor a traced float")
         if divide and factor == 0:
             raise Refuse("division by zero")
         self._same_shape(node, scores)
         self.seen_scale = True
-        self.scale *= (1.0 / factor) if divide else factor
+        if traced is not None:
+            self.traced_scale.append((traced, divide))
+        else:
+            self.scale *= (1.0 / factor) if divide else factor
         return self.walk(scores)
 
     def _additive(self, node: fx.Node, args: dict) -> QKProduct:
@@ -161,8 +166,8 @@ class ScoreChain:
         orders = (pair,) if node.target in _IN_PLACE else (pair, pair[::-1])
         errors = []
         for scores, mask in orders:
-            saved = (self.scale, list(self.mask.additive), list(self.mask.keep), list(self.nodes), self.seen_scale,
-                     self.views)
+            saved = (self.scale, list(self.traced_scale), list(self.mask.additive), list(self.mask.keep),
+                     list(self.nodes), self.seen_scale, self.views)
             try:
                 self._mask_allowed()
                 self._same_shape(node, scores)
@@ -170,7 +175,8 @@ class ScoreChain:
                 return self.walk(scores)
             except Refuse as err:
                 errors.append(str(err))
-                (self.scale, self.mask.additive, self.mask.keep, self.nodes, self.seen_scale, self.views) = saved
+                (self.scale, self.traced_scale, self.mask.additive, self.mask.keep, self.nodes, self.seen_scale,
+                 self.views) = saved
         raise Refuse(errors[0])
 
     def _keep(self, node: fx.Node, scores: Any, cond: Any, fill: Any, negate: bool) -> QKProduct:

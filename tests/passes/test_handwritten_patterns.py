@@ -117,7 +117,7 @@ NEGATIVE = {
     "weights returned": (_weights_returned, "have other users"),
     "mask before scale": (_mask_before_scale, "mask is applied before the scale"),
     "fill -1e4": (_fill_not_minus_inf, "not -inf or a dtype minimum"),
-    "scale from data": (_scale_is_tensor, "scale is not a finite constant"),
+    "scale from data": (_scale_is_tensor, "scale is neither a finite constant nor a traced float"),
     "probabilities scaled": (_probs_scaled, "not @ v"),
 }
 
