@@ -8,7 +8,8 @@ module must not register the name itself: Dynamo would see it twice and raise "d
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+import typing
+from typing import Optional
 
 import torch.fx as fx
 
@@ -25,39 +26,77 @@ class BackendSettings:
 
     Attributes:
         handoff: compiler for the rewritten graph: "inductor" (default), or "aot_eager"/"eager" to debug.
+        mode: Inductor's compile mode, as ``torch.compile(mode=...)`` takes it ("reduce-overhead": CUDA graphs,
+            "max-autotune", ...); ``torch.compile`` refuses mode and options together, so it is also an option.
+        inductor: Inductor settings given among the options by their names in ``torch._inductor.config``
+            (e.g. ``"max_autotune": True``), as ``torch.compile(options=...)`` takes them for Inductor.
     """
 
     handoff: str = "inductor"
+    mode: str = "default"
+    inductor: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.handoff not in HANDOFFS:
             raise ValueError(f"sfa backend: handoff must be one of {list(HANDOFFS)}, got {self.handoff!r}")
+        modes = list(_inductor_modes())
+        if self.mode not in modes:
+            raise ValueError(f"sfa backend: mode must be one of {modes}, got {self.mode!r}")
+        if self.handoff != "inductor" and (self.mode != "default" or self.inductor):
+            raise ValueError(f"sfa backend: mode and Inductor options need handoff='inductor', got {self.handoff!r}")
+        from torch._inductor import config
+
+        for name, value in self.inductor.items():
+            kind = config.get_type(name)
+            if isinstance(kind, type) and typing.get_origin(kind) is None and not isinstance(value, kind):
+                raise ValueError(f"sfa backend: Inductor option {name!r} takes a {kind.__name__}, got {value!r}")
+
+    def config_patches(self) -> dict:
+        """Inductor config for this compile call: the mode's settings, then the options', then ours."""
+        from torch._inductor import list_mode_options
+
+        user = {**list_mode_options(self.mode), **self.inductor}
+        return {**user, **inductor_guard.config_patches(user)}
 
 
-def parse_options(options: Optional[dict]) -> tuple[SFAConfig, BackendSettings]:
-    """Split torch.compile ``options`` into SFAConfig fields and backend settings; unknown keys are errors."""
+def _inductor_modes() -> dict:
+    from torch._inductor import list_mode_options
+
+    return list_mode_options()
+
+
+def parse_options(options: Optional[dict], mode: Optional[str] = None) -> tuple[SFAConfig, BackendSettings]:
+    """Split torch.compile ``options`` (and ``mode``) into SFAConfig fields, backend settings and Inductor
+    settings; unknown keys are errors."""
+    from torch._inductor import list_options
+
     options = dict(options or {})
+    if mode not in (None, "default"):
+        options["mode"] = mode
     config_keys = set(SFAConfig.field_names()) - {"version"}
-    backend_keys = {f.name for f in dataclasses.fields(BackendSettings)}
-    unknown = sorted(set(options) - config_keys - backend_keys)
+    backend_keys = {f.name for f in dataclasses.fields(BackendSettings)} - {"inductor"}
+    inductor_keys = set(list_options())
+    inductor = {k.replace("-", "_"): v for k, v in options.items()
+                if k not in config_keys | backend_keys and k.replace("-", "_") in inductor_keys}
+    unknown = sorted(k for k in options if k not in config_keys | backend_keys and k.replace("-", "_") not in inductor)
     if unknown:
         valid = sorted(config_keys | backend_keys)
-        raise ValueError(f"sfa backend: unknown option(s) {unknown}; valid options: {valid}")
+        raise ValueError(f"sfa backend: unknown option(s) {unknown}; valid options: {valid}, or an Inductor setting "
+                         "(torch._inductor.list_options())")
     config = SFAConfig(**{k: v for k, v in options.items() if k in config_keys})
-    settings = BackendSettings(**{k: v for k, v in options.items() if k in backend_keys})
+    settings = BackendSettings(**{k: v for k, v in options.items() if k in backend_keys}, inductor=inductor)
     return config, settings
 
 
-def sfa_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None, **kwargs: Any):
+def sfa_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,
+                mode: Optional[str] = None):
     """Dynamo backend: run the pass pipeline on ``gm``, then compile it with the hand-off backend."""
     from torch._dynamo.backends.registry import lookup_backend
 
-    if kwargs.get("mode") not in (None, "default"):
-        raise ValueError(f"sfa backend: mode={kwargs['mode']!r} is not supported; pass Inductor settings in options")
-    config, settings = parse_options(options)
+    config, settings = parse_options(options, mode)
     warn_or_raise(left_dense(run_pipeline(gm, config), config), config, "sfa backend")
     if settings.handoff == "inductor":
         from torch._inductor.compile_fx import compile_fx
 
-        return compile_fx(gm, example_inputs, config_patches=inductor_guard.config_patches())
+        return compile_fx(gm, example_inputs, config_patches=settings.config_patches())
     return lookup_backend(settings.handoff)(gm, example_inputs)

@@ -8,6 +8,7 @@ from importlib.metadata import entry_points
 import pytest
 import torch
 from hf_models import build, reference_copy
+from torch._inductor.custom_graph_pass import CustomGraphPass
 
 import sfa_compile
 from sfa_compile.backend import parse_options
@@ -34,13 +35,55 @@ def test_backend_by_name_without_import():
 
 
 def test_unknown_option_lists_valid_ones():
-    valid = r"\['handoff', 'layers', 'strict', 'topk'\]"
+    valid = r"\['handoff', 'layers', 'mode', 'strict', 'topk'\], or an Inductor setting"
     with pytest.raises(ValueError, match=r"unknown option\(s\) \['topK'\]; valid options: " + valid):
         parse_options({"topK": 8})
     with pytest.raises(ValueError, match="handoff must be one of"):
         parse_options({"handoff": "tensorrt"})
     with pytest.raises(ValueError, match="topk must be an integer"):
         parse_options({"topk": 0})
+    with pytest.raises(ValueError, match=r"mode must be one of \[.*'reduce-overhead'.*\], got 'fast'"):
+        parse_options({"mode": "fast"})
+    with pytest.raises(ValueError, match="Inductor option 'max_autotune' takes a bool, got 'yes'"):
+        parse_options({"max_autotune": "yes"})
+    with pytest.raises(ValueError, match="mode and Inductor options need handoff='inductor'"):
+        parse_options({"handoff": "eager", "max_autotune": True})
+
+
+class _SeesInductorConfig(CustomGraphPass):
+    """A user's joint-graph pass: records the Inductor settings in force and the graph's targets when it runs."""
+
+    def __init__(self):
+        self.seen = []
+
+    def __call__(self, graph):
+        config = torch._inductor.config
+        self.seen.append((config.max_autotune, config.triton.cudagraphs, {str(n.target) for n in graph.nodes}))
+
+    def uuid(self):
+        return None  # never cached: each test compiles afresh
+
+
+@pytest.mark.parametrize("how", ["mode argument", "mode option", "inductor options"])
+def test_inductor_mode_and_options_reach_inductor(how):
+    """torch.compile's mode (it refuses mode with options) or the options' mode and Inductor settings configure
+    Inductor for this call, beside SFA's own options and joint-pass patches; a user's joint pass still runs."""
+    q, k, v = (torch.randn(1, 2, 6, 32, requires_grad=True) for _ in range(3))  # head dim above the default topk
+    fn = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)  # noqa: E731
+    seen = _SeesInductorConfig()
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(joint_custom_post_pass=seen):
+        if how == "mode argument":
+            compiled = torch.compile(fn, backend="sfa", mode="max-autotune-no-cudagraphs")
+        elif how == "mode option":
+            compiled = torch.compile(fn, backend="sfa", options={"topk": 4, "mode": "max-autotune-no-cudagraphs"})
+        else:
+            compiled = torch.compile(fn, backend="sfa", options={"topk": 4, "max_autotune": True})
+        out = compiled(q, k, v)
+    topk = 4 if how != "mode argument" else sfa_compile.SFAConfig().topk
+    torch.testing.assert_close(out, sfa_compile.flash_sfa(q, k, v, topk=topk, is_causal=True))
+    assert seen.seen and all(autotune and not graphs for autotune, graphs, _ in seen.seen)
+    assert any("sfa.flash_sfa.default" in targets for _, _, targets in seen.seen)
 
 
 def test_layer_filter_keeps_other_layers_dense():

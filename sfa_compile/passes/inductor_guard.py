@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import pathlib
-from typing import Any
+from typing import Any, Optional
 
 import torch
 import torch.fx as fx
@@ -68,11 +68,14 @@ def _configured(passes) -> tuple:
     return tuple(passes) if isinstance(passes, (list, tuple)) else (passes,)
 
 
-def config_patches() -> dict:
-    """Inductor config for one compile call: softmax hidden from the joint-graph patterns, user passes kept."""
+def config_patches(user: Optional[dict] = None) -> dict:
+    """Inductor config for one compile call: softmax hidden from the joint-graph patterns; the joint passes the
+    user configured (in ``user``, the call's own patches, else in Inductor's config) still run."""
     from torch._inductor import config
 
-    pre, post = _configured(config.joint_custom_pre_pass), _configured(config.joint_custom_post_pass)
+    user = user or {}
+    pre = _configured(user.get("joint_custom_pre_pass", config.joint_custom_pre_pass))
+    post = _configured(user.get("joint_custom_post_pass", config.joint_custom_post_pass))
     restore = {hidden: op for op, hidden in _HIDDEN.items()}
     return {"joint_custom_pre_pass": _Retarget(_HIDDEN, pre, before=False),
             "joint_custom_post_pass": _Retarget(restore, post, before=True)}
