@@ -6,6 +6,8 @@ attribute is honored on the next call, and a symbolic head dim is compared with 
 dim below topk recompiles into dense attention instead of failing.
 """
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,25 @@ def test_handwritten_traced_scale_is_rewritten(form):
         model.factor = factor
         q, k, v = _qkv(2, 2, length, 8, seed)
         torch.testing.assert_close(compiled(q, k, v), oracle_sfa(q, k, v, TOPK, scale=scale_of(factor)).float(),
+                                   atol=2e-5, rtol=1e-4)
+
+
+SIZE_SCALES = {  # name: (attention written with a scale computed from sizes, that scale)
+    "1 / sqrt(head dim)": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) * (1.0 / math.sqrt(k.size(-1))), -1)
+                           @ v, lambda q: 1 / math.sqrt(q.size(-1))),
+    "/ sqrt(length)": (lambda q, k, v: torch.softmax(q @ k.transpose(-2, -1) / math.sqrt(q.size(-2)), -1) @ v,
+                       lambda q: 1 / math.sqrt(q.size(-2))),
+}
+
+
+@pytest.mark.parametrize("name", list(SIZE_SCALES))
+def test_scale_computed_from_symbolic_sizes_follows_them(name):
+    fn, scale_of = SIZE_SCALES[name]
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, backend="sfa", dynamic=True, options=STRICT)
+    for seed, (length, head_dim) in enumerate([(8, 16), (11, 32), (5, 8)]):
+        q, k, v = _qkv(2, 2, length, head_dim, seed)
+        torch.testing.assert_close(compiled(q, k, v), oracle_sfa(q, k, v, TOPK, scale=scale_of(q)).float(),
                                    atol=2e-5, rtol=1e-4)
 
 
