@@ -42,7 +42,6 @@ def _score_rows(rows: int, head_dim: int, topk: int, num_warps: int = 4) -> int:
     return max(next_power_of_2(rows), _min_rows(feature_block(head_dim), topk, num_warps))
 
 
-
 def _row_alignment(*strides: int) -> int:
     """The largest power of two up to 16 dividing every stride: what the split kernel may assume of the offsets
     of compressed key rows (in elements)."""

@@ -42,8 +42,6 @@ def tuned(kernel, tiles):
     return triton.autotune(configs, key=_TUNING_KEY, prune_configs_by={"early_config_prune": fitting_tiles})(kernel)
 
 
-
-
 def launch(tuned, raw, grid, *args, **meta):
     if interpreting():
         tile = dict(_INTERPRETER_TILE)

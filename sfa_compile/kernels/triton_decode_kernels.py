@@ -277,8 +277,6 @@ def decode_split_kernel(
     tl.store(PARTS + l_start + part, l_i, mask=row_ok)
 
 
-
-
 @triton.jit
 def decode_combine_kernel(
     PARTS, OUT, LENGTHS,
