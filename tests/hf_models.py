@@ -47,7 +47,7 @@ def _ids(n=2, length=9, vocab=100, seed=0):
 
 
 def build(name: str, impl: str):
-    """(model in eval mode, example kwargs, attention sites, head dim)."""
+    """(model as constructed, in training mode, example kwargs, attention sites, head dim)."""
     torch.manual_seed(0)
     small = dict(vocab_size=100, attn_implementation=impl)
     if name == "gpt2":
