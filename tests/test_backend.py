@@ -64,7 +64,7 @@ class _SeesInductorConfig(CustomGraphPass):
         return None  # never cached: each test compiles afresh
 
 
-@pytest.mark.parametrize("how", ["mode argument", "mode option", "inductor options"])
+@pytest.mark.parametrize("how", ["mode argument", "mode option", "inductor options", "joint pass in options"])
 def test_inductor_mode_and_options_reach_inductor(how):
     """torch.compile's mode (it refuses mode with options) or the options' mode and Inductor settings configure
     Inductor for this call, beside SFA's own options and joint-pass patches; a user's joint pass still runs."""
@@ -77,8 +77,12 @@ def test_inductor_mode_and_options_reach_inductor(how):
             compiled = torch.compile(fn, backend="sfa", mode="max-autotune-no-cudagraphs")
         elif how == "mode option":
             compiled = torch.compile(fn, backend="sfa", options={"topk": 4, "mode": "max-autotune-no-cudagraphs"})
-        else:
+        elif how == "inductor options":
             compiled = torch.compile(fn, backend="sfa", options={"topk": 4, "max_autotune": True})
+        else:  # the user's pass given for this call only, in place of the configured one
+            seen = _SeesInductorConfig()
+            compiled = torch.compile(fn, backend="sfa", options={"topk": 4, "max_autotune": True,
+                                                                 "joint_custom_post_pass": seen})
         out = compiled(q, k, v)
     topk = 4 if how != "mode argument" else sfa_compile.SFAConfig().topk
     torch.testing.assert_close(out, sfa_compile.flash_sfa(q, k, v, topk=topk, is_causal=True))
