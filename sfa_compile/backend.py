@@ -39,13 +39,13 @@ class BackendSettings:
     def __post_init__(self) -> None:
         if self.handoff not in HANDOFFS:
             raise ValueError(f"sfa backend: handoff must be one of {list(HANDOFFS)}, got {self.handoff!r}")
-        modes = list(_inductor_modes())
+        from torch._inductor import config, list_mode_options
+
+        modes = list(list_mode_options())
         if self.mode not in modes:
             raise ValueError(f"sfa backend: mode must be one of {modes}, got {self.mode!r}")
         if self.handoff != "inductor" and (self.mode != "default" or self.inductor):
             raise ValueError(f"sfa backend: mode and Inductor options need handoff='inductor', got {self.handoff!r}")
-        from torch._inductor import config
-
         for name, value in self.inductor.items():
             kind = config.get_type(name)
             if isinstance(kind, type) and typing.get_origin(kind) is None and not isinstance(value, kind):
@@ -59,12 +59,6 @@ class BackendSettings:
         return {**user, **inductor_guard.config_patches(user)}
 
 
-def _inductor_modes() -> dict:
-    from torch._inductor import list_mode_options
-
-    return list_mode_options()
-
-
 def parse_options(options: Optional[dict], mode: Optional[str] = None) -> tuple[SFAConfig, BackendSettings]:
     """Split torch.compile ``options`` (and ``mode``) into SFAConfig fields, backend settings and Inductor
     settings; unknown keys are errors."""
@@ -76,16 +70,22 @@ def parse_options(options: Optional[dict], mode: Optional[str] = None) -> tuple[
     config_keys = set(SFAConfig.field_names()) - {"version"}
     backend_keys = {f.name for f in dataclasses.fields(BackendSettings)} - {"inductor"}
     inductor_keys = set(list_options())
-    inductor = {k.replace("-", "_"): v for k, v in options.items()
-                if k not in config_keys | backend_keys and k.replace("-", "_") in inductor_keys}
-    unknown = sorted(k for k in options if k not in config_keys | backend_keys and k.replace("-", "_") not in inductor)
+    sfa, backend, inductor, unknown = {}, {}, {}, []
+    for key, value in options.items():
+        name = key.replace("-", "_")  # Inductor's spelling, as torch.compile accepts either
+        if key in config_keys:
+            sfa[key] = value
+        elif key in backend_keys:
+            backend[key] = value
+        elif name in inductor_keys:
+            inductor[name] = value
+        else:
+            unknown.append(key)
     if unknown:
         valid = sorted(config_keys | backend_keys)
-        raise ValueError(f"sfa backend: unknown option(s) {unknown}; valid options: {valid}, or an Inductor setting "
-                         "(torch._inductor.list_options())")
-    config = SFAConfig(**{k: v for k, v in options.items() if k in config_keys})
-    settings = BackendSettings(**{k: v for k, v in options.items() if k in backend_keys}, inductor=inductor)
-    return config, settings
+        raise ValueError(f"sfa backend: unknown option(s) {sorted(unknown)}; valid options: {valid}, or an Inductor "
+                         "setting (torch._inductor.list_options())")
+    return SFAConfig(**sfa), BackendSettings(**backend, inductor=inductor)
 
 
 def sfa_backend(gm: fx.GraphModule, example_inputs: list, options: Optional[dict] = None,

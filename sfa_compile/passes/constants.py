@@ -105,8 +105,8 @@ def traced_float(node: Any) -> Optional[fx.Node]:
 def guarded_float(value: Any) -> Any:
     """A float Dynamo traced as a graph value, as a Python float read under a guard (a changed value
     recompiles); any other value unchanged."""
-    example = value.meta.get("example_value") if isinstance(value, fx.Node) else None
-    return float(example) if isinstance(example, torch.SymFloat) else value
+    node = traced_float(value)
+    return value if node is None else float(node.meta["example_value"])
 
 
 def constant_fill(node: Any) -> Optional[float]:

@@ -31,8 +31,8 @@ def _match(node: fx.Node) -> Union[AttentionMatch, Refusal]:
     if args is None:
         return Refusal(PATTERN, path, node, "scaled_dot_product_attention called with arguments it does not take")
     q, k, v, mask = args["query"], args["key"], args["value"], args["attn_mask"]
-    dropout_p, is_causal = constant_value(guarded_float(args["dropout_p"])), args["is_causal"]
-    enable_gqa = args["enable_gqa"]
+    dropout_p = constant_value(guarded_float(args["dropout_p"]))
+    is_causal, enable_gqa = args["is_causal"], args["enable_gqa"]
     scale = None if args["scale"] is None else constant_value(args["scale"])
     traced = traced_float(args["scale"])  # the op is handed the same graph value: the float SDPA would get
     if dropout_p is None or not isinstance(is_causal, bool) or not isinstance(enable_gqa, bool):
