@@ -17,10 +17,7 @@ scale per token and key head; ``value_dtype`` of the cache), against the same bf
     python benchmarks/bench_decode.py [--topks 8 16] [--cases 16x32768 16x131072 1x8192 1x131072]
                                       [--fp8-values] [--sweep] [--out DIR] [--publish]
 
---sweep also times other split counts and key blocks per case and reports the best (tuning data). Every run also
-times the "packed" variant of each configuration (the split kernel's scores from one int64 gather per kept key
-feature, carrying the GQA group's four 16-bit query rows), checked against the default scores first, until a
-measurement places it in the launch rules.
+--sweep also times other split counts and key blocks per case and reports the best (tuning data).
 """
 
 import argparse
@@ -137,12 +134,6 @@ def run_case(batch, context, topk, q_len, sweep, value_dtype):
                                                                             num_stages=st)
                          for s in sorted({max(1, auto // 2), auto, 2 * auto}) for b in (32, 64, 128) for w in (2, 4)
                          for st in (2, 3)})
-    if Q_HEADS // KV_HEADS * q_len <= 4:  # the split kernel's packed-query scores (PACK_Q), checked first
-        variants.update({f"packed,{name}" if kw else "packed": dict(kw, packed_query=True)
-                         for name, kw in list(variants.items())})
-        err = (sfa(packed_query=True).float() - sfa().float()).abs().max().item()
-        if not err < 1e-2:
-            raise SystemExit(f"decode with packed_query disagrees with the default scores: max error {err}")
     times = {}
     for name, kw in variants.items():
         try:

@@ -11,7 +11,6 @@ from typing import NamedTuple, Optional
 import torch
 
 from .launcher import LaunchConfig, Launcher, cdiv, next_power_of_2
-from .limits import HALF_DTYPES, PACKED_QUERY_ROWS
 from .triton_append import decode_prologue_kernel
 from .triton_decode_kernels import decode_combine_kernel, decode_split_kernel
 from .triton_topk import LOW_BIT, feature_block
@@ -138,11 +137,10 @@ class DecodePlan(NamedTuple):
 def decode_plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: int, n_keys: int, topk: int,
                 dtype: torch.dtype, step: bool, presparse: bool, has_mask: bool, mask_row: bool, row_strides: tuple,
                 fp8_values: bool, num_splits: Optional[int], block_n: Optional[int], num_warps: Optional[int],
-                num_stages: Optional[int], device: int, packed_query: bool = False) -> DecodePlan:
+                num_stages: Optional[int], device: int) -> DecodePlan:
     """The launch plan of ``decode``, memoized: a fixed cache asks the same every step, a growing one once per step
     for all layers (``device``: the current CUDA device, -1 under the interpreter; ``fp8_values``: the cached values
-    are FP8 with per-row scales; ``packed_query``: the split kernel's PACK_Q scores, for 16-bit queries with at most
-    four score rows)."""
+    are FP8 with per-row scales)."""
     interpret = SPLIT.interpret
     group = q_heads // key_heads
     rows = group * q_len
@@ -156,9 +154,6 @@ def decode_plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: 
     splits, block_n, num_warps, num_stages, m_real = split_config(
         batch * key_heads, n_keys, rows, head_dim, topk, append, num_splits, block_n, num_warps, num_stages, device,
         interpret, fp8_values)
-    if packed_query and (dtype not in HALF_DTYPES or m_real > PACKED_QUERY_ROWS):
-        raise ValueError(f"decode: packed_query takes float16 or bfloat16 queries with at most {PACKED_QUERY_ROWS} "
-                         f"score rows per key head, got {dtype} with {m_real}")
     parts = splits + append
     block_k = max(next_power_of_2(topk), 2)
     line = 128 // (1 if fp8_values else dtype.itemsize)  # V elements per 128-byte line (prefetched)
@@ -167,7 +162,7 @@ def decode_plan(batch: int, q_heads: int, q_len: int, head_dim: int, key_heads: 
         HAS_MASK=has_mask, PRESPARSE=presparse, PRECISION=precision, ROW_ALIGN=_row_alignment(*row_strides),
         EVEN_K=block_k == topk, MASK_ROW=mask_row, APPEND=append,
         PREFETCH=n_keys > 0 and not interpret and torch.version.hip is None, LINES=cdiv(block_d, line), LINE=line,
-        PDL=pdl, FP8_V=fp8_values, PACK_Q=packed_query), num_warps, num_stages, pdl)
+        PDL=pdl, FP8_V=fp8_values), num_warps, num_stages, pdl)
     merge_cols = min(block_d, MERGE_COLUMNS)
     merge = COMBINE.config(dict(BLOCK_S=max(next_power_of_2(parts), 2), BLOCK_D=merge_cols, ADVANCE=step, PDL=pdl),
                             4, 3, pdl)

@@ -6,8 +6,7 @@ from __future__ import annotations
 import torch
 
 KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)  # float64 runs on the reference
-HALF_DTYPES = (torch.float16, torch.bfloat16)  # SDPA's fused GPU backends; the decode kernel's packed query rows
-PACKED_QUERY_ROWS = 4  # 16-bit score rows one int64 word carries (the decode split kernel's PACK_Q)
+HALF_DTYPES = (torch.float16, torch.bfloat16)  # SDPA's fused GPU backends
 MAX_HEAD_DIM = 256  # prefill and decode kernels hold a row of features in registers
 MAX_QUERY_LENGTH = 16  # query tokens per decode call (speculative decoding fits)
 MAX_FUSED_PROJECTION_DIM = 128  # above this, R is a torch matmul before the decode kernels (its tile would spill)

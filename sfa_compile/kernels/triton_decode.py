@@ -28,15 +28,14 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
            projection: Optional[torch.Tensor] = None, new_keys: Optional[torch.Tensor] = None,
            new_values: Optional[torch.Tensor] = None, value_scales: Optional[torch.Tensor] = None,
            num_splits: Optional[int] = None, block_n: Optional[int] = None, num_warps: Optional[int] = None,
-           num_stages: Optional[int] = None, packed_query: bool = False) -> torch.Tensor:
+           num_stages: Optional[int] = None) -> torch.Tensor:
     """Attention of (B, Hq, T, d) queries (projected by ``projection[key head]`` first when given) over the
     compressed cache; arguments checked by the op. With ``new_keys`` and ``new_values`` (B, Hk, <= 16 tokens, d),
     a decode step: they are appended at each sequence's length first (as ``append_compressed``), attended, and
     ``lengths`` advance by their count (at most to the slot count). ``value_scales``: the values are FP8, each
-    cached row times its scale. ``num_splits`` ... ``packed_query``: launch settings instead of the plan's (sweeps,
-    tests; ``decode_plan``). Runs once per layer of every generation step,
-    so the host work is kept small: a memoized launch plan, one workspace allocation, and kernels launched through
-    ``Launcher``."""
+    cached row times its scale. ``num_splits`` ... ``num_stages``: launch settings instead of the plan's (sweeps,
+    tests; ``decode_plan``). Runs once per layer of every generation step, so the host work is kept small: a
+    memoized launch plan, one workspace allocation, and kernels launched through ``Launcher``."""
     batch, q_heads, q_len, head_dim = query.shape
     step = new_keys is not None
     if projection is not None and head_dim > MAX_FUSED_PROJECTION_DIM:
@@ -58,7 +57,7 @@ def decode(query: torch.Tensor, key_values: torch.Tensor, key_indices: torch.Ten
     plan = decode_plan(batch, q_heads, q_len, head_dim, key_heads, n_keys, topk, query.dtype, step,
                        projection is not None, attn_mask is not None, mask_row, kv_strides + ki_strides,
                        value_scales is not None, num_splits, block_n, num_warps, num_stages,
-                       -1 if SPLIT.interpret else torch.cuda.current_device(), packed_query)
+                       -1 if SPLIT.interpret else torch.cuda.current_device())
     out = torch.empty_like(query, memory_format=torch.contiguous_format)
     if projection is not None:
         sparse_query = torch.empty_like(query, memory_format=torch.contiguous_format)

@@ -6,9 +6,7 @@ its split's first key block (a prefetch nothing waits on), loads the query rows 
 kernel of ``triton_append`` projects and sparsifies the query rows once per key head instead: R in every split
 program costs its 32 KB shared-memory tile, and occupancy), then streams its split of the cache once: per block of
 keys it loads the compressed keys (values + indices) and dense V, forms the scores by gathering the kept key
-features' query entries from the register tile (``tl.gather``: no scattered global loads; with PACK_Q, one int64
-gather per kept feature carries up to four 16-bit score rows, a variant offered to benchmarks/bench_decode.py until
-a measurement places it in the launch rules), and accumulates P @ V on
+features' query entries from the register tile (``tl.gather``: no scattered global loads), and accumulates P @ V on
 tensor cores with an online softmax (P repeated to the 16 rows tl.dot needs when the group has fewer; only the real
 rows are gathered and stored). The merge kernel combines the splits' partial results. On Hopper both launch as
 programmatic dependents of the kernel before them (PDL): each is scheduled while that one finishes and waits for it
@@ -67,27 +65,6 @@ def _widen_fp8(v, model_dtype: tl.constexpr):
         return v.to(tl.float32)
     else:
         return v.to(tl.float16)
-
-
-@triton.jit
-def _pack_rows(q, M_REAL: tl.constexpr, Q_DTYPE: tl.constexpr):
-    """The score rows of the 16-bit query tile ``q`` (its values, held in float32) packed per feature: row m in bits
-    16m..16m+15 of one int64 (M_REAL <= 4), so one gather per kept key feature fetches every row's entry."""
-    bits = q.to(Q_DTYPE).to(tl.int16, bitcast=True).to(tl.int64) & 0xFFFF
-    shifts = (tl.arange(0, M_REAL) * 16).to(tl.int64)
-    return tl.sum(bits << shifts[:, None], axis=0)  # disjoint bit fields: the sum is their bitwise or
-
-
-@triton.jit
-def _packed_scores(packed, kidx, kval, M_REAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                   Q_DTYPE: tl.constexpr):
-    """scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]] from ``_pack_rows``' words: one int64 gather per (key,
-    kept feature) instead of one per score row, then each row's 16 bits unpacked exactly to float32."""
-    words = tl.gather(packed, tl.reshape(kidx, (BLOCK_N * BLOCK_K,)), axis=0)
-    shifts = (tl.arange(0, M_REAL) * 16).to(tl.int64)
-    bits = ((words[None, :] >> shifts[:, None]) & 0xFFFF).to(tl.int16)
-    picked = tl.reshape(bits.to(Q_DTYPE, bitcast=True).to(tl.float32), (M_REAL, BLOCK_N, BLOCK_K))
-    return tl.sum(picked * kval[None, :, :], axis=2)
 
 
 @triton.jit
@@ -166,7 +143,7 @@ def decode_split_kernel(
     BLOCK_K: tl.constexpr, LOW_BIT: tl.constexpr, HAS_MASK: tl.constexpr, PRESPARSE: tl.constexpr,
     PRECISION: tl.constexpr, ROW_ALIGN: tl.constexpr, EVEN_K: tl.constexpr, MASK_ROW: tl.constexpr,
     APPEND: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr, LINE: tl.constexpr, PDL: tl.constexpr,
-    FP8_V: tl.constexpr, PACK_Q: tl.constexpr,
+    FP8_V: tl.constexpr,
 ):
     # Scores and softmax statistics live on the M_REAL (>= group * q_len) query rows only; P is repeated REP
     # times to the 16 rows tensor cores need for P @ V; accumulator rows past group * q_len are not stored.
@@ -200,8 +177,6 @@ def decode_split_kernel(
         q = q.to(tl.float32)
     else:
         q = tl.where(topk_keep(q, q_ok, topk, LOW_BIT), q.to(tl.float32), 0.0)
-    if PACK_Q:  # 16-bit queries, <= 4 score rows
-        packed = _pack_rows(q, M_REAL, Q.dtype.element_ty)
 
     cached = tl.load(LENGTHS + b)
     length = tl.minimum(cached + pending, n_keys)
@@ -244,12 +219,9 @@ def decode_split_kernel(
             v_scale = l_i  # unused
         # scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]]: gathered from the register tile. Padding lanes hold
         # value 0 and index 0: their products are 0 (q is finite), so no select is needed.
-        if PACK_Q:
-            s = _packed_scores(packed, kidx, kval, M_REAL, BLOCK_N, BLOCK_K, Q.dtype.element_ty) * scale_log2
-        else:
-            index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K))
-            picked = tl.reshape(tl.gather(q, index, axis=1), (M_REAL, BLOCK_N, BLOCK_K))
-            s = tl.sum(picked * kval[None, :, :], axis=2) * scale_log2
+        index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K))
+        picked = tl.reshape(tl.gather(q, index, axis=1), (M_REAL, BLOCK_N, BLOCK_K))
+        s = tl.sum(picked * kval[None, :, :], axis=2) * scale_log2
         allowed = user & n_ok[None, :] & (offs_n[None, :] <= last[:, None])
         user = _user_mask(MASK, b, heads, t, row_ok, offs_n + BLOCK_N, n_keys, stride_mask_b, stride_mask_h,
                           stride_mask_t, stride_mask_n, HAS_MASK, MASK_ROW)

@@ -260,18 +260,13 @@ def test_triton_decode_matches_reference(topk, dtype, q_len, group, lengths, mas
                                           mask)
     naive = ops.flash_sfa_decode_reference(query, kv, ki, v, cache.lengths, topk, None, mask)
     # 7: some splits hold no keys (the merge must ignore them); 2 warps: one or two rows per key head take 2 score
-    # rows (4 with more warps). Packed: the PACK_Q scores, for 16-bit queries with <= 4 score rows.
-    packable = dtype != torch.float32 and group * q_len <= 4
-    for splits, warps, packed in ((None, None, False), (3, None, False), (7, 2, False), (None, None, packable),
-                                  (7, 2, packable)):
+    # rows (4 with more warps).
+    for splits, warps in ((None, None), (3, None), (7, 2)):
         got = triton_decode.decode(query, kv, ki, v, cache.lengths, topk, head_dim ** -0.5, mask, num_splits=splits,
-                                   num_warps=warps, packed_query=packed)
+                                   num_warps=warps)
         assert_kernel_error(got, want, naive, dtype)
         if masked:
             assert torch.equal(got[2], torch.zeros_like(got[2]))
-    if not packable:
-        with pytest.raises(ValueError, match="packed_query takes float16 or bfloat16 queries with at most 4"):
-            triton_decode.decode(query, kv, ki, v, cache.lengths, topk, head_dim ** -0.5, mask, packed_query=True)
 
 
 def test_triton_decode_relaunches_match_reference(poisoned):
