@@ -68,6 +68,25 @@ def _widen_fp8(v, model_dtype: tl.constexpr):
 
 
 @triton.jit
+def _gathered_scores(q, kidx, kval, M_REAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                     BLOCK_D: tl.constexpr):
+    """scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]], gathered from the register tile ``q`` (M_REAL x BLOCK_D)
+    BLOCK_D indices at a time. Triton's warp-local gather gives source and index one layout, so each gathered
+    entry costs one shuffle per source register a lane holds: max(BLOCK_D, index row length) / 32. Index rows of
+    BLOCK_D keep that at BLOCK_D / 32; one row of the block's BLOCK_N * BLOCK_K indices would cost that many / 32."""
+    if BLOCK_N * BLOCK_K > BLOCK_D:
+        CHUNKS: tl.constexpr = BLOCK_N * BLOCK_K // BLOCK_D
+        index = tl.broadcast_to(tl.reshape(kidx, (CHUNKS, 1, BLOCK_D)), (CHUNKS, M_REAL, BLOCK_D))
+        source = tl.broadcast_to(q[None, :, :], (CHUNKS, M_REAL, BLOCK_D))
+        gathered = tl.permute(tl.gather(source, index, axis=2), (1, 0, 2))
+    else:
+        gathered = tl.gather(q, tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K)),
+                             axis=1)
+    picked = tl.reshape(gathered, (M_REAL, BLOCK_N, BLOCK_K))
+    return tl.sum(picked * kval[None, :, :], axis=2)
+
+
+@triton.jit
 def _softmax_block(s, allowed, v, v_scale, m_i, l_i, acc, REP: tl.constexpr, PRECISION: tl.constexpr,
                    FP8_V: tl.constexpr):
     """One block of keys into the online softmax: scores ``s`` (M_REAL rows, log2 units) where ``allowed``,
@@ -217,11 +236,8 @@ def decode_split_kernel(
                               mask=n_ok, other=0.0)
         else:
             v_scale = l_i  # unused
-        # scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]]: gathered from the register tile. Padding lanes hold
-        # value 0 and index 0: their products are 0 (q is finite), so no select is needed.
-        index = tl.broadcast_to(tl.reshape(kidx, (1, BLOCK_N * BLOCK_K)), (M_REAL, BLOCK_N * BLOCK_K))
-        picked = tl.reshape(tl.gather(q, index, axis=1), (M_REAL, BLOCK_N, BLOCK_K))
-        s = tl.sum(picked * kval[None, :, :], axis=2) * scale_log2
+        # Padding lanes hold value 0 and index 0: their products are 0 (q is finite), so no select is needed.
+        s = _gathered_scores(q, kidx, kval, M_REAL, BLOCK_N, BLOCK_K, BLOCK_D) * scale_log2
         allowed = user & n_ok[None, :] & (offs_n[None, :] <= last[:, None])
         user = _user_mask(MASK, b, heads, t, row_ok, offs_n + BLOCK_N, n_keys, stride_mask_b, stride_mask_h,
                           stride_mask_t, stride_mask_n, HAS_MASK, MASK_ROW)
