@@ -71,9 +71,9 @@ def _widen_fp8(v, model_dtype: tl.constexpr):
 def _gathered_scores(q, kidx, kval, M_REAL: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
                      BLOCK_D: tl.constexpr):
     """scores[m, n] = sum_j kval[n, j] * q[m, kidx[n, j]], gathered from the register tile ``q`` (M_REAL x BLOCK_D)
-    BLOCK_D indices at a time. Triton's warp-local gather gives source and index one layout, so each gathered
-    entry costs one shuffle per source register a lane holds: max(BLOCK_D, index row length) / 32. Index rows of
-    BLOCK_D keep that at BLOCK_D / 32; one row of the block's BLOCK_N * BLOCK_K indices would cost that many / 32."""
+    BLOCK_D indices at a time: Triton's warp-local gather shuffles once per source register a lane holds for every
+    entry, and Triton 3.9 sizes the layout it gives both source and index by the longer row, so one row of the
+    block's BLOCK_N * BLOCK_K indices (512 or more) would cost that many / 32 shuffles per entry, not BLOCK_D / 32."""
     if BLOCK_N * BLOCK_K > BLOCK_D:
         CHUNKS: tl.constexpr = BLOCK_N * BLOCK_K // BLOCK_D
         index = tl.broadcast_to(tl.reshape(kidx, (CHUNKS, 1, BLOCK_D)), (CHUNKS, M_REAL, BLOCK_D))
