@@ -234,8 +234,9 @@ def test_triton_append_matches_reference_cache(dtype, topk, head_dim):
     torch.testing.assert_close(full.values[:, :, 5:].cpu(), values[:, :, :3].cpu(), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("topk", [2, 5, 8])  # 8: a power of two, whose rows load without a per-entry mask; 2: one
-# gather serves the whole key block (16 keys x 2 indices fit the query tile's 32 columns), else one per 32
+# 8: a power of two, whose rows load without a per-entry mask. 2: one gather serves the whole key block (the
+# interpreter's 16 keys x 2 indices fit the query tile's 32 columns); larger topk gathers 32 indices at a time.
+@pytest.mark.parametrize("topk", [2, 5, 8])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("q_len,group,lengths,masked", [
     (1, 4, [37, 1, 20], False),   # decode, GQA, one sequence with a single cached token
